@@ -1,0 +1,252 @@
+"""mkdocs hooks for the loralab site: the parts of the site that follow what exists at build time.
+
+- **Tutorials**: one page per notebook under ``tutorials/``, rendered from the executed copy that
+  ``scripts/execute_notebooks.py`` wrote to ``docs/tutorials/``. A notebook without a current
+  executed copy is reported with a warning (so ``mkdocs build --strict`` fails) and left out.
+- **API reference**: one mkdocstrings page per public module in ``API_MODULES`` that exists.
+- **Benchmarks**: ``docs/benchmarks/results.md`` (written by ``loralab bench``) is inlined into
+  ``benchmarks.md`` with its figures; a note says how to produce it when it is missing.
+- A download link on every tutorial page.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+log = logging.getLogger("mkdocs.hooks.loralab")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (module, one-line summary) in reading order: engine, modules, LoRA, models, faces.
+API_MODULES = [
+    ("loralab", "The engine's public face: `Tensor`, `no_grad`, `gradcheck`, `Function`."),
+    ("loralab.functional", "Differentiable functions on Tensors (`import loralab.functional as F`)."),
+    ("loralab.nn", "Modules: `Module`, `Parameter`, `Linear`, `LoRALinear`, `MLP`, ..."),
+    ("loralab.optim", "Optimizers with PyTorch's update rules: `SGD`, `Adam`, `AdamW`."),
+    ("loralab.lora", "LoRA on whole models: injection, merging, PEFT-format adapters."),
+    ("loralab.lora.functional", "The fused LoRA op in pure NumPy: forward and hand backward."),
+    ("loralab.counting", "Parameter and memory counting for real model shapes."),
+    ("loralab.models", "Models used in the tutorials and the demo."),
+    ("loralab.exercises", "Classroom exercises and their checks."),
+    ("loralab.torch", "The PyTorch twin (needs the `torch` extra)."),
+]
+
+BENCH_MARKER = "<!-- loralab:benchmark-results -->"
+FIGURE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".webp")
+
+_state: dict = {}
+
+
+def _load_execute_script():
+    path = ROOT / "scripts" / "execute_notebooks.py"
+    spec = importlib.util.spec_from_file_location("loralab_execute_notebooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def module_exists(name: str) -> bool:
+    """True when module ``name`` (dotted) exists as a file or package under the repository root."""
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def notebook_title(nb_path: Path) -> str:
+    """The first markdown ``# heading`` of a notebook, or its file name without the suffix."""
+    with open(nb_path, encoding="utf-8") as f:
+        nb = json.load(f)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "markdown":
+            continue
+        source = cell.get("source", "")
+        source = "".join(source) if isinstance(source, list) else source
+        match = re.search(r"^#\s+(.+?)\s*#*\s*$", source, flags=re.MULTILINE)
+        if match:
+            return re.sub(r"[*_`]", "", match.group(1))
+    return nb_path.stem.replace("_", " ")
+
+
+def _tutorials(docs_dir: Path) -> list[dict]:
+    ex = _load_execute_script()
+    out_dir = docs_dir / "tutorials"
+    found = []
+    for src in ex.find_notebooks(ex.SOURCE_DIR):
+        dest = ex.output_path(src, ex.SOURCE_DIR, out_dir)
+        shown = src.relative_to(ROOT).as_posix()
+        if not dest.is_file():
+            log.warning(
+                f"{shown} has no executed copy in docs/tutorials/: "
+                "run `python scripts/execute_notebooks.py` before building the docs"
+            )
+            continue
+        with open(dest, encoding="utf-8") as f:
+            recorded = json.load(f).get("metadata", {}).get(ex.METADATA_KEY, {})
+        if recorded.get("source_sha256") != ex.source_digest(src):
+            log.warning(
+                f"the executed copy of {shown} is older than the notebook: "
+                "run `python scripts/execute_notebooks.py` again"
+            )
+        found.append(
+            {
+                "uri": dest.relative_to(docs_dir).as_posix(),
+                "title": notebook_title(src),
+                "group": src.parent.relative_to(ex.SOURCE_DIR).as_posix(),
+                "source": shown,
+                "seconds": recorded.get("execution_seconds"),
+            }
+        )
+    return found
+
+
+def _tutorial_nav(tutorials: list[dict]) -> list:
+    nav: list = [{"Overview": "tutorials/index.md"}]
+    groups: dict[str, list] = {}
+    for t in tutorials:
+        entry = {t["title"]: t["uri"]}
+        if t["group"] == ".":
+            nav.append(entry)
+        else:
+            groups.setdefault(t["group"].replace("/", " / ").replace("_", " ").title(), []).append(
+                entry
+            )
+    nav.extend({name: entries} for name, entries in groups.items())
+    return nav
+
+
+def _replace_nav_section(nav: list, title: str, section: list) -> None:
+    for i, item in enumerate(nav):
+        if isinstance(item, dict) and title in item:
+            nav[i] = {title: section}
+            return
+    nav.append({title: section})
+
+
+def on_config(config):
+    docs_dir = Path(config["docs_dir"])
+    tutorials = _tutorials(docs_dir)
+    modules = [(name, summary) for name, summary in API_MODULES if module_exists(name)]
+    _state.update(tutorials=tutorials, modules=modules)
+    if config["nav"] is not None:
+        _replace_nav_section(config["nav"], "Tutorials", _tutorial_nav(tutorials))
+        api_nav = [{"Overview": "api/index.md"}] + [{name: f"api/{name}.md"} for name, _ in modules]
+        _replace_nav_section(config["nav"], "API reference", api_nav)
+    return config
+
+
+def _tutorials_index(tutorials: list[dict]) -> str:
+    lines = [
+        "# Tutorials",
+        "",
+        "Each tutorial is a Jupyter notebook in the repository's `tutorials/` folder, shown here with",
+        "the outputs of a run made when this site was built. Every number in the text is computed by",
+        "a cell; every page has a link to download the executed notebook.",
+        "",
+        "Run them yourself after `pip install -e \".[all]\"`: open the folder in Jupyter, or execute",
+        "all of them the way the docs build does with `python scripts/execute_notebooks.py`.",
+        "",
+    ]
+    if not tutorials:
+        lines += ["!!! note", "    No executed tutorials were found when this site was built.", ""]
+        return "\n".join(lines)
+    lines += ["| Tutorial | Notebook | Run time when built |", "| --- | --- | --- |"]
+    for t in tutorials:
+        link = t["uri"].removeprefix("tutorials/")
+        seconds = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "?"
+        lines.append(f"| [{t['title']}]({link}) | `{t['source']}` | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _api_index(modules: list[tuple[str, str]]) -> str:
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings. Shapes follow PyTorch and PEFT: `Linear.weight` is",
+        "`(out_features, in_features)`, `lora_A` is `(r, in_features)`, `lora_B` is",
+        "`(out_features, r)`; see [Conventions](../guides/conventions.md).",
+        "",
+        "| Module | What it holds |",
+        "| --- | --- |",
+    ]
+    lines += [f"| [`{name}`]({name}.md) | {summary} |" for name, summary in modules]
+    return "\n".join(lines) + "\n"
+
+
+def _api_page(name: str, summary: str) -> str:
+    options = ["    options:", "      show_submodules: false"]
+    if name == "loralab":
+        # the package re-exports the engine; list the names it exports, not its submodules
+        options.append("      members_order: alphabetical")
+    return f"{summary}\n\n::: {name}\n" + "\n".join(options) + "\n"
+
+
+def on_files(files, config):
+    tutorials = _state.get("tutorials", [])
+    keep = {t["uri"] for t in tutorials}
+    for f in list(files):
+        if f.src_uri.startswith("tutorials/") and f.src_uri.endswith(".ipynb"):
+            if f.src_uri not in keep:  # deleted upstream or not executed: never render it
+                files.remove(f)
+    files.append(File.generated(config, "tutorials/index.md", content=_tutorials_index(tutorials)))
+    modules = _state.get("modules", [])
+    files.append(File.generated(config, "api/index.md", content=_api_index(modules)))
+    for name, summary in modules:
+        files.append(File.generated(config, f"api/{name}.md", content=_api_page(name, summary)))
+    return files
+
+
+def _relink(markdown: str, prefix: str) -> str:
+    """Prefix relative link and image targets in ``markdown`` with ``prefix``."""
+
+    def fix(match: re.Match) -> str:
+        target = match.group(2)
+        if re.match(r"^([a-z]+:|/|#)", target) or target.startswith(prefix):
+            return match.group(0)
+        return f"{match.group(1)}({prefix}{target}"
+
+    return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)", fix, markdown)
+
+
+def benchmark_results(docs_dir: Path) -> str:
+    """Markdown for the Benchmarks page: ``benchmarks/results.md`` plus any figure it does not show."""
+    bench_dir = docs_dir / "benchmarks"
+    results = bench_dir / "results.md"
+    if not results.is_file():
+        return (
+            '!!! warning "Not yet measured on this build"\n'
+            "    No results were found in `docs/benchmarks/`. Run `loralab bench` (it writes\n"
+            "    `docs/benchmarks/results.md` and the figures), then build the docs again.\n"
+        )
+    text = _relink(results.read_text(encoding="utf-8"), "benchmarks/")
+    figures = sorted(p for p in bench_dir.iterdir() if p.suffix.lower() in FIGURE_SUFFIXES)
+    extra = [p for p in figures if f"benchmarks/{p.name}" not in text]
+    if extra:
+        text += "\n\n## Figures\n\n"
+        text += "\n\n".join(f"![{p.stem.replace('_', ' ')}](benchmarks/{p.name})" for p in extra)
+        text += "\n"
+    return text
+
+
+def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "benchmarks.md" and BENCH_MARKER in markdown:
+        return markdown.replace(BENCH_MARKER, benchmark_results(Path(config["docs_dir"])))
+    return markdown
+
+
+def on_page_content(content, page, config, files):
+    if not page.file.src_uri.endswith(".ipynb"):
+        return content
+    name = Path(page.file.src_uri).name
+    source = next((t["source"] for t in _state.get("tutorials", []) if t["uri"] == page.file.src_uri), name)
+    bar = (
+        '<p class="loralab-notebook-links">'
+        f'<a class="md-button" href="{html.escape(name)}" download>Download the notebook</a> '
+        f"executed when this site was built; its source is <code>{html.escape(source)}</code>.</p>"
+    )
+    return bar + content

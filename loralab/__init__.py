@@ -1,0 +1,30 @@
+"""loralab: learn LoRA (Low-Rank Adaptation) by building it.
+
+The NumPy reference: a reverse-mode autograd engine (:class:`Tensor`), layers (:mod:`loralab.nn`),
+the fused LoRA op with a hand-derived backward (:mod:`loralab.lora.functional`), optimizers
+(:mod:`loralab.optim`) and LoRA on whole models (:mod:`loralab.lora`). The PyTorch twin lives in
+:mod:`loralab.torch` (the only module that imports torch).
+"""
+
+from loralab import functional, lora, nn, optim
+from loralab.gradcheck import GradcheckError, gradcheck, numerical_grad
+from loralab.tensor import Context, Function, Tensor, enable_grad, is_grad_enabled, no_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor",
+    "Function",
+    "Context",
+    "no_grad",
+    "enable_grad",
+    "is_grad_enabled",
+    "gradcheck",
+    "numerical_grad",
+    "GradcheckError",
+    "functional",
+    "lora",
+    "nn",
+    "optim",
+    "__version__",
+]

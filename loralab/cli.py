@@ -1,0 +1,283 @@
+"""The ``loralab`` command line.
+
+Each subcommand is one pair of functions: ``_add_<name>_parser(subparsers)`` declares its options
+and returns its parser, ``_run_<name>(args) -> int`` does the work and returns the exit code. To
+add a subcommand, write the pair and list it in ``SUBCOMMANDS``.
+
+Bad input is one line on stderr and exit code 2, never a traceback: a subcommand raises
+``UsageError`` with the message, and argparse's own errors go the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+from loralab import counting
+
+
+class UsageError(Exception):
+    """Bad command-line input; ``main`` prints the message as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and call sys.exit
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+_DECIMAL_UNITS = (1000, ("B", "kB", "MB", "GB", "TB", "PB"))
+_BINARY_UNITS = (1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"))
+
+
+def _human_bytes(n: int, *, binary: bool = False) -> str:
+    base, units = _BINARY_UNITS if binary else _DECIMAL_UNITS
+    if n < base:
+        return f"{n:,} B"
+    value = float(n)
+    for unit in units[1:]:
+        value /= base
+        if value < base or unit == units[-1]:
+            break
+    return f"{value:.2f} {unit}"
+
+
+# ---------------------------------------------------------------------------------------------
+# loralab params
+
+
+def _add_params_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "params",
+        help="LoRA trainable parameters and training memory for a real model",
+        description=(
+            "Count LoRA trainable parameters and estimate training memory (weights, gradients, "
+            "optimizer states; activations left out) of full fine-tuning against LoRA, for a "
+            "published model (--preset) or an explicit shape."
+        ),
+    )
+    model = p.add_argument_group("model (a preset, or an explicit shape)")
+    model.add_argument("--preset", metavar="NAME", help="a published model, see --list-presets")
+    model.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    model.add_argument("--d-model", type=int, metavar="N", help="residual width")
+    model.add_argument("--layers", type=int, metavar="N", help="number of transformer blocks")
+    model.add_argument("--d-ff", type=int, metavar="N", help="MLP hidden width")
+    model.add_argument("--heads", type=int, metavar="N", help="query heads")
+    model.add_argument(
+        "--kv-heads", type=int, metavar="N", help="key/value heads (default: --heads)"
+    )
+    model.add_argument("--vocab", type=int, metavar="N", help="vocabulary size")
+    model.add_argument("--gated-mlp", action="store_true", help="SwiGLU MLP with a gate matrix")
+    model.add_argument("--tied-embeddings", action="store_true", help="output head = embedding")
+    lora = p.add_argument_group("LoRA and training")
+    lora.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
+    lora.add_argument(
+        "--targets",
+        default="q,v",
+        metavar="LIST",
+        help=f"comma list among {','.join(counting.TARGETS)} (default: q,v)",
+    )
+    lora.add_argument("--dtype", choices=tuple(counting.DTYPE_BYTES), default="fp16")
+    lora.add_argument("--optimizer", choices=tuple(counting.OPTIMIZER_STATES), default="adam")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+_SHAPE_FLAGS = {
+    "d_model": "--d-model",
+    "layers": "--layers",
+    "d_ff": "--d-ff",
+    "heads": "--heads",
+    "vocab": "--vocab",
+}
+
+
+def _shape_from_args(args: argparse.Namespace) -> counting.TransformerShape:
+    given = [flag for dest, flag in _SHAPE_FLAGS.items() if getattr(args, dest) is not None]
+    if args.kv_heads is not None:
+        given.append("--kv-heads")
+    if args.preset is not None:
+        if given:
+            raise UsageError(
+                "loralab params: error: give --preset or a shape, not both "
+                f"(got {', '.join(given)})"
+            )
+        try:
+            return counting.get_preset(args.preset)
+        except ValueError as e:
+            raise UsageError(f"loralab params: error: {e}") from None
+    missing = [flag for dest, flag in _SHAPE_FLAGS.items() if getattr(args, dest) is None]
+    if missing:
+        raise UsageError(
+            "loralab params: error: give --preset NAME or a full shape; "
+            f"missing {', '.join(missing)}"
+        )
+    try:
+        return counting.TransformerShape(
+            d_model=args.d_model,
+            n_layers=args.layers,
+            d_ff=args.d_ff,
+            n_heads=args.heads,
+            n_kv_heads=args.kv_heads,
+            vocab_size=args.vocab,
+            gated_mlp=args.gated_mlp,
+            tied_embeddings=args.tied_embeddings,
+        )
+    except ValueError as e:
+        raise UsageError(f"loralab params: error: {e}") from None
+
+
+def _print_presets(as_json: bool) -> None:
+    presets = counting.load_presets()
+    if as_json:
+        rows = {n: {**asdict(s), "num_params": s.num_params()} for n, s in presets.items()}
+        print(json.dumps(rows, indent=2))
+        return
+    header = ("preset", "d_model", "layers", "d_ff", "heads", "kv", "vocab", "mlp", "params")
+    rows = [
+        (
+            name,
+            f"{s.d_model:,}",
+            str(s.n_layers),
+            f"{s.d_ff:,}",
+            str(s.n_heads),
+            str(s.n_kv_heads),
+            f"{s.vocab_size:,}",
+            "gated" if s.gated_mlp else "plain",
+            f"{s.num_params():,}",
+        )
+        for name, s in presets.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    print("\nsources:")
+    for name, s in presets.items():
+        print(f"  {name}: {s.source}")
+
+
+def _print_report(shape: counting.TransformerShape, est: counting.MemoryEstimate) -> None:
+    by_target = counting.lora_params_by_target(shape, est.r, est.targets)
+    print(f"loralab params: {shape.name}")
+    print(
+        f"  shape:  d_model {shape.d_model:,}, {shape.n_layers} layers, d_ff {shape.d_ff:,}, "
+        f"{shape.n_heads} heads ({shape.n_kv_heads} kv), vocab {shape.vocab_size:,}, "
+        f"{'gated' if shape.gated_mlp else 'plain'} MLP"
+    )
+    if shape.source:
+        print(f"  source: {shape.source}")
+    print(
+        f"  LoRA:   r={est.r} on {', '.join(est.targets)}; {est.dtype} weights, {est.optimizer} "
+        f"(optimizer states in {est.state_dtype})"
+    )
+    print()
+    rows = [("model parameters (total)", f"{est.total_params:,}", "")]
+    rows.append(
+        (
+            "LoRA trainable parameters",
+            f"{est.trainable_params:,}",
+            f"{100 * est.trainable_fraction:.3g}% of total",
+        )
+    )
+    rows += [(f"  on {t} ({shape.n_layers} layers)", f"{n:,}", "") for t, n in by_target.items()]
+    rows.append(
+        (
+            "adapter size",
+            f"{est.adapter_bytes:,} B",
+            f"{_human_bytes(est.adapter_bytes)} = {_human_bytes(est.adapter_bytes, binary=True)}",
+        )
+    )
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    for label, value, note in rows:
+        print(f"  {label.ljust(w0)}  {value.rjust(w1)}  {note}".rstrip())
+    print()
+    table = [("training memory", "full fine-tuning", "LoRA")]
+    for label, attr in (
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer states", "optimizer_states"),
+    ):
+        table.append(
+            (
+                f"  {label}",
+                _human_bytes(getattr(est.full, attr)),
+                _human_bytes(getattr(est.lora, attr)),
+            )
+        )
+    table.append(("  total", _human_bytes(est.full.total), _human_bytes(est.lora.total)))
+    table.append(
+        (
+            "  total (binary units)",
+            _human_bytes(est.full.total, binary=True),
+            _human_bytes(est.lora.total, binary=True),
+        )
+    )
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for label, full, lora in table:
+        print(f"  {label.ljust(widths[0])}  {full.rjust(widths[1])}  {lora.rjust(widths[2])}")
+    print(f"  LoRA needs {est.lora.total / est.full.total:.1%} of full fine-tuning's memory.")
+    print(
+        "  Activations are not included "
+        "(they depend on batch size, sequence length and checkpointing)."
+    )
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        _print_presets(args.json)
+        return 0
+    if args.r <= 0:
+        raise UsageError(f"loralab params: error: --r must be a positive integer, got {args.r}")
+    shape = _shape_from_args(args)
+    try:
+        est = counting.memory_estimate(
+            shape, args.r, args.targets, dtype=args.dtype, optimizer=args.optimizer
+        )
+    except ValueError as e:
+        raise UsageError(f"loralab params: error: {e}") from None
+    if args.json:
+        print(json.dumps({"model": shape.name, **est.to_dict()}, indent=2))
+    else:
+        _print_report(shape, est)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: name -> (add parser, run). `demo`, `bench` and `grade` are added here as they land.
+
+SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "params": (_add_params_parser, _run_params),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``loralab`` argument parser with every subcommand in ``SUBCOMMANDS``."""
+    parser = _Parser(prog="loralab", description="Learn LoRA (Low-Rank Adaptation) by building it.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser, run in SUBCOMMANDS.values():
+        add_parser(subparsers).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``loralab`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.run(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help exits through argparse
+        return e.code if isinstance(e.code, int) else 0

@@ -1,0 +1,112 @@
+"""The list of exercises, in course order: where each lives, what passing it proves, what comes next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: the functions a student writes in ``notebook`` and the check that grades them."""
+
+    key: str
+    title: str
+    notebook: str
+    functions: tuple[str, ...]
+    check: str
+    proved: str
+
+    def next_step(self) -> str:
+        keys = list(EXERCISES)
+        i = keys.index(self.key)
+        if i + 1 == len(keys):
+            return "that was the last exercise. Well done!"
+        nxt = EXERCISES[keys[i + 1]]
+        where = "further down this notebook" if nxt.notebook == self.notebook else nxt.notebook
+        return f"exercise {i + 2}, `{', '.join(nxt.functions)}` ({where})."
+
+
+_ALL = [
+    Exercise(
+        "lora_forward",
+        "lora_forward(x, W0, A, B, scaling)",
+        "01_lora_forward.ipynb",
+        ("lora_forward",),
+        "check_lora_forward",
+        "You computed y = x W0^T + scaling * x A^T B^T for single and batched inputs: "
+        "the LoRA layer's output without ever forming the (out, in) matrix ΔW = B A.",
+    ),
+    Exercise(
+        "lora_forward_from_config",
+        "lora_forward_from_config(x, W0, A, B, alpha, r)",
+        "01_lora_forward.ipynb",
+        ("lora_forward_from_config",),
+        "check_lora_forward",
+        "You turned the hyperparameters into scaling = alpha / r, so changing r does not change "
+        "how strongly the update acts at initialisation.",
+    ),
+    Exercise(
+        "lora_backward",
+        "lora_backward(dy, x, W0, A, B, scaling)",
+        "02_lora_backward.ipynb",
+        ("lora_backward",),
+        "check_lora_backward",
+        "You derived dx, dA and dB by the chain rule, summed over the batch, and skipped dW0: "
+        "the frozen W0 needs no gradient, which is where LoRA saves its memory.",
+    ),
+    Exercise(
+        "param_count",
+        "lora_param_count(d, k, r) and lora_model_param_count(shapes, r, targets)",
+        "03_counting_and_svd.ipynb",
+        ("lora_param_count", "lora_model_param_count"),
+        "check_param_count",
+        "You showed that LoRA trains r (d + k) numbers per matrix instead of d k.",
+    ),
+    Exercise(
+        "low_rank_approx",
+        "low_rank_approx(W, r)",
+        "03_counting_and_svd.ipynb",
+        ("low_rank_approx",),
+        "check_low_rank_approx",
+        "Your truncated SVD reaches the Eckart–Young bound: no rank-r matrix is closer to W, "
+        "and the squared error is exactly the sum of the discarded sigma^2.",
+    ),
+    Exercise(
+        "merge",
+        "merge(W0, A, B, scaling) and unmerge(W, A, B, scaling)",
+        "04_merge_and_optimizer.ipynb",
+        ("merge", "unmerge"),
+        "check_merge",
+        "You folded scaling * B A into W0 and took it out again: a merged LoRA model runs "
+        "at exactly the base model's cost, and the adapter can be removed.",
+    ),
+    Exercise(
+        "sgd_step",
+        "sgd_step(params, grads, trainable, lr)",
+        "04_merge_and_optimizer.ipynb",
+        ("sgd_step",),
+        "check_optimizer_step",
+        "Your SGD step moves only the trainable parameters and leaves the frozen ones untouched.",
+    ),
+    Exercise(
+        "adam_step",
+        "adam_step(params, grads, state, trainable, lr, betas, eps, t)",
+        "04_merge_and_optimizer.ipynb",
+        ("adam_step",),
+        "check_optimizer_step",
+        "Your Adam step matches PyTorch's formulas (bias-corrected moments, eps outside the "
+        "square root) over several steps, and keeps state only for the trainable parameters.",
+    ),
+    Exercise(
+        "subspace_similarity",
+        "subspace_similarity(U1, U2, i, j)",
+        "05_subspace_similarity.ipynb",
+        ("subspace_similarity",),
+        "check_subspace_similarity",
+        "You computed the LoRA paper's phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j): "
+        "1 when one subspace contains the other, 0 when they are orthogonal.",
+    ),
+]
+
+#: Every exercise by key, in course order.
+EXERCISES: dict[str, Exercise] = {e.key: e for e in _ALL}

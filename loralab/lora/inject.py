@@ -1,0 +1,201 @@
+"""LoRA on whole models: put adapters on the Linear layers chosen by name, merge them, count them.
+
+Matching follows HF PEFT: a list of names matches a module whose full dotted name equals an entry
+or ends with ``"." + entry`` (so ``"q"`` matches ``"blocks.0.attn.q"``); a string is a regular
+expression that must match the full name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from loralab.nn import Linear, LoRALinear, Module
+from loralab.nn.lora import validate_lora_options
+from loralab.nn.module import make_rng
+
+__all__ = [
+    "inject_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "lora_state_dict",
+    "lora_layers",
+    "count_parameters",
+    "match_target",
+]
+
+
+def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
+    """Whether module ``name`` is selected by ``target_modules`` (PEFT's rules)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_targets(target_modules: Any) -> None:
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules: invalid regular expression {target_modules!r}: {exc}"
+            ) from exc
+        return
+    if (
+        not isinstance(target_modules, Sequence)
+        or not target_modules
+        or not all(isinstance(t, str) and t for t in target_modules)
+    ):
+        raise TypeError(
+            "target_modules must be a regular expression string or a non-empty list of module names, "
+            f"got {target_modules!r}"
+        )
+
+
+def inject_lora(
+    model: Module,
+    target_modules: str | Sequence[str],
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    seed: int | None = None,
+) -> Module:
+    """Replace the matching ``Linear`` modules of ``model`` by ``LoRALinear`` wrappers, in place.
+
+    Every parameter that is not a LoRA A or B is frozen. Right after injection the model computes
+    exactly what it computed before, because every B is zero.
+
+    Parameters
+    ----------
+    model : Module
+    target_modules : list of str or str
+        Module names (exact or dotted suffix) or one regular expression for the full name.
+    r, alpha, dropout, init, use_rslora
+        As in :class:`~loralab.nn.LoRALinear`.
+    seed : int, optional
+        One generator built from it initialises the adapters in module order.
+
+    Returns
+    -------
+    The same ``model``.
+
+    Raises
+    ------
+    ValueError
+        When nothing matches (the message lists the Linear modules that exist) or a bad option.
+    TypeError
+        When a matching module is not a Linear.
+
+    Examples
+    --------
+    >>> from loralab.nn import MLP
+    >>> model = inject_lora(MLP([8, 16, 4], seed=0), ["0", "2"], r=2, alpha=4, seed=0)
+    >>> count_parameters(model)
+    (88, 300)
+    """
+    _check_targets(target_modules)
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        if not name or not match_target(name, target_modules):
+            continue
+        parent_name = name.rpartition(".")[0]
+        if isinstance(modules.get(parent_name), LoRALinear):
+            continue  # the base inside an existing adapter
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
+        if not isinstance(module, Linear):
+            raise TypeError(
+                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
+            )
+        chosen.append(name)
+    if not chosen:
+        linears = [n for n, m in modules.items() if isinstance(m, Linear)]
+        raise ValueError(
+            f"inject_lora: target_modules={target_modules!r} matched no module; "
+            f"the Linear modules of this model are {linears}"
+        )
+    for name in chosen:  # validate everything first: a bad option leaves the model untouched
+        base = modules[name]
+        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+    rng = make_rng(seed)
+    model.requires_grad_(False)
+    for name in chosen:
+        layer = LoRALinear(
+            modules[name],
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            use_rslora=use_rslora,
+            rng=rng,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
+def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
+    """(dotted name, layer) for every LoRALinear in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _require_lora(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
+    return layers
+
+
+def merge_lora(model: Module) -> Module:
+    """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
+    layers = _require_lora(model, "merge_lora")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"merge_lora: layers {merged} are already merged; call unmerge_lora first")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: Module) -> Module:
+    """Undo :func:`merge_lora` (W0 <- W0 - ΔW); all or nothing."""
+    layers = _require_lora(model, "unmerge_lora")
+    unmerged = [n for n, layer in layers if not layer.merged]
+    if unmerged:
+        raise ValueError(f"unmerge_lora: layers {unmerged} are not merged; nothing to unmerge")
+    for _, layer in layers:
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: Module) -> dict[str, np.ndarray]:
+    """Copies of the LoRA parameters only: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``."""
+    return {
+        f"{name}.{pname}" if name else pname: p.data.copy()
+        for name, layer in lora_layers(model)
+        for pname, p in layer._parameters.items()
+        if pname.startswith("lora_")
+    }
+
+
+def count_parameters(model: Module) -> tuple[int, int]:
+    """(trainable, total) number of parameter values in ``model``.
+
+    Examples
+    --------
+    >>> from loralab.nn import Linear
+    >>> count_parameters(Linear(10, 5))
+    (55, 55)
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.size
+        trainable += p.size if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,167 @@
+"""``LoRALinear``: a frozen Linear plus a trainable low-rank update, h = W0 x + (alpha/r) B A x."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import numpy as np
+
+from loralab import functional as F
+from loralab.nn.layers import Linear, check_input
+from loralab.nn.module import Module, Parameter, make_rng
+from loralab.tensor import Tensor
+
+__all__ = ["LoRALinear", "LORA_INITS", "validate_lora_options"]
+
+LORA_INITS = ("kaiming", "gaussian")
+
+
+def validate_lora_options(
+    in_features: int, out_features: int, r: Any, alpha: Any, dropout: Any, init: Any
+) -> None:
+    """Raise a clear error for a bad LoRA hyper-parameter (shared by the NumPy and torch layers)."""
+    where = f"LoRALinear(in_features={in_features}, out_features={out_features})"
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f"{where}: r must be an int, got {r!r} ({type(r).__name__})")
+    if r <= 0:
+        raise ValueError(f"{where}: r must be positive, got r={r}")
+    if r > min(in_features, out_features):
+        raise ValueError(
+            f"{where}: r={r} exceeds min(in_features, out_features)={min(in_features, out_features)};"
+            " a rank-r update of this matrix cannot have a larger rank"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
+        raise ValueError(f"{where}: alpha must be a positive number, got alpha={alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: dropout must be in [0, 1), got dropout={dropout!r}")
+    if init not in LORA_INITS:
+        raise ValueError(f"{where}: init must be one of {list(LORA_INITS)}, got init={init!r}")
+
+
+class LoRALinear(Module):
+    """A frozen :class:`~loralab.nn.Linear` plus a trainable rank-r update.
+
+    .. math:: h = W_0 x + b + \\frac{\\alpha}{r} B A x
+
+    Parameters
+    ----------
+    base : Linear
+        The pre-trained layer; kept as the field ``base`` and frozen (W0 and b get no gradient).
+    r : int, default 8
+        Rank of the update, 1 <= r <= min(in_features, out_features).
+    alpha : float, default 16
+        The scaling numerator: scaling = alpha / r (alpha / sqrt(r) with ``use_rslora``).
+    dropout : float in [0, 1), default 0.0
+        Dropout on the LoRA branch's input (training mode only), as in PEFT.
+    init : "kaiming" or "gaussian"
+        A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with a=sqrt(5)), or A ~ N(0, (1/r)^2)
+        (PEFT's "gaussian"). B = 0 either way, so ΔW = 0 at first.
+    use_rslora : bool, default False
+        Rank-stabilised scaling alpha / sqrt(r).
+    seed, rng : source of A's initial values and of the dropout masks.
+
+    Attributes
+    ----------
+    lora_A : Parameter of shape (r, in_features)
+    lora_B : Parameter of shape (out_features, r)
+    scaling : float
+    merged : bool
+        Whether ΔW is currently added into ``base.weight``.
+
+    Examples
+    --------
+    >>> from loralab.nn import Linear
+    >>> layer = LoRALinear(Linear(6, 4, seed=0), r=2, alpha=4, seed=1)
+    >>> layer.lora_A.shape, layer.lora_B.shape, layer.scaling
+    ((2, 6), (4, 2), 2.0)
+    """
+
+    def __init__(
+        self,
+        base: Linear,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+    ):
+        if not isinstance(base, Linear):
+            raise TypeError(
+                f"LoRALinear: base must be a loralab.nn.Linear, got {type(base).__name__}"
+            )
+        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+        super().__init__()
+        base.requires_grad_(False)
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.init, self.use_rslora = init, bool(use_rslora)
+        self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
+        self.rng = make_rng(seed, rng)
+        dtype = base.weight.dtype
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(self.in_features)
+            A = self.rng.uniform(-bound, bound, size=(self.r, self.in_features))
+        else:
+            A = self.rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+        self.lora_A = Parameter(A.astype(dtype))
+        self.lora_B = Parameter(np.zeros((self.out_features, self.r), dtype=dtype))
+        self.merged = False
+
+    @property
+    def weight(self) -> Parameter:
+        """The base weight W0 (ΔW included while merged)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Parameter | None:
+        return self.base.bias
+
+    def delta_weight(self) -> np.ndarray:
+        """ΔW = scaling * B A, an ndarray of shape (out_features, in_features)."""
+        return self.scaling * (self.lora_B.data @ self.lora_A.data)
+
+    def merge(self) -> None:
+        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency)."""
+        if self.merged:
+            raise ValueError(
+                "LoRALinear.merge(): the layer is already merged; call unmerge() first"
+            )
+        self.base.weight.data += self.delta_weight().astype(self.base.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
+        if not self.merged:
+            raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
+        self.base.weight.data -= self.delta_weight().astype(self.base.weight.dtype)
+        self.merged = False
+
+    def forward(self, x: Any) -> Tensor:
+        """x of shape (..., in_features) -> h of shape (..., out_features) via the fused op."""
+        x = check_input(
+            f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, r={self.r})",
+            x,
+            self.in_features,
+        )
+        W0, b = self.base.weight, self.base.bias
+        if self.merged:
+            return F.Linear.apply(x, W0, b)
+        mask = None
+        if self.training and self.dropout > 0.0:
+            mask = F.dropout_mask(x.shape, self.dropout, self.rng, x.dtype)
+        return F.LoRALinear.apply(
+            x, W0, b, self.lora_A, self.lora_B, scaling=self.scaling, mask=mask
+        )
+
+    def extra_repr(self) -> str:
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"
+        )
