@@ -1,0 +1,203 @@
+"""The autograd engine: every op against central differences, graph rules, accumulation, depth."""
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import loralab
+from loralab import Function, GradcheckError, Tensor, gradcheck, no_grad
+
+SETTINGS = settings(max_examples=15, deadline=None)
+dims = st.integers(min_value=1, max_value=4)
+
+
+def rand(shape, seed=0, positive=False):
+    x = np.random.default_rng(seed).standard_normal(shape)
+    return Tensor(np.abs(x) + 0.5 if positive else x, requires_grad=True)
+
+
+@st.composite
+def broadcast_pair(draw):
+    """Two shapes that broadcast together, e.g. (2, 3, 4) and (3, 1)."""
+    shape = draw(st.lists(dims, min_size=1, max_size=3))
+    other = [draw(st.sampled_from([n, 1])) for n in shape]
+    other = other[draw(st.integers(0, len(other) - 1)) :]
+    return tuple(shape), tuple(other)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+@given(shapes=broadcast_pair(), swap=st.booleans())
+@SETTINGS
+def test_binary_ops_with_broadcasting(op, shapes, swap):
+    a_shape, b_shape = shapes[::-1] if swap else shapes
+    a, b = rand(a_shape, 1), rand(b_shape, 2, positive=(op == "div"))
+    fn = {
+        "add": lambda a, b: a + b,
+        "sub": lambda a, b: a - b,
+        "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b,
+    }[op]
+    gradcheck(fn, a, b)
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+@given(shape=st.lists(dims, min_size=1, max_size=3))
+@SETTINGS
+def test_unary_ops(shape):
+    x = rand(tuple(shape), 3)
+    gradcheck(lambda t: -t, x)
+    gradcheck(lambda t: t.exp(), x)
+    gradcheck(lambda t: t.tanh(), x)
+    gradcheck(lambda t: t**3, x)
+    p = rand(tuple(shape), 4, positive=True)
+    gradcheck(lambda t: t.log(), p)
+    gradcheck(lambda t: t**0.5, p)
+    gradcheck(lambda t: t**-1.5, p)
+
+
+def test_relu_away_from_the_kink():
+    x = Tensor(np.array([-2.0, -0.5, 0.3, 1.7]), requires_grad=True)
+    gradcheck(lambda t: t.relu(), x)
+    np.testing.assert_array_equal(x.grad != 0, x.data > 0)
+
+
+@st.composite
+def matmul_shapes(draw):
+    n, k, m = draw(dims), draw(dims), draw(dims)
+    batch = tuple(draw(st.lists(dims, max_size=2)))
+    b_batch = batch[draw(st.integers(0, len(batch))) :] if batch else ()
+    kind = draw(st.sampled_from(["nd", "vec_left", "vec_right"]))
+    if kind == "vec_left":
+        return (k,), b_batch + (k, m)
+    if kind == "vec_right":
+        return batch + (n, k), (k,)
+    return batch + (n, k), b_batch + (k, m)
+
+
+@given(shapes=matmul_shapes())
+@SETTINGS
+def test_matmul_with_batch_dimensions(shapes):
+    a, b = rand(shapes[0], 5), rand(shapes[1], 6)
+    gradcheck(lambda a, b: a @ b, a, b)
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+@given(shape=st.lists(dims, min_size=1, max_size=3), keepdims=st.booleans(), data=st.data())
+@SETTINGS
+def test_reductions(shape, keepdims, data):
+    x = rand(tuple(shape), 7)
+    axis = data.draw(st.sampled_from([None, 0, -1, tuple(range(len(shape)))]))
+    gradcheck(lambda t: t.sum(axis=axis, keepdims=keepdims), x)
+    gradcheck(lambda t: t.mean(axis=axis, keepdims=keepdims), x)
+
+
+def test_shape_ops():
+    x = rand((2, 3, 4), 8)
+    gradcheck(lambda t: t.reshape(4, 6), x)
+    gradcheck(lambda t: t.reshape(-1), x)
+    gradcheck(lambda t: t.transpose(2, 0, 1), x)
+    gradcheck(lambda t: t.transpose(), x)
+    gradcheck(lambda t: t.T * Tensor(np.arange(24.0).reshape(4, 3, 2)), x)
+
+
+def test_indexing_by_slices_and_integer_arrays_with_repeats():
+    x = rand((5, 3), 9)
+    gradcheck(lambda t: t[1:4, ::2], x)
+    gradcheck(lambda t: t[2], x)
+    gradcheck(lambda t: t[np.array([0, 2, 2, 4])], x)
+    gradcheck(lambda t: t[np.array([1, 1, 3]), np.array([0, 2, 0])], x)
+    x.grad = None
+    x[np.array([1, 1, 1])].sum().backward()
+    assert x.grad[1].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_gradients_accumulate_for_reused_tensors():
+    a = Tensor(np.array([1.0, -2.0, 3.0]), requires_grad=True)
+    (a + a).sum().backward()
+    np.testing.assert_array_equal(a.grad, [2.0, 2.0, 2.0])
+    b = Tensor(np.array(3.0), requires_grad=True)
+    (b * b * b).backward()  # d/db b^3 = 3 b^2 = 27
+    assert b.grad == pytest.approx(27.0)
+    (b * 2.0).backward()  # a second backward adds to .grad, as PyTorch does
+    assert b.grad == pytest.approx(29.0)
+
+
+def test_deep_graph_does_not_hit_the_recursion_limit():
+    x = Tensor(np.array(1.0), requires_grad=True)
+    y = x
+    for _ in range(sys.getrecursionlimit() * 3):
+        y = y + 1e-3
+    y.backward()
+    assert x.grad == 1.0
+
+
+def test_no_graph_without_requires_grad_or_under_no_grad():
+    w = Tensor(np.ones(3))
+    y = w * 2.0 + 1.0
+    assert not y.requires_grad and y._parents == ()
+    p = Tensor(np.ones(3), requires_grad=True)
+    with no_grad():
+        z = (p * 2.0).sum()
+    assert not z.requires_grad and z._parents == ()
+    assert loralab.is_grad_enabled()
+
+
+def test_scalars_keep_the_tensor_dtype():
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    y = (2.0 * x + 1.5) / 3.0 - 0.5
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+def test_backward_errors_are_clear():
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"shape \(2, 3\)"):
+        (x * 2.0).backward()
+    with pytest.raises(ValueError, match=r"expected grad of shape \(2, 3\), got \(3,\)"):
+        (x * 2.0).backward(np.ones(3))
+    with pytest.raises(RuntimeError, match="does not require a gradient"):
+        Tensor(np.ones(2)).sum().backward()
+    with pytest.raises(TypeError, match="floating point"):
+        Tensor(np.arange(3), requires_grad=True)
+    with pytest.raises(TypeError, match="scalar exponent"):
+        x ** np.ones(2)
+
+
+def test_detach_numpy_and_zero_grad():
+    x = Tensor(np.arange(3.0), requires_grad=True)
+    d = x.detach()
+    assert not d.requires_grad and d.numpy() is x.data
+    (x * 2.0).sum().backward()
+    x.zero_grad()
+    assert x.grad is None
+
+
+class WrongSquare(Function):
+    """x^2 with a planted bug in its backward (x instead of 2x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return (grad * x,)
+
+
+def test_gradcheck_catches_a_planted_wrong_backward():
+    x = rand((3, 2), 10)
+    with pytest.raises(GradcheckError, match=r"input 0 \(shape \(3, 2\)\).*got .* expected"):
+        gradcheck(WrongSquare.apply, x)
+
+
+def test_gradcheck_fails_with_a_bad_epsilon():
+    """A step far too large for a curved function must fail: the check has teeth."""
+    x = rand((4,), 11)
+    with pytest.raises(GradcheckError):
+        gradcheck(lambda t: t.exp() * t.tanh(), x, eps=1.0)
