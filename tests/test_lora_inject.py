@@ -59,6 +59,8 @@ def test_inject_by_suffix_and_by_regex():
     ]
     model = inject_lora(Net(), r"layers\.2\.(k|o)", r=2, seed=0)
     assert [n for n, _ in lora_layers(model)] == ["layers.2.k", "layers.2.o"]
+    model = inject_lora(Net(), "all-linear", r=2, seed=0)
+    assert len(lora_layers(model)) == 9
 
 
 def test_inject_freezes_everything_but_A_and_B_and_output_is_unchanged():

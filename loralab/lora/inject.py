@@ -28,14 +28,24 @@ __all__ = [
 ]
 
 
+ALL_LINEAR = "all-linear"
+
+
 def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
-    """Whether module ``name`` is selected by ``target_modules`` (PEFT's rules)."""
+    """Whether module ``name`` is selected by ``target_modules`` (PEFT's rules).
+
+    ``"all-linear"`` selects every module (``inject_lora`` then keeps the Linear ones).
+    """
+    if target_modules == ALL_LINEAR:
+        return True
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 def _check_targets(target_modules: Any) -> None:
+    if target_modules == ALL_LINEAR:
+        return
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -75,7 +85,8 @@ def inject_lora(
     ----------
     model : Module
     target_modules : list of str or str
-        Module names (exact or dotted suffix) or one regular expression for the full name.
+        Module names (exact or dotted suffix), one regular expression for the full name, or
+        ``"all-linear"`` for every Linear layer (as PEFT).
     r, alpha, dropout, init, use_rslora
         As in :class:`~loralab.nn.LoRALinear`.
     seed : int, optional
@@ -111,6 +122,8 @@ def inject_lora(
         if isinstance(module, LoRALinear):
             raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
         if not isinstance(module, Linear):
+            if target_modules == ALL_LINEAR:
+                continue
             raise TypeError(
                 f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
             )
