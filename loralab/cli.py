@@ -250,11 +250,29 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_grade_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "grade",
+        help="run students' exercise notebooks and print a score per exercise",
+        description="Execute exercise notebooks and score each exercise (exit 1 when any fails).",
+    )
+    parser.add_argument("notebooks", nargs="+", help="student notebook(s) (.ipynb)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    return parser
+
+
+def _run_grade(args: argparse.Namespace) -> int:
+    from loralab.exercises.grade import main as grade_main  # nbclient only when grading
+
+    return grade_main([*args.notebooks, "--timeout", str(args.timeout)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry: name -> (add parser, run). `demo`, `bench` and `grade` are added here as they land.
 
 SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "params": (_add_params_parser, _run_params),
+    "grade": (_add_grade_parser, _run_grade),
 }
 
 

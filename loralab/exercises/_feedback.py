@@ -53,7 +53,9 @@ def positional_names(fn: Callable) -> list[str] | None:
 
 def _where(exc: BaseException) -> str:
     """The last line of the student's own code in the traceback (not numpy internals)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename]
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename
+    ]
     frames = [f for f in frames if not f.filename.endswith(("_feedback.py", "_checks.py"))]
     if not frames:
         return ""
@@ -62,7 +64,7 @@ def _where(exc: BaseException) -> str:
     return f"\n  It happened in `{frame.name}`, line {frame.lineno}{line}."
 
 
-def call_student(fn: Callable, name: str, args: Sequence, *, case: str, arg_names: Sequence[str]):
+def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[str], case: str):
     """Call ``fn(*args)``; an exception or an input changed in place becomes a :class:`Failure`."""
     before = [copy.deepcopy(a) for a in args]
     try:
@@ -192,7 +194,15 @@ def run_check(key: str, body: Callable[[], str], *, strict: bool) -> bool:
     exercise = EXERCISES[key]
     try:
         detail = body()
-    except Failure as failure:
+    except Exception as exc:
+        if isinstance(exc, Failure):
+            failure = exc
+        else:  # what came back was too odd for the check itself: still a verdict, not a crash
+            failure = Failure(
+                f"The check could not use what your function returned "
+                f"({type(exc).__name__}: {exc}). Compare its return value with the docstring.",
+                raised=exc,
+            )
         message = f"Not yet: {exercise.title}\n  {failure}"
         print(message)
         if strict:
@@ -204,4 +214,3 @@ def run_check(key: str, body: Callable[[], str], *, strict: bool) -> bool:
     message += f"\n  Next: {exercise.next_step()}"
     print(message)
     return True
-

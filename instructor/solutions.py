@@ -1,0 +1,99 @@
+"""Reference solutions to the loralab exercises. For instructors: do not hand this file out.
+
+It lives outside the ``loralab`` package, so students who install or import loralab do not get it.
+Each function has exactly the name and signature of a stub in ``tutorials/exercises/``; its source
+is swapped into the stub cell by the tests and by ``python instructor/solutions.py OUT_DIR``, which
+writes solved (unexecuted) copies of every exercise notebook to OUT_DIR. Every function body is
+self-contained apart from ``np`` (imported by each notebook's first cell).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def lora_forward(x, W0, A, B, scaling):
+    return x @ W0.T + scaling * ((x @ A.T) @ B.T)
+
+
+def lora_forward_from_config(x, W0, A, B, alpha, r):
+    return lora_forward(x, W0, A, B, alpha / r)
+
+
+def lora_backward(dy, x, W0, A, B, scaling):
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = dy @ W0 + scaling * ((dy @ B) @ A)
+    dA = scaling * (dy2 @ B).T @ x2
+    dB = scaling * dy2.T @ (x2 @ A.T)
+    return dx, dA, dB
+
+
+def lora_param_count(d, k, r):
+    return r * (d + k)
+
+
+def lora_model_param_count(shapes, r, targets):
+    trainable = sum(r * (shapes[name][0] + shapes[name][1]) for name in targets)
+    base = sum(int(np.prod(shape)) for shape in shapes.values())
+    return trainable, base + trainable
+
+
+def low_rank_approx(W, r):
+    U, S, Vh = np.linalg.svd(W, full_matrices=False)
+    return U[:, :r] @ np.diag(S[:r]) @ Vh[:r]
+
+
+def merge(W0, A, B, scaling):
+    return W0 + scaling * (B @ A)
+
+
+def unmerge(W, A, B, scaling):
+    return W - scaling * (B @ A)
+
+
+def sgd_step(params, grads, trainable, lr):
+    return {name: p - lr * grads[name] if name in trainable else p for name, p in params.items()}
+
+
+def adam_step(params, grads, state, trainable, lr, betas, eps, t):
+    beta1, beta2 = betas
+    new_params, new_state = dict(params), {}
+    for name in trainable:
+        m, v = state[name]
+        g = grads[name]
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        new_params[name] = params[name] - lr * m_hat / (np.sqrt(v_hat) + eps)
+        new_state[name] = (m, v)
+    return new_params, new_state
+
+
+def subspace_similarity(U1, U2, i, j):
+    return np.linalg.norm(U1[:, :i].T @ U2[:, :j], "fro") ** 2 / min(i, j)
+
+
+def solution_sources() -> dict[str, str]:
+    """Function name -> source code, for every solution above."""
+    return {
+        name: inspect.getsource(obj)
+        for name, obj in globals().items()
+        if inspect.isfunction(obj) and obj.__module__ == __name__ and name != "solution_sources"
+    }
+
+
+if __name__ == "__main__":
+    from loralab.exercises.grade import fill_notebook
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "solved")
+    out.mkdir(parents=True, exist_ok=True)
+    notebooks = Path(__file__).resolve().parent.parent / "tutorials" / "exercises"
+    for path in sorted(notebooks.glob("*.ipynb")):
+        fill_notebook(path, solution_sources(), out / path.name)
+        print(f"wrote {out / path.name}")

@@ -1,0 +1,39 @@
+"""Classroom exercises: implement a piece of LoRA, call its check, and read what is wrong.
+
+Each ``check_x(student_fn, *, strict=False)`` runs the student's function on fixed float64 inputs
+(odd shapes, a batch dimension, nonzero B), prints a verdict that names what differs and any known
+mistake it matches, and returns True or False; ``strict=True`` raises ``AssertionError`` instead.
+The exercise notebooks are in ``tutorials/exercises/``; ``loralab grade NOTEBOOK`` grades one.
+
+>>> import numpy as np
+>>> from loralab.exercises import check_merge
+>>> check_merge(lambda W0, A, B, scaling: W0 + scaling * (B @ A))  # doctest: +ELLIPSIS
+Correct: merge(W0, A, B, scaling) ...
+True
+"""
+
+from loralab.exercises._catalogue import EXERCISES, Exercise
+from loralab.exercises._checks import (
+    check_lora_backward,
+    check_lora_forward,
+    check_low_rank_approx,
+    check_merge,
+    check_optimizer_step,
+    check_param_count,
+    check_subspace_similarity,
+)
+from loralab.exercises._mistakes import MISTAKES, Mistake
+
+__all__ = [
+    "EXERCISES",
+    "MISTAKES",
+    "Exercise",
+    "Mistake",
+    "check_lora_backward",
+    "check_lora_forward",
+    "check_low_rank_approx",
+    "check_merge",
+    "check_optimizer_step",
+    "check_param_count",
+    "check_subspace_similarity",
+]

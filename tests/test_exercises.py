@@ -1,0 +1,429 @@
+"""The checks pass the reference solutions and catch every planted mistake by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loralab import exercises as ex
+from loralab.exercises import EXERCISES, MISTAKES
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "tutorials" / "exercises"
+
+
+def _load_solutions():
+    spec = importlib.util.spec_from_file_location(
+        "loralab_solutions", ROOT / "instructor" / "solutions.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+S = _load_solutions()
+M = MISTAKES
+
+
+def _args(key):
+    """The student functions each exercise's check is called with."""
+    return [getattr(S, name) for name in EXERCISES[key].functions]
+
+
+# ------------------------------------------------------------------------ planted mistakes
+
+
+def _fwd(update):
+    return lambda x, W0, A, B, scaling: x @ W0.T + update(x, A, B, scaling)
+
+
+def _lora(x, A, B):
+    return (x @ A.T) @ B.T
+
+
+def _bwd(change):
+    def lora_backward(dy, x, W0, A, B, scaling):
+        return change(
+            *S.lora_backward(dy, x, W0, A, B, scaling), dy=dy, x=x, W0=W0, A=A, B=B, s=scaling
+        )
+
+    return lora_backward
+
+
+def _dW0(dy, x):
+    return dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def _rows(x):
+    return int(np.prod(x.shape[:-1]))
+
+
+def _svd(W):
+    return np.linalg.svd(W, full_matrices=False)
+
+
+def _sgd(*, frozen=False, sign=-1, use_lr=True):
+    def sgd_step(params, grads, trainable, lr):
+        rate = lr if use_lr else 1.0
+        return {
+            n: p + sign * rate * grads[n] if (frozen or n in trainable) else p
+            for n, p in params.items()
+        }
+
+    return sgd_step
+
+
+def _adam(*, frozen=False, sign=-1, correct=True, eps_in=False, root=True, shift=0, carry=True):
+    def adam_step(params, grads, state, trainable, lr, betas, eps, t):
+        b1, b2 = betas
+        out, new_state = dict(params), {}
+        for n in params if frozen else trainable:
+            m, v = state[n] if (carry and n in state) else (0.0, 0.0)
+            m = b1 * m + (1 - b1) * grads[n]
+            v = b2 * v + (1 - b2) * grads[n] ** 2
+            tt = t + shift
+            mh, vh = (m / (1 - b1**tt), v / (1 - b2**tt)) if correct else (m, v)
+            denom = np.sqrt(vh + eps) if eps_in else (np.sqrt(vh) if root else vh) + eps
+            out[n] = params[n] + sign * lr * mh / denom
+            new_state[n] = (m, v)
+        return out, new_state
+
+    return adam_step
+
+
+def _unmerge_ok(W, A, B, scaling):
+    return S.unmerge(W, A, B, scaling)
+
+
+def _merge_in_place(W0, A, B, scaling):
+    W0 += scaling * (B @ A)
+    return W0
+
+
+# (check, student functions, phrase the message must contain)
+PLANTED = {
+    "forgot_scaling": (ex.check_lora_forward, [_fwd(lambda x, A, B, s: _lora(x, A, B))]),
+    "alpha_not_alpha_over_r": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, alpha, r: x @ W0.T + alpha * _lora(x, A, B)],
+    ),
+    "scaling_twice": (ex.check_lora_forward, [_fwd(lambda x, A, B, s: s * s * _lora(x, A, B))]),
+    "scaling_over_r": (
+        ex.check_lora_forward,
+        [_fwd(lambda x, A, B, s: s / A.shape[0] * _lora(x, A, B))],
+    ),
+    "ba_swapped": (ex.check_lora_forward, [_fwd(lambda x, A, B, s: s * (x @ B @ A))]),
+    "w0_not_transposed": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, scaling: x @ W0 + scaling * _lora(x, A, B)],
+    ),
+    "update_on_x": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, scaling: x + scaling * _lora(x, A, B)],
+    ),
+    "dA_missing_scaling": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, s, **_: (dx, dA / s, dB))],
+    ),
+    "dB_missing_scaling": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, s, **_: (dx, dA, dB / s))],
+    ),
+    "dx_missing_scaling": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, W0, A, B, **_: (dy @ W0 + (dy @ B) @ A, dA, dB))],
+    ),
+    "dx_without_lora": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, W0, **_: (dy @ W0, dA, dB))],
+    ),
+    "dA_dB_swapped": (ex.check_lora_backward, [_bwd(lambda dx, dA, dB, **_: (dx, dB, dA))]),
+    "dA_transposed": (ex.check_lora_backward, [_bwd(lambda dx, dA, dB, **_: (dx, dA.T, dB))]),
+    "dB_transposed": (ex.check_lora_backward, [_bwd(lambda dx, dA, dB, **_: (dx, dA, dB.T))]),
+    "batch_mean": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, x, **_: (dx, dA / _rows(x), dB / _rows(x)))],
+    ),
+    "computed_dW0": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, x, **_: (dx, dA, dB, _dW0(dy, x)))],
+    ),
+    "count_full_matrix": (ex.check_param_count, [lambda d, k, r: d * k]),
+    "count_only_one_factor": (ex.check_param_count, [lambda d, k, r: r * d]),
+    "count_product": (ex.check_param_count, [lambda d, k, r: r * d * k]),
+    "count_with_w0": (ex.check_param_count, [lambda d, k, r: d * k + r * (d + k)]),
+    "model_all_matrices": (
+        ex.check_param_count,
+        [
+            S.lora_param_count,
+            lambda shapes, r, targets: S.lora_model_param_count(
+                shapes, r, [n for n, s in shapes.items() if len(s) == 2]
+            ),
+        ],
+    ),
+    "model_trainable_is_total": (
+        ex.check_param_count,
+        [
+            S.lora_param_count,
+            lambda shapes, r, targets: (S.lora_model_param_count(shapes, r, targets)[1],) * 2,
+        ],
+    ),
+    "model_total_without_lora": (
+        ex.check_param_count,
+        [
+            S.lora_param_count,
+            lambda shapes, r, targets: (
+                S.lora_model_param_count(shapes, r, targets)[0],
+                sum(int(np.prod(s)) for s in shapes.values()),
+            ),
+        ],
+    ),
+    "svd_smallest": (
+        ex.check_low_rank_approx,
+        [lambda W, r: (lambda U, S_, Vh: (U[:, -r:] * S_[-r:]) @ Vh[-r:])(*_svd(W))],
+    ),
+    "svd_no_sigma": (
+        ex.check_low_rank_approx,
+        [lambda W, r: (lambda U, S_, Vh: U[:, :r] @ Vh[:r])(*_svd(W))],
+    ),
+    "svd_vh_columns": (
+        ex.check_low_rank_approx,
+        [lambda W, r: (lambda U, S_, Vh: (U[:, :r] * S_[:r]) @ Vh[:, :r].T)(*np.linalg.svd(W))],
+    ),
+    "svd_off_by_one": (ex.check_low_rank_approx, [lambda W, r: S.low_rank_approx(W, r + 1)]),
+    "merge_transposed": (
+        ex.check_merge,
+        [lambda W0, A, B, scaling: W0 + scaling * (A.T @ B.T), _unmerge_ok],
+    ),
+    "merge_sign": (ex.check_merge, [S.merge, lambda W, A, B, scaling: W + scaling * (B @ A)]),
+    "updated_frozen": (ex.check_optimizer_step, [_adam(frozen=True)]),
+    "gradient_ascent": (ex.check_optimizer_step, [_sgd(sign=1)]),
+    "forgot_lr": (ex.check_optimizer_step, [_sgd(use_lr=False)]),
+    "adam_no_bias_correction": (ex.check_optimizer_step, [_adam(correct=False)]),
+    "adam_eps_inside_sqrt": (ex.check_optimizer_step, [_adam(eps_in=True)]),
+    "adam_no_sqrt": (ex.check_optimizer_step, [_adam(root=False)]),
+    "adam_t_plus_one": (ex.check_optimizer_step, [_adam(shift=1)]),
+    "adam_state_ignored": (ex.check_optimizer_step, [_adam(carry=False)]),
+    "phi_not_squared": (
+        ex.check_subspace_similarity,
+        [lambda U1, U2, i, j: np.linalg.norm(U1[:, :i].T @ U2[:, :j]) / min(i, j)],
+    ),
+    "phi_wrong_normaliser": (
+        ex.check_subspace_similarity,
+        [lambda U1, U2, i, j: np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / max(i, j)],
+    ),
+    "phi_not_sliced": (
+        ex.check_subspace_similarity,
+        [lambda U1, U2, i, j: np.linalg.norm(U1.T @ U2) ** 2 / min(i, j)],
+    ),
+    "phi_rows": (
+        ex.check_subspace_similarity,
+        [lambda U1, U2, i, j: np.linalg.norm(U1[:i].T @ U2[:j]) ** 2 / min(i, j)],
+    ),
+}
+
+# More than one planted answer for some mistakes: other orders, other functions, other optimizers.
+EXTRA = [
+    (
+        "computed_dW0",
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, x, **_: (dx, _dW0(dy, x), dA, dB))],
+    ),
+    (
+        "alpha_not_alpha_over_r",
+        ex.check_lora_forward,
+        [_fwd(lambda x, A, B, s: s * A.shape[0] * _lora(x, A, B))],
+    ),
+    ("forgot_scaling", ex.check_merge, [lambda W0, A, B, scaling: W0 + B @ A, _unmerge_ok]),
+    ("forgot_scaling", ex.check_merge, [S.merge, lambda W, A, B, scaling: W - B @ A]),
+    ("merge_sign", ex.check_merge, [lambda W0, A, B, scaling: W0 - scaling * (B @ A)]),
+    ("updated_frozen", ex.check_optimizer_step, [_sgd(frozen=True)]),
+    ("gradient_ascent", ex.check_optimizer_step, [_adam(sign=1)]),
+    ("svd_off_by_one", ex.check_low_rank_approx, [lambda W, r: S.low_rank_approx(W, r - 1)]),
+    (
+        "phi_wrong_normaliser",
+        ex.check_subspace_similarity,
+        [lambda U1, U2, i, j: np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / (i * j)],
+    ),
+    ("count_only_one_factor", ex.check_param_count, [lambda d, k, r: r * k]),
+]
+
+CASES = [(key, check, fns) for key, (check, fns) in PLANTED.items()] + EXTRA
+
+
+def test_every_known_mistake_is_planted():
+    assert set(PLANTED) == set(MISTAKES)
+
+
+@pytest.mark.parametrize(
+    ("key", "check", "fns"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_planted_mistake_is_caught_by_name(key, check, fns, capsys):
+    assert check(*fns) is False
+    printed = capsys.readouterr().out
+    assert printed.startswith("Not yet")
+    assert MISTAKES[key].title in printed
+    with pytest.raises(AssertionError) as info:
+        check(*fns, strict=True)
+    assert MISTAKES[key].title in str(info.value)
+    assert str(info.value) == capsys.readouterr().out.strip()
+
+
+# ----------------------------------------------------------------------------- right answers
+
+
+@pytest.mark.parametrize("key", list(EXERCISES))
+def test_reference_solution_passes(key, capsys):
+    check = getattr(ex, EXERCISES[key].check)
+    assert check(*_args(key), strict=True) is True
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"Correct: {EXERCISES[key].title}")
+    assert "Next:" in printed
+
+
+def test_next_exercise_is_named_in_order(capsys):
+    ex.check_lora_backward(S.lora_backward)
+    assert (
+        "Next: exercise 4, `lora_param_count, lora_model_param_count` (03_counting_and_svd.ipynb)"
+        in (capsys.readouterr().out)
+    )
+
+
+def test_a_correct_float32_forward_is_told_to_keep_float64(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return S.lora_forward(x, W0, A, B, scaling).astype(np.float32)
+
+    assert not ex.check_lora_forward(lora_forward)
+    assert "float32" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- kind failure messages
+
+
+@pytest.mark.parametrize("key", list(EXERCISES))
+def test_stub_gets_not_implemented_message(key, capsys):
+    names = EXERCISES[key].functions
+    stubs = []
+    for name in names:
+        src = S.solution_sources()[name].split(":", 1)[0] + ":\n    raise NotImplementedError\n"
+        namespace = {}
+        exec(src, namespace)  # a stub with the real signature, as in the notebook
+        stubs.append(namespace[name])
+    check = getattr(ex, EXERCISES[key].check)
+    assert check(*stubs) is False
+    assert "is not implemented yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="not implemented yet") as info:
+        check(*stubs, strict=True)
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+def test_exception_in_student_code_is_reported_not_raised(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return {}["missing"]
+
+    assert ex.check_lora_forward(lora_forward) is False
+    out = capsys.readouterr().out
+    assert "raised KeyError: 'missing'" in out
+    assert "It happened in `lora_forward`" in out
+    assert "x (3, 7), W0 (5, 7), A (3, 7), B (5, 3)" in out
+
+
+def test_wrong_output_shape_is_named_with_both_shapes(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return S.lora_forward(x, W0, A, B, scaling).reshape(-1, W0.shape[0])
+
+    assert not ex.check_lora_forward(lora_forward)
+    out = capsys.readouterr().out
+    assert "wrong output shape: y has shape (8, 5), expected (2, 4, 5)" in out
+    assert "worked for 2-D x but not for the batched x" in out
+
+
+def test_value_error_names_max_error_and_index(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        y = S.lora_forward(x, W0, A, B, scaling)
+        y[1, 2] += 0.5
+        return y
+
+    assert not ex.check_lora_forward(lora_forward)
+    out = capsys.readouterr().out
+    assert "max abs error 0.5 at index (1, 2)" in out
+    assert "known mistake" not in out
+
+
+def test_missing_return_is_named(capsys):
+    def merge(W0, A, B, scaling):
+        W0 + scaling * (B @ A)
+
+    assert not ex.check_merge(merge)
+    assert "did you forget the `return` statement?" in capsys.readouterr().out
+
+
+def test_changing_an_input_in_place_is_caught(capsys):
+    assert not ex.check_merge(_merge_in_place, _unmerge_ok)
+    assert "changed its argument `W0` in place" in capsys.readouterr().out
+
+
+def test_backward_batch_error_gets_batch_hint(capsys):
+    def lora_backward(dy, x, W0, A, B, scaling):
+        dx, dA, dB = S.lora_backward(dy, x, W0, A, B, scaling)
+        return dx, scaling * B.T @ dy.T @ x, dB  # right for 2-D x only
+
+    assert not ex.check_lora_backward(lora_backward)
+    assert "not for the batched x" in capsys.readouterr().out
+
+
+def test_param_count_wants_an_int(capsys):
+    assert not ex.check_param_count(lambda d, k, r: float(r * (d + k)))
+    assert "return an int" in capsys.readouterr().out
+
+
+def test_adam_with_wrong_return_type_is_explained(capsys):
+    assert not ex.check_optimizer_step(
+        lambda params, grads, state, trainable, lr, betas, eps, t: params
+    )
+    assert "should return a pair (new_params, new_state)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- notebooks
+
+
+def _notebooks():
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def test_notebooks_hold_every_exercise_once_with_a_stub_and_no_outputs():
+    seen = []
+    for path in _notebooks():
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, path.name
+            if "exercise" in cell.get("metadata", {}).get("tags", []):
+                meta = cell["metadata"]["loralab"]
+                assert EXERCISES[meta["exercise"]].notebook == path.name
+                assert list(EXERCISES[meta["exercise"]].functions) == meta["functions"]
+                assert "raise NotImplementedError" in "".join(cell["source"])
+                seen.append(meta["exercise"])
+    assert seen == list(EXERCISES)
+
+
+def test_solutions_are_not_shipped_in_the_package():
+    package = Path(ex.__file__).parent
+    for path in package.glob("*.py"):
+        assert "instructor" not in path.read_text(encoding="utf-8"), path.name
+    assert not (package / "solutions.py").exists()
+
+
+def test_an_answer_too_odd_to_compare_is_still_a_verdict(capsys):
+    class Odd:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("no array here")
+
+    assert ex.check_merge(lambda W0, A, B, scaling: Odd()) is False
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet")
+    assert "could not use what your function returned (RuntimeError: no array here)" in out
