@@ -1,0 +1,80 @@
+"""The PyTorch twin of loralab: the same LoRA, proven equal to the NumPy reference, PEFT-compatible.
+
+The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
+
+- :class:`LoRALinear` and :class:`LoRALinearFunction` (the hand-derived backward, in torch);
+- :func:`inject_lora`, :func:`merge_lora`, :func:`unmerge_lora`, :func:`lora_state_dict`,
+  :func:`lora_layers`, :func:`count_parameters` for torch models;
+- :func:`to_torch` / :func:`to_numpy` and the converter registry (:func:`register_converter`,
+  :func:`register_numpy_converter`);
+- :func:`check_equivalence` (the harness) and :func:`shared_dropout_masks`;
+- :func:`save_adapter` / :func:`load_adapter` (the same functions as in :mod:`loralab.lora`:
+  they accept torch models and write HF PEFT's format).
+
+Examples
+--------
+>>> from loralab.nn import MLP
+>>> from loralab.lora import inject_lora as np_inject
+>>> import numpy as np
+>>> np_model = np_inject(MLP([4, 8, 3], seed=0, dtype=np.float64), ["0", "2"], r=2, seed=0)
+>>> twin = to_torch(np_model)
+>>> [n for n, p in twin.named_parameters() if p.requires_grad]
+['0.lora_A', '0.lora_B', '2.lora_A', '2.lora_B']
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "loralab.torch needs PyTorch: pip install 'loralab[torch]' (torch>=2.2,<2.14)"
+    ) from exc
+
+from loralab.lora.adapter import load_adapter, save_adapter
+from loralab.torch.convert import (
+    Container,
+    param_to_numpy,
+    param_to_torch,
+    register_converter,
+    register_numpy_converter,
+    to_numpy,
+    to_torch,
+)
+from loralab.torch.equivalence import (
+    EquivalenceReport,
+    check_equivalence,
+    relative_difference,
+    shared_dropout_masks,
+)
+from loralab.torch.inject import (
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
+from loralab.torch.layers import LoRALinear, LoRALinearFunction
+
+__all__ = [
+    "LoRALinear",
+    "LoRALinearFunction",
+    "inject_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "lora_state_dict",
+    "lora_layers",
+    "count_parameters",
+    "to_torch",
+    "to_numpy",
+    "register_converter",
+    "register_numpy_converter",
+    "param_to_torch",
+    "param_to_numpy",
+    "Container",
+    "check_equivalence",
+    "EquivalenceReport",
+    "shared_dropout_masks",
+    "relative_difference",
+    "save_adapter",
+    "load_adapter",
+]

@@ -1,0 +1,384 @@
+"""``to_torch`` and ``to_numpy``: the same model in both worlds, with a registry of converters.
+
+A converted model has the same module names, parameter names (``"0.base.weight"``,
+``"0.lora_A"``), values, frozen flags and training mode as the original; values are copied,
+never shared.
+
+Adding a layer type (the registry API, kept stable)
+---------------------------------------------------
+Whoever writes a new loralab layer registers how to convert it, from their own module::
+
+    from loralab.torch.convert import (
+        register_converter, register_numpy_converter, param_to_torch, param_to_numpy,
+    )
+
+    def gpt_to_torch(np_module, convert_child, dtype):      # -> torch.nn.Module
+        t = TorchGPT(...)                                    # same child and parameter names
+        t.wte = convert_child(np_module.wte)                 # children: always via convert_child
+        t.pos = param_to_torch(np_module.pos, dtype)         # own parameters: via param_to_torch
+        return t
+
+    def gpt_to_numpy(torch_module, convert_child):           # -> loralab.nn.Module
+        ...                                                  # convert_child / param_to_numpy
+
+    register_converter(GPT, gpt_to_torch)
+    register_numpy_converter(TorchGPT, gpt_to_numpy)
+
+``register_converter(np_cls, fn)``: ``fn(np_module, convert_child, dtype) -> torch.nn.Module``,
+where ``convert_child(np_child)`` converts a child (with the same dtype; shared children stay
+shared) and ``dtype`` is a ``torch.dtype`` or None (keep each array's own dtype): pass it to
+:func:`param_to_torch`. ``register_numpy_converter(torch_cls, fn)``:
+``fn(torch_module, convert_child) -> loralab.nn.Module``. Converters need not copy the training
+flag (``to_torch``/``to_numpy`` do) nor move to a device (``to_torch(device=...)`` does, at the
+end). Lookup walks the class's MRO, so a subclass without its own converter uses its parent's.
+
+A loralab Module with no converter becomes a :class:`Container`: a ``torch.nn.Module`` with the
+same parameters and children (so names, adapters and state dicts work) that remembers the
+original class and its plain attributes, so ``to_numpy`` rebuilds the original exactly; its
+``forward`` raises, asking for a registered converter.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralab import nn
+from loralab.torch.layers import LoRALinear
+
+__all__ = [
+    "to_torch",
+    "to_numpy",
+    "register_converter",
+    "register_numpy_converter",
+    "param_to_torch",
+    "param_to_numpy",
+    "Container",
+]
+
+ToTorch = Callable[[nn.Module, Callable[[nn.Module], torch.nn.Module], Any], torch.nn.Module]
+ToNumpy = Callable[[torch.nn.Module, Callable[[torch.nn.Module], nn.Module]], nn.Module]
+
+_TO_TORCH: dict[type, ToTorch] = {}
+_TO_NUMPY: dict[type, ToNumpy] = {}
+
+
+def register_converter(np_cls: type, fn: ToTorch) -> None:
+    """Register ``fn(np_module, convert_child, dtype) -> torch.nn.Module`` for ``np_cls`` and subclasses."""
+    if not (isinstance(np_cls, type) and issubclass(np_cls, nn.Module)):
+        raise TypeError(
+            f"register_converter: np_cls must be a loralab.nn.Module class, got {np_cls!r}"
+        )
+    if not callable(fn):
+        raise TypeError(f"register_converter: fn must be callable, got {fn!r}")
+    _TO_TORCH[np_cls] = fn
+
+
+def register_numpy_converter(torch_cls: type, fn: ToNumpy) -> None:
+    """Register ``fn(torch_module, convert_child) -> loralab.nn.Module`` for ``torch_cls`` and subclasses."""
+    if not (isinstance(torch_cls, type) and issubclass(torch_cls, torch.nn.Module)):
+        raise TypeError(
+            f"register_numpy_converter: torch_cls must be a torch.nn.Module class, got {torch_cls!r}"
+        )
+    if not callable(fn):
+        raise TypeError(f"register_numpy_converter: fn must be callable, got {fn!r}")
+    _TO_NUMPY[torch_cls] = fn
+
+
+def _lookup(table: dict[type, Any], cls: type) -> Any:
+    for klass in cls.__mro__:
+        if klass in table:
+            return table[klass]
+    return None
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"to_torch: dtype must be a torch or numpy dtype, got {dtype!r}") from exc
+    if not np.issubdtype(np_dtype, np.floating):
+        raise TypeError(f"to_torch: dtype must be a floating dtype, got {np_dtype}")
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
+
+
+def param_to_torch(p: nn.Parameter | None, dtype: torch.dtype | None) -> torch.nn.Parameter | None:
+    """A copy of NumPy parameter ``p`` as a ``torch.nn.Parameter`` (same requires_grad); None stays None."""
+    if p is None:
+        return None
+    t = torch.tensor(p.data)
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return torch.nn.Parameter(t, requires_grad=p.requires_grad)
+
+
+def param_to_numpy(p: torch.Tensor | None) -> nn.Parameter | None:
+    """A copy of torch parameter ``p`` as a loralab ``Parameter`` (same requires_grad); None stays None."""
+    if p is None:
+        return None
+    return nn.Parameter(p.detach().cpu().numpy().copy(), requires_grad=p.requires_grad)
+
+
+class Container(torch.nn.Module):
+    """The torch stand-in for a loralab Module that has no registered converter.
+
+    Holds the same parameters and children under the same names, plus ``numpy_class`` and
+    ``numpy_attributes`` (the original's other attributes) so that :func:`to_numpy` rebuilds it.
+    """
+
+    def __init__(self, numpy_class: type, numpy_attributes: dict[str, Any]):
+        super().__init__()
+        self.numpy_class = numpy_class
+        self.numpy_attributes = numpy_attributes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{self.numpy_class.__name__} was converted as a plain Container (it has no torch twin): "
+            "register one with loralab.torch.register_converter to run it in torch"
+        )
+
+    def extra_repr(self) -> str:
+        return f"numpy_class={self.numpy_class.__name__}"
+
+
+# ----- loralab -> torch ------------------------------------------------------------------------------
+def _meta(cls: type, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """Build a torch layer on the meta device: no memory, no draw from torch's global RNG."""
+    return cls(*args, **kwargs, device="meta")
+
+
+def _linear_to_torch(m: nn.Linear, convert: Any, dtype: Any) -> torch.nn.Module:
+    t = _meta(torch.nn.Linear, m.in_features, m.out_features, bias=m.bias is not None)
+    t.weight, t.bias = param_to_torch(m.weight, dtype), param_to_torch(m.bias, dtype)
+    return t
+
+
+def _embedding_to_torch(m: nn.Embedding, convert: Any, dtype: Any) -> torch.nn.Module:
+    t = _meta(torch.nn.Embedding, m.num_embeddings, m.embedding_dim)
+    t.weight = param_to_torch(m.weight, dtype)
+    return t
+
+
+def _layernorm_to_torch(m: nn.LayerNorm, convert: Any, dtype: Any) -> torch.nn.Module:
+    t = _meta(
+        torch.nn.LayerNorm, m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
+    )
+    if m.weight is not None:
+        t.weight, t.bias = param_to_torch(m.weight, dtype), param_to_torch(m.bias, dtype)
+    return t
+
+
+def _sequential_to_torch(m: nn.Sequential, convert: Any, dtype: Any) -> torch.nn.Module:
+    t = torch.nn.Sequential()
+    for name, child in m.named_children():
+        t.add_module(name, convert(child))
+    return t
+
+
+def _lora_to_torch(m: nn.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
+    if getattr(m, "use_dora", False):
+        raise ValueError("to_torch: loralab.torch.LoRALinear has no DoRA yet; got use_dora=True")
+    base = convert(m.base)
+    flags = {n: p.requires_grad for n, p in m.base.named_parameters()}
+    # init only records the option here: "kaiming" avoids re-splitting W0 (values are copied next)
+    t = LoRALinear(base, r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, seed=0)
+    t.init = m.init
+    for n, p in base.named_parameters():
+        p.requires_grad_(flags[n])
+    t.lora_A, t.lora_B = param_to_torch(m.lora_A, dtype), param_to_torch(m.lora_B, dtype)
+    t.scaling, t.merged = m.scaling, m.merged
+    return t
+
+
+_SKIP = ("_parameters", "_modules", "training")
+
+
+def _generic_to_torch(m: nn.Module, convert: Any, dtype: Any) -> torch.nn.Module:
+    names = set(m._parameters) | set(m._modules) | set(_SKIP)
+    attrs = {k: copy.deepcopy(v) for k, v in vars(m).items() if k not in names}
+    t = Container(type(m), attrs)
+    for name, p in m._parameters.items():
+        t.register_parameter(name, param_to_torch(p, dtype))
+    for name, child in m._modules.items():
+        t.add_module(name, convert(child))
+    return t
+
+
+register_converter(nn.Linear, _linear_to_torch)
+register_converter(nn.Embedding, _embedding_to_torch)
+register_converter(nn.LayerNorm, _layernorm_to_torch)
+register_converter(nn.ReLU, lambda m, convert, dtype: torch.nn.ReLU())
+register_converter(nn.GELU, lambda m, convert, dtype: torch.nn.GELU(approximate="tanh"))
+register_converter(nn.Dropout, lambda m, convert, dtype: torch.nn.Dropout(m.p))
+register_converter(nn.Sequential, _sequential_to_torch)  # MLP included: same child names
+register_converter(nn.LoRALinear, _lora_to_torch)
+
+
+def to_torch(model: nn.Module, dtype: Any = None, device: Any = None) -> torch.nn.Module:
+    """Convert a loralab model (with or without LoRA layers) to its ``torch.nn.Module`` twin.
+
+    Parameters
+    ----------
+    model : loralab.nn.Module
+    dtype : torch or numpy floating dtype, optional
+        Cast every floating parameter to it; None keeps each array's dtype (float32 stays float32).
+    device : torch.device or str, optional
+        Move the result there ("cuda" for a GPU); None leaves it on the CPU.
+
+    Returns
+    -------
+    torch.nn.Module
+        Linear -> ``torch.nn.Linear``, Embedding, LayerNorm, ReLU and Dropout -> their torch
+        namesakes, GELU -> ``torch.nn.GELU(approximate="tanh")``, Sequential and MLP ->
+        ``torch.nn.Sequential`` (same child names), LoRALinear -> :class:`loralab.torch.LoRALinear`,
+        registered types via their converter, any other Module -> :class:`Container`.
+
+    Examples
+    --------
+    >>> from loralab.nn import MLP
+    >>> t = to_torch(MLP([4, 8, 3], seed=0, dtype="float64"))
+    >>> [(n, p.dtype) for n, p in t.named_parameters()][:1]
+    [('0.weight', torch.float64)]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_torch: expected a loralab.nn.Module, got {type(model).__name__}")
+    tdtype = _torch_dtype(dtype)
+    memo: dict[int, torch.nn.Module] = {}
+
+    def convert(m: nn.Module) -> torch.nn.Module:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"to_torch: expected a loralab.nn.Module, got {type(m).__name__}")
+        if id(m) not in memo:
+            fn = _lookup(_TO_TORCH, type(m)) or _generic_to_torch
+            out = fn(m, convert, tdtype)
+            out.training = m.training
+            memo[id(m)] = out
+        return memo[id(m)]
+
+    result = convert(model)
+    return result if device is None else result.to(device)
+
+
+# ----- torch -> loralab ------------------------------------------------------------------------------
+def _linear_to_numpy(t: torch.nn.Linear, convert: Any) -> nn.Module:
+    m = nn.Linear(t.in_features, t.out_features, bias=t.bias is not None, seed=0)
+    m.weight, m.bias = param_to_numpy(t.weight), param_to_numpy(t.bias)
+    return m
+
+
+def _embedding_to_numpy(t: torch.nn.Embedding, convert: Any) -> nn.Module:
+    m = nn.Embedding(t.num_embeddings, t.embedding_dim, seed=0)
+    m.weight = param_to_numpy(t.weight)
+    return m
+
+
+def _layernorm_to_numpy(t: torch.nn.LayerNorm, convert: Any) -> nn.Module:
+    if len(t.normalized_shape) != 1:
+        raise ValueError(
+            "to_numpy: loralab.nn.LayerNorm normalises the last axis only; got "
+            f"LayerNorm(normalized_shape={tuple(t.normalized_shape)})"
+        )
+    m = nn.LayerNorm(t.normalized_shape[0], eps=t.eps, elementwise_affine=t.weight is not None)
+    m.weight, m.bias = param_to_numpy(t.weight), param_to_numpy(t.bias)
+    return m
+
+
+def _gelu_to_numpy(t: torch.nn.GELU, convert: Any) -> nn.Module:
+    if t.approximate != "tanh":
+        raise ValueError(
+            f"to_numpy: loralab.nn.GELU is the tanh approximation; got GELU(approximate={t.approximate!r}),"
+            " expected GELU(approximate='tanh')"
+        )
+    return nn.GELU()
+
+
+def _sequential_to_numpy(t: torch.nn.Sequential, convert: Any) -> nn.Module:
+    m = nn.Sequential()
+    for name, child in t._modules.items():  # named_children() would skip a repeated child
+        setattr(m, name, convert(child))
+    return m
+
+
+def _lora_to_numpy(t: LoRALinear, convert: Any) -> nn.Module:
+    base = convert(t.base)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    m = nn.LoRALinear(
+        base, r=t.r, alpha=t.alpha, dropout=t.dropout, use_rslora=t.use_rslora, seed=0
+    )
+    m.init = t.init
+    for n, p in base.named_parameters():
+        p.requires_grad = flags[n]
+    m.lora_A, m.lora_B = param_to_numpy(t.lora_A), param_to_numpy(t.lora_B)
+    m.scaling, m.merged = t.scaling, t.merged
+    return m
+
+
+def _generic_to_numpy(t: torch.nn.Module, convert: Any) -> nn.Module:
+    if isinstance(t, Container):
+        m = t.numpy_class.__new__(t.numpy_class)
+        nn.Module.__init__(m)
+        for k, v in t.numpy_attributes.items():
+            object.__setattr__(m, k, copy.deepcopy(v))
+    elif type(t) is torch.nn.Module:
+        m = nn.Module()
+    else:
+        raise TypeError(
+            f"to_numpy: no converter for {type(t).__module__}.{type(t).__name__}; "
+            "register one with loralab.torch.register_numpy_converter"
+        )
+    for name, p in t.named_parameters(recurse=False):
+        setattr(m, name, param_to_numpy(p))
+    for name, child in t._modules.items():
+        setattr(m, name, convert(child))
+    return m
+
+
+register_numpy_converter(torch.nn.Linear, _linear_to_numpy)
+register_numpy_converter(torch.nn.Embedding, _embedding_to_numpy)
+register_numpy_converter(torch.nn.LayerNorm, _layernorm_to_numpy)
+register_numpy_converter(torch.nn.ReLU, lambda t, convert: nn.ReLU())
+register_numpy_converter(torch.nn.GELU, _gelu_to_numpy)
+register_numpy_converter(torch.nn.Dropout, lambda t, convert: nn.Dropout(t.p))
+register_numpy_converter(torch.nn.Sequential, _sequential_to_numpy)
+register_numpy_converter(LoRALinear, _lora_to_numpy)
+
+
+def to_numpy(module: torch.nn.Module) -> nn.Module:
+    """Convert a torch model built from the layers :func:`to_torch` produces back to loralab.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Made of ``torch.nn.Linear``, ``Embedding``, ``LayerNorm`` (last axis), ``ReLU``,
+        ``GELU(approximate="tanh")``, ``Dropout``, ``Sequential``, :class:`loralab.torch.LoRALinear`,
+        :class:`Container`, plain ``torch.nn.Module`` holders, or registered types.
+
+    Returns
+    -------
+    loralab.nn.Module
+        Same names, values (copied to the CPU, dtype kept), frozen flags and training mode.
+
+    Raises
+    ------
+    TypeError
+        For a torch layer with no converter (the message says how to register one).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"to_numpy: expected a torch.nn.Module, got {type(module).__name__}")
+    memo: dict[int, nn.Module] = {}
+
+    def convert(t: torch.nn.Module) -> nn.Module:
+        if id(t) not in memo:
+            fn = _lookup(_TO_NUMPY, type(t)) or _generic_to_numpy
+            out = fn(t, convert)
+            object.__setattr__(out, "training", t.training)
+            memo[id(t)] = out
+        return memo[id(t)]
+
+    return convert(module)

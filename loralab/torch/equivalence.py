@@ -1,0 +1,352 @@
+"""The equivalence harness: train a loralab model and its torch twin side by side and measure.
+
+:func:`check_equivalence` runs both models on the same batches with the twin optimizers
+(``loralab.optim.Adam`` and ``torch.optim.Adam``, ...) and records, at every step, the largest
+relative difference of the loss, the outputs, the input gradient, the parameter gradients and,
+after the update, the parameters.
+
+Dropout draws random masks, so the two models would differ by design. Inside
+:func:`shared_dropout_masks` the torch twin draws every mask from a copy of the NumPy module's
+generator, with the NumPy function that makes masks, so both see the same masks in the same
+order (a generator shared by several NumPy layers stays shared among their twins).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralab import functional as LF
+from loralab import nn, optim
+from loralab.tensor import Tensor
+from loralab.torch.layers import LoRALinear, numpy_dtype
+
+__all__ = [
+    "check_equivalence",
+    "EquivalenceReport",
+    "shared_dropout_masks",
+    "relative_difference",
+]
+
+_OPTIMIZERS = {
+    "adam": (optim.Adam, torch.optim.Adam),
+    "adamw": (optim.AdamW, torch.optim.AdamW),
+    "sgd": (optim.SGD, torch.optim.SGD),
+}
+_LOSSES = ("cross_entropy", "mse")
+
+
+def relative_difference(a: Any, b: Any) -> float:
+    """max|a - b| / max(max|a|, max|b|): the error relative to the larger array's size (0 if both are 0).
+
+    Measured against the largest entry rather than entry by entry, so a value that is zero in
+    both (such as dA while B = 0) is not an infinite relative error.
+    """
+    a = np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a, dtype=float)
+    b = np.asarray(b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"relative_difference: shapes differ, {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return 0.0
+    scale = max(np.abs(a).max(), np.abs(b).max())
+    return float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
+
+
+@dataclass
+class EquivalenceReport:
+    """Per-step largest relative differences between a loralab model and its torch twin.
+
+    Attributes
+    ----------
+    loss, output, input_grad, grad, param : list of float, one entry per step
+        ``grad`` and ``param`` are the worst over all parameters (``param`` after the update,
+        frozen ones included); ``input_grad`` is empty for integer inputs.
+    initial_param : float
+        Largest parameter difference before training.
+    worst_grad, worst_param : str
+        Name of the parameter behind ``max_grad`` and ``max_param``.
+    dtype : str
+    """
+
+    dtype: str
+    initial_param: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    output: list[float] = field(default_factory=list)
+    input_grad: list[float] = field(default_factory=list)
+    grad: list[float] = field(default_factory=list)
+    param: list[float] = field(default_factory=list)
+    worst_grad: str = ""
+    worst_param: str = ""
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+    @property
+    def max_loss(self) -> float:
+        return max(self.loss, default=0.0)
+
+    @property
+    def max_output(self) -> float:
+        return max(self.output, default=0.0)
+
+    @property
+    def max_input_grad(self) -> float:
+        return max(self.input_grad, default=0.0)
+
+    @property
+    def max_grad(self) -> float:
+        return max(self.grad, default=0.0)
+
+    @property
+    def max_param(self) -> float:
+        return max([self.initial_param, *self.param])
+
+    @property
+    def max_difference(self) -> float:
+        """The largest of all the maxima."""
+        return max(
+            self.max_loss, self.max_output, self.max_input_grad, self.max_grad, self.max_param
+        )
+
+    def assert_close(self, rtol: float) -> None:
+        """Raise AssertionError naming every quantity whose largest difference exceeds ``rtol``."""
+        bad = [
+            f"{name}={value:.3g}"
+            for name, value in (
+                ("max_loss", self.max_loss),
+                ("max_output", self.max_output),
+                ("max_input_grad", self.max_input_grad),
+                ("max_grad", self.max_grad),
+                ("max_param", self.max_param),
+            )
+            if not value <= rtol
+        ]
+        if bad:
+            raise AssertionError(
+                f"twins differ by more than rtol={rtol:g}: {', '.join(bad)}\n{self}"
+            )
+
+    def __str__(self) -> str:
+        head = (
+            f"{'step':>5} {'loss':>10} {'output':>10} {'input grad':>10} {'grad':>10} {'param':>10}"
+        )
+        lines = [
+            f"Equivalence over {self.steps} steps ({self.dtype}), max relative differences",
+            head,
+        ]
+        for i in range(self.steps):
+            ig = f"{self.input_grad[i]:10.2e}" if self.input_grad else f"{'-':>10}"
+            lines.append(
+                f"{i + 1:>5} {self.loss[i]:10.2e} {self.output[i]:10.2e} {ig} "
+                f"{self.grad[i]:10.2e} {self.param[i]:10.2e}"
+            )
+        ig = f"{self.max_input_grad:10.2e}" if self.input_grad else f"{'-':>10}"
+        lines.append(
+            f"{'max':>5} {self.max_loss:10.2e} {self.max_output:10.2e} {ig} "
+            f"{self.max_grad:10.2e} {self.max_param:10.2e}"
+        )
+        lines.append(f"worst gradient: {self.worst_grad}; worst parameter: {self.worst_param}")
+        return "\n".join(lines)
+
+
+def _replay_hook(rng: np.random.Generator) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or module.p == 0.0:  # as loralab.functional.dropout
+            return None
+        x = args[0]
+        mask = LF.dropout_mask(tuple(x.shape), module.p, rng, numpy_dtype(x.dtype))
+        return x * torch.from_numpy(mask).to(x.device)
+
+    return hook
+
+
+@contextmanager
+def shared_dropout_masks(np_model: nn.Module, torch_model: torch.nn.Module) -> Iterator[None]:
+    """Make ``torch_model`` draw the same dropout masks as ``np_model``, in the same order.
+
+    Each ``torch.nn.Dropout`` and :class:`~loralab.torch.LoRALinear` twin draws from a copy of its
+    NumPy module's generator (copied once: layers sharing a generator keep sharing it), with
+    :func:`loralab.functional.dropout_mask`. Run both models forward in the same order inside
+    the ``with`` block. On exit the torch model draws from torch's generator again.
+
+    Raises
+    ------
+    ValueError
+        When a NumPy dropout layer has no twin of the right type under the same name.
+    """
+    twins = dict(torch_model.named_modules())
+    memo: dict[int, Any] = {}
+    hooks, saved = [], []
+    try:
+        for name, m in np_model.named_modules():
+            if isinstance(m, nn.Dropout):
+                t = twins.get(name)
+                if not isinstance(t, torch.nn.Dropout):
+                    raise ValueError(
+                        f"shared_dropout_masks: {name!r} is a Dropout in the NumPy model but "
+                        f"{type(t).__name__} in the torch model"
+                    )
+                hooks.append(t.register_forward_hook(_replay_hook(copy.deepcopy(m.rng, memo))))
+            elif isinstance(m, nn.LoRALinear) and m.dropout > 0.0:
+                t = twins.get(name)
+                if not isinstance(t, LoRALinear):
+                    raise ValueError(
+                        f"shared_dropout_masks: {name!r} is a LoRALinear in the NumPy model but "
+                        f"{type(t).__name__} in the torch model"
+                    )
+                saved.append((t, t.mask_rng))
+                t.mask_rng = copy.deepcopy(m.rng, memo)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for t, rng in saved:
+            t.mask_rng = rng
+
+
+def _check_pairs(np_params: dict, t_params: dict) -> None:
+    if list(np_params) != list(t_params):
+        raise ValueError(
+            "check_equivalence: the models' parameters differ: only in the NumPy model "
+            f"{sorted(set(np_params) - set(t_params))}, only in the torch model "
+            f"{sorted(set(t_params) - set(np_params))} (or their order differs)"
+        )
+    flags = [n for n in np_params if np_params[n].requires_grad != t_params[n].requires_grad]
+    if flags:
+        raise ValueError(f"check_equivalence: requires_grad differs for {flags}")
+    shapes = [n for n in np_params if np_params[n].shape != tuple(t_params[n].shape)]
+    if shapes:
+        raise ValueError(f"check_equivalence: shapes differ for {shapes}")
+
+
+def check_equivalence(
+    np_model: nn.Module,
+    torch_model: torch.nn.Module,
+    batches: Sequence[tuple[Any, Any]],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    loss: str = "cross_entropy",
+    optimizer_options: dict[str, Any] | None = None,
+    training: bool = True,
+) -> EquivalenceReport:
+    """Train ``np_model`` and ``torch_model`` side by side and report how far apart they get.
+
+    Both start from whatever values they hold (use :func:`~loralab.torch.to_torch` to make the
+    twin), see the same batches in the same order, the same dropout masks and the twin optimizers.
+    Both models are trained in place.
+
+    Parameters
+    ----------
+    np_model : loralab.nn.Module
+    torch_model : torch.nn.Module
+        Same parameter names, shapes and requires_grad flags.
+    batches : sequence of (x, y)
+        NumPy arrays; x of the model's input shape (floats, or integer token ids), y of shape
+        (...) integer classes for ``"cross_entropy"`` or the output's shape for ``"mse"``.
+        Cycled when ``steps`` exceeds their number.
+    steps : int
+        Optimizer steps to take (>= 1).
+    lr : float
+    optimizer : "adam", "adamw" or "sgd"
+        ``loralab.optim.X`` against ``torch.optim.X``, on the parameters with requires_grad.
+    loss : "cross_entropy" or "mse"
+    optimizer_options : dict, optional
+        Extra keyword arguments for both optimizers (``weight_decay``, ``momentum``, ``betas``...).
+    training : bool, default True
+        Mode of both models (dropout active when True, with shared masks).
+
+    Returns
+    -------
+    EquivalenceReport
+
+    Examples
+    --------
+    >>> from loralab.nn import MLP
+    >>> from loralab.torch import to_torch
+    >>> rng = np.random.default_rng(0)
+    >>> model = MLP([4, 8, 3], seed=0, dtype=np.float64)
+    >>> batches = [(rng.normal(size=(5, 4)), rng.integers(0, 3, 5))]
+    >>> report = check_equivalence(model, to_torch(model), batches, steps=3, lr=0.01)
+    >>> report.max_param < 1e-12
+    True
+    """
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(
+            f"check_equivalence: optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}"
+        )
+    if loss not in _LOSSES:
+        raise ValueError(f"check_equivalence: loss must be one of {list(_LOSSES)}, got {loss!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"check_equivalence: steps must be a positive int, got {steps!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("check_equivalence: batches is empty")
+    np_params = dict(np_model.named_parameters())
+    t_params = dict(torch_model.named_parameters())
+    _check_pairs(np_params, t_params)
+    trainable = [n for n, p in np_params.items() if p.requires_grad]
+    if not trainable:
+        raise ValueError("check_equivalence: no parameter requires a gradient")
+    options = dict(optimizer_options or {})
+    np_cls, t_cls = _OPTIMIZERS[optimizer]
+    np_opt = np_cls([np_params[n] for n in trainable], lr=lr, **options)
+    t_opt = t_cls([t_params[n] for n in trainable], lr=lr, **options)
+    device = next(iter(t_params.values())).device
+    np_model.train(training)
+    torch_model.train(training)
+
+    report = EquivalenceReport(dtype=str(next(iter(np_params.values())).dtype))
+    report.initial_param = max(
+        relative_difference(np_params[n].data, t_params[n]) for n in np_params
+    )
+    worst_grad = worst_param = (-1.0, "")
+    with shared_dropout_masks(np_model, torch_model):
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            x, y = np.asarray(x), np.asarray(y)
+            floating = np.issubdtype(x.dtype, np.floating)
+            xn = Tensor(x, requires_grad=floating)
+            xt = torch.tensor(x, device=device, requires_grad=floating)
+            out_n, out_t = np_model(xn), torch_model(xt)
+            if loss == "cross_entropy":
+                loss_n = LF.cross_entropy(out_n, y)
+                yt = torch.as_tensor(y, dtype=torch.long, device=device).reshape(-1)
+                loss_t = torch.nn.functional.cross_entropy(out_t.reshape(-1, out_t.shape[-1]), yt)
+            else:
+                loss_n = LF.mse_loss(out_n, y)
+                loss_t = torch.nn.functional.mse_loss(out_t, torch.tensor(y, device=device))
+            np_opt.zero_grad()
+            t_opt.zero_grad(set_to_none=True)
+            loss_n.backward()
+            loss_t.backward()
+            report.loss.append(relative_difference(loss_n.data, loss_t))
+            report.output.append(relative_difference(out_n.data, out_t))
+            if floating:
+                report.input_grad.append(relative_difference(xn.grad, xt.grad))
+            grads = {
+                n: relative_difference(
+                    np_params[n].grad if np_params[n].grad is not None else 0.0 * np_params[n].data,
+                    t_params[n].grad
+                    if t_params[n].grad is not None
+                    else torch.zeros_like(t_params[n]),
+                )
+                for n in trainable
+            }
+            report.grad.append(max(grads.values()))
+            worst_grad = max(worst_grad, max((v, n) for n, v in grads.items()))
+            np_opt.step()
+            t_opt.step()
+            params = {n: relative_difference(np_params[n].data, t_params[n]) for n in np_params}
+            report.param.append(max(params.values()))
+            worst_param = max(worst_param, max((v, n) for n, v in params.items()))
+    report.worst_grad, report.worst_param = worst_grad[1], worst_param[1]
+    return report

@@ -1,0 +1,160 @@
+"""LoRA on whole torch models: the twins of :mod:`loralab.lora.inject`, same rules, same errors.
+
+Matching follows HF PEFT (and the NumPy functions): a list of names matches a module whose full
+dotted name equals an entry or ends with ``"." + entry``; a string is a regular expression that
+must match the full name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loralab.lora.inject import _check_targets, match_target
+from loralab.nn.lora import validate_lora_options
+from loralab.nn.module import make_rng
+from loralab.torch.layers import LoRALinear
+
+__all__ = [
+    "inject_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "lora_state_dict",
+    "lora_layers",
+    "count_parameters",
+]
+
+
+def inject_lora(
+    model: torch.nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    seed: int | None = None,
+    use_custom_backward: bool = True,
+) -> torch.nn.Module:
+    """Replace the matching ``torch.nn.Linear`` modules by :class:`LoRALinear` wrappers, in place.
+
+    Every parameter that is not a LoRA A or B is frozen; right after injection the model computes
+    what it computed before (every B is zero). With the same ``seed`` the A matrices equal those
+    that :func:`loralab.lora.inject_lora` draws for the NumPy twin of the model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    target_modules : list of str or str
+        Module names (exact or dotted suffix) or one regular expression for the full name.
+    r, alpha, dropout, init, use_rslora, use_custom_backward
+        As in :class:`LoRALinear`.
+    seed : int, optional
+        One NumPy generator built from it initialises the adapters in module order.
+
+    Returns
+    -------
+    The same ``model``.
+
+    Raises
+    ------
+    ValueError
+        When nothing matches (the message lists the Linear modules that exist) or a bad option.
+    TypeError
+        When a matching module is not a ``torch.nn.Linear``.
+    """
+    _check_targets(target_modules)
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        if not name or not match_target(name, target_modules):
+            continue
+        if isinstance(modules.get(name.rpartition(".")[0]), LoRALinear):
+            continue  # the base inside an existing adapter
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
+        if not isinstance(module, torch.nn.Linear):
+            raise TypeError(
+                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
+            )
+        chosen.append(name)
+    if not chosen:
+        linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+        raise ValueError(
+            f"inject_lora: target_modules={target_modules!r} matched no module; "
+            f"the Linear modules of this model are {linears}"
+        )
+    for name in chosen:  # validate everything first: a bad option leaves the model untouched
+        base = modules[name]
+        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+    rng = make_rng(seed)
+    model.requires_grad_(False)
+    for name in chosen:
+        layer = LoRALinear(
+            modules[name],
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            use_rslora=use_rslora,
+            use_custom_backward=use_custom_backward,
+            rng=rng,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(dotted name, layer) for every :class:`LoRALinear` in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _require_lora(model: torch.nn.Module, what: str) -> list[tuple[str, LoRALinear]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
+    return layers
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
+    layers = _require_lora(model, "merge_lora")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"merge_lora: layers {merged} are already merged; call unmerge_lora first")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`merge_lora` (W0 <- W0 - ΔW); all or nothing."""
+    layers = _require_lora(model, "unmerge_lora")
+    unmerged = [n for n, layer in layers if not layer.merged]
+    if unmerged:
+        raise ValueError(f"unmerge_lora: layers {unmerged} are not merged; nothing to unmerge")
+    for _, layer in layers:
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the LoRA parameters only: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``."""
+    return {
+        f"{name}.{pname}" if name else pname: p.detach().clone()
+        for name, layer in lora_layers(model)
+        for pname, p in layer.named_parameters(recurse=False)
+        if pname.startswith("lora_")
+    }
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) number of parameter values in ``model``."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,252 @@
+"""``LoRALinear`` in PyTorch, with the same hand-derived backward as the NumPy fused op.
+
+:class:`LoRALinearFunction` is :mod:`loralab.lora.functional` written in torch: a
+``torch.autograd.Function`` whose backward forms dx, dA, dB and db but never dW0 = dy^T x
+unless W0 itself asks for a gradient. That skipped (out, in) matmul is what a real framework
+saves under LoRA too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loralab.functional import dropout_mask
+from loralab.nn.lora import validate_lora_options
+from loralab.nn.module import make_rng
+
+__all__ = ["LoRALinear", "LoRALinearFunction", "numpy_dtype"]
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype (``torch.float64`` -> ``float64``)."""
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x W0^T + b + s ((x * mask) A^T) B^T`` with the backward derived by hand.
+
+    With u = x_d A^T and g = dy B (x_d = x * mask, or x without dropout)::
+
+        dx = dy W0 + s (g A) * mask     dA = s g^T x_d     dB = s dy^T u     db = sum dy
+
+    and dW0 = dy^T x only when W0 requires a gradient (``ctx.needs_input_grad[1]``).
+
+    Inputs (to ``apply``)
+    ---------------------
+    x : Tensor of shape (..., in)
+    W0 : Tensor of shape (out, in)
+    b : Tensor of shape (out,) or None
+    A : Tensor of shape (r, in)
+    B : Tensor of shape (out, r)
+    scaling : float
+    mask : Tensor of shape (..., in) or None
+        Dropout mask for the LoRA branch's input, already divided by (1 - p).
+
+    Returns
+    -------
+    Tensor of shape (..., out)
+    """
+
+    @staticmethod
+    def forward(ctx, x, W0, b, A, B, scaling, mask):
+        batch_shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if mask is None else (x * mask).reshape(x2.shape)
+        u = xd2 @ A.T  # (N, r)
+        y = x2 @ W0.T
+        y += scaling * (u @ B.T)
+        if b is not None:
+            y += b
+        ctx.save_for_backward(x2, xd2, u, W0, A, B, mask)
+        ctx.scaling, ctx.batch_shape = scaling, batch_shape
+        return y.reshape(*batch_shape, W0.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xd2, u, W0, A, B, mask = ctx.saved_tensors
+        need_x, need_W0, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        g = dy2 @ B  # (N, r)
+        dA = s * (g.T @ xd2) if need_A else None
+        dB = s * (dy2.T @ u) if need_B else None
+        db = dy2.sum(dim=0) if need_b else None
+        dW0 = dy2.T @ x2 if need_W0 else None  # full fine-tuning only: LoRA never needs it
+        dx = None
+        if need_x:
+            branch = s * (g @ A)  # (N, in)
+            if mask is not None:
+                branch = (branch.reshape(mask.shape) * mask).reshape(branch.shape)
+            dx = dy2 @ W0
+            dx += branch
+            dx = dx.reshape(*ctx.batch_shape, W0.shape[1])
+        return dx, dW0, db, dA, dB, None, None
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen ``torch.nn.Linear`` plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
+
+    The twin of :class:`loralab.nn.LoRALinear` (without DoRA): same options, same validation messages, same
+    parameter names (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``) and, for the same
+    ``seed``, the same initial A.
+
+    Parameters
+    ----------
+    base : torch.nn.Linear
+        The pre-trained layer; kept as the field ``base`` and frozen.
+    r : int, default 8
+        Rank of the update, 1 <= r <= min(in_features, out_features).
+    alpha : float, default 16
+        scaling = alpha / r (alpha / sqrt(r) with ``use_rslora``).
+    dropout : float in [0, 1), default 0.0
+        Dropout on the LoRA branch's input (training mode only), as in PEFT.
+    init : "kaiming", "gaussian", "pissa" or "olora"
+        A ~ U(-1/sqrt(in), 1/sqrt(in)) or A ~ N(0, (1/r)^2), with B = 0 so ΔW = 0 at first; or the
+        NumPy layer's PiSSA / OLoRA split of W0 (see :mod:`loralab.lora.variants`).
+    use_rslora : bool, default False
+        Rank-stabilised scaling alpha / sqrt(r).
+    use_custom_backward : bool, default True
+        Run through :class:`LoRALinearFunction` (hand-derived backward, no dW0) or, when False,
+        through plain autograd on ``linear`` calls. Both give the same gradients.
+    seed, rng : int or numpy.random.Generator, optional
+        Source of A's initial values, drawn exactly as the NumPy layer draws them.
+    generator : torch.Generator, optional
+        Source of the dropout masks (torch's default generator when omitted).
+
+    Attributes
+    ----------
+    lora_A : Parameter of shape (r, in_features)
+    lora_B : Parameter of shape (out_features, r)
+    scaling : float
+    merged : bool
+        Whether ΔW is currently added into ``base.weight``.
+    mask_rng : numpy.random.Generator or None
+        When set, dropout masks are drawn from it with :func:`loralab.functional.dropout_mask`,
+        exactly as the NumPy layer draws them (see :func:`loralab.torch.shared_dropout_masks`).
+
+    Examples
+    --------
+    >>> layer = LoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4, seed=1)
+    >>> tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.scaling
+    ((2, 6), (4, 2), 2.0)
+    """
+
+    def __init__(
+        self,
+        base: torch.nn.Linear,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_custom_backward: bool = True,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if not isinstance(base, torch.nn.Linear):
+            raise TypeError(
+                f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__name__}"
+            )
+        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+        super().__init__()
+        base.requires_grad_(False)
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.init, self.use_rslora = init, bool(use_rslora)
+        self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
+        self.use_custom_backward = bool(use_custom_backward)
+        self.generator = generator
+        self.mask_rng: np.random.Generator | None = None
+        W0 = base.weight
+        dtype, like = numpy_dtype(W0.dtype), {"dtype": W0.dtype, "device": W0.device}
+        np_rng = make_rng(seed, rng)
+        B = np.zeros((self.out_features, self.r), dtype=dtype)
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(self.in_features)
+            A = np_rng.uniform(-bound, bound, size=(self.r, self.in_features))
+        elif init == "gaussian":
+            A = np_rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+        else:  # "pissa" / "olora": the NumPy split of W0, so both twins start identical
+            from loralab.lora import variants
+
+            split = variants.pissa_init if init == "pissa" else variants.olora_init
+            A, B, W_res = split(W0.detach().cpu().numpy(), self.r, self.scaling)
+            with torch.no_grad():
+                W0.copy_(torch.from_numpy(np.asarray(W_res, dtype=dtype)))
+        # Cast in NumPy first, as the NumPy layer does, so float32 values agree bit for bit.
+        self.lora_A = torch.nn.Parameter(torch.from_numpy(A.astype(dtype)).to(**like))
+        self.lora_B = torch.nn.Parameter(torch.from_numpy(B.astype(dtype)).to(**like))
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The base weight W0 (ΔW included while merged)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.nn.Parameter | None:
+        return self.base.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling * B A, a tensor of shape (out_features, in_features) (no graph)."""
+        with torch.no_grad():
+            return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency)."""
+        if self.merged:
+            raise ValueError(
+                "LoRALinear.merge(): the layer is already merged; call unmerge() first"
+            )
+        self.base.weight += self.delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
+        if not self.merged:
+            raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
+        self.base.weight -= self.delta_weight()
+        self.merged = False
+
+    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted-dropout mask of x's shape: 0 with probability p, else 1 / (1 - p)."""
+        if self.mask_rng is not None:
+            mask = dropout_mask(tuple(x.shape), self.dropout, self.mask_rng, numpy_dtype(x.dtype))
+            return torch.from_numpy(mask).to(x.device)
+        device = self.generator.device if self.generator is not None else x.device
+        u = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=device)
+        return ((u >= self.dropout).to(x.dtype) / (1.0 - self.dropout)).to(x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x of shape (..., in_features) -> h of shape (..., out_features)."""
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}): expected x of shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        W0, b = self.base.weight, self.base.bias
+        if self.merged:
+            return F.linear(x, W0, b)
+        mask = None
+        if self.training and self.dropout > 0.0:
+            mask = self._dropout_mask(x)
+        if self.use_custom_backward:
+            return LoRALinearFunction.apply(x, W0, b, self.lora_A, self.lora_B, self.scaling, mask)
+        xd = x if mask is None else x * mask
+        return F.linear(x, W0, b) + self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
+
+    def extra_repr(self) -> str:
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"
+        )

@@ -1,0 +1,20 @@
+"""Shared test settings: one BLAS/torch thread per test worker.
+
+``pytest -n 2`` runs two workers on this 2-core machine; letting each also start two BLAS or torch
+threads oversubscribes the cores and makes tiny matmuls hundreds of times slower.
+"""
+
+import os
+
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+try:
+    import torch
+except ImportError:  # the core suite runs without torch
+    torch = None
+
+if torch is not None:
+    torch.set_num_threads(1)
