@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import html
 import importlib.util
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -27,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # (module, one-line summary) in reading order: engine, modules, LoRA, models, faces.
 API_MODULES = [
     ("loralab", "The engine's public face: `Tensor`, `no_grad`, `gradcheck`, `Function`."),
-    ("loralab.functional", "Differentiable functions on Tensors (`import loralab.functional as F`)."),
+    (
+        "loralab.functional",
+        "Differentiable functions on Tensors (`import loralab.functional as F`).",
+    ),
     ("loralab.nn", "Modules: `Module`, `Parameter`, `Linear`, `LoRALinear`, `MLP`, ..."),
     ("loralab.optim", "Optimizers with PyTorch's update rules: `SGD`, `Adam`, `AdamW`."),
     ("loralab.lora", "LoRA on whole models: injection, merging, PEFT-format adapters."),
@@ -48,6 +54,7 @@ def _load_execute_script():
     path = ROOT / "scripts" / "execute_notebooks.py"
     spec = importlib.util.spec_from_file_location("loralab_execute_notebooks", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -148,7 +155,7 @@ def _tutorials_index(tutorials: list[dict]) -> str:
         "the outputs of a run made when this site was built. Every number in the text is computed by",
         "a cell; every page has a link to download the executed notebook.",
         "",
-        "Run them yourself after `pip install -e \".[all]\"`: open the folder in Jupyter, or execute",
+        'Run them yourself after `pip install -e ".[all]"`: open the folder in Jupyter, or execute',
         "all of them the way the docs build does with `python scripts/execute_notebooks.py`.",
         "",
     ]
@@ -178,12 +185,54 @@ def _api_index(modules: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lazy_submodules(name: str) -> list[str]:
+    """Public submodules of a package that loads its names lazily (a module ``__getattr__``).
+
+    Static analysis cannot see lazily exported names, so their defining modules are documented.
+    """
+    package = ROOT.joinpath(*name.split("."))
+    init = package / "__init__.py"
+    if not init.is_file() or not re.search(r"^def __getattr__\(", init.read_text("utf-8"), re.M):
+        return []
+    listed = {m for m, _ in API_MODULES}
+    subs = sorted(p.stem for p in package.glob("*.py") if not p.stem.startswith("_"))
+    return [f"{name}.{s}" for s in subs if f"{name}.{s}" not in listed]
+
+
+def shadowed_exports(name: str) -> list[str]:
+    """Names in a package's literal ``__all__`` that are also the names of its submodules.
+
+    ``from loralab.gradcheck import gradcheck`` makes ``loralab.gradcheck`` the function at run
+    time, but static analysis sees the submodule; such objects are documented by their full path.
+    """
+    package = ROOT.joinpath(*name.split("."))
+    init = package / "__init__.py"
+    if not init.is_file():
+        return []
+    exported: list[str] = []
+    for node in ast.walk(ast.parse(init.read_text("utf-8"))):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            with contextlib.suppress(ValueError):
+                exported = list(ast.literal_eval(node.value))
+    listed = {m for m, _ in API_MODULES}
+    return [
+        f"{name}.{n}.{n}"
+        for n in exported
+        if (package / f"{n}.py").is_file() and f"{name}.{n}" not in listed
+    ]
+
+
 def _api_page(name: str, summary: str) -> str:
-    options = ["    options:", "      show_submodules: false"]
-    if name == "loralab":
-        # the package re-exports the engine; list the names it exports, not its submodules
-        options.append("      members_order: alphabetical")
-    return f"{summary}\n\n::: {name}\n" + "\n".join(options) + "\n"
+    blocks = [f"::: {name}\n    options:\n      show_submodules: false\n"]
+    blocks += [
+        f"::: {sub}\n    options:\n      heading_level: 2\n" for sub in lazy_submodules(name)
+    ]
+    blocks += [
+        f"::: {obj}\n    options:\n      heading_level: 2\n" for obj in shadowed_exports(name)
+    ]
+    return f"{summary}\n\n" + "\n".join(blocks)
 
 
 def on_files(files, config):
@@ -243,7 +292,9 @@ def on_page_content(content, page, config, files):
     if not page.file.src_uri.endswith(".ipynb"):
         return content
     name = Path(page.file.src_uri).name
-    source = next((t["source"] for t in _state.get("tutorials", []) if t["uri"] == page.file.src_uri), name)
+    source = next(
+        (t["source"] for t in _state.get("tutorials", []) if t["uri"] == page.file.src_uri), name
+    )
     bar = (
         '<p class="loralab-notebook-links">'
         f'<a class="md-button" href="{html.escape(name)}" download>Download the notebook</a> '

@@ -1,9 +1,9 @@
 """loralab: learn LoRA (Low-Rank Adaptation) by building it.
 
-The NumPy reference: a reverse-mode autograd engine (:class:`Tensor`), layers (:mod:`loralab.nn`),
-the fused LoRA op with a hand-derived backward (:mod:`loralab.lora.functional`), optimizers
-(:mod:`loralab.optim`) and LoRA on whole models (:mod:`loralab.lora`). The PyTorch twin lives in
-:mod:`loralab.torch` (the only module that imports torch).
+The NumPy reference: a reverse-mode autograd engine (`Tensor`), layers (`loralab.nn`),
+the fused LoRA op with a hand-derived backward (`loralab.lora.functional`), optimizers
+(`loralab.optim`) and LoRA on whole models (`loralab.lora`). The PyTorch twin lives in
+`loralab.torch` (the only module that imports torch).
 """
 
 from loralab import functional, lora, nn, optim

@@ -95,7 +95,7 @@ class TransformerShape:
     name, source : str
         The preset's name and where its shape was published.
     published_params : int or None
-        The size its source states, to compare with :meth:`num_params`.
+        The size its source states, to compare with `num_params`.
     """
 
     d_model: int
@@ -155,7 +155,7 @@ class TransformerShape:
         Returns
         -------
         dict of str to (int, int)
-            Keys are :attr:`targets`; PyTorch layout, so W0 of ``"k"`` is (kv_dim, d_model).
+            Keys are `targets`; PyTorch layout, so W0 of ``"k"`` is (kv_dim, d_model).
         """
         d, kv, ff = self.d_model, self.kv_dim, self.d_ff
         shapes = {"q": (d, d), "k": (kv, d), "v": (kv, d), "o": (d, d)}
@@ -230,7 +230,7 @@ def lora_params_by_target(
     r : int
         LoRA rank, > 0.
     targets : iterable of str or str
-        Names among :attr:`TransformerShape.targets` (``"q,v"`` also works).
+        Names among `TransformerShape.targets` (``"q,v"`` also works).
     """
     r = _positive_int("r", r)
     shapes = shape.linear_shapes()
@@ -273,7 +273,7 @@ class MemoryBreakdown:
 class MemoryEstimate:
     """Training memory of full fine-tuning against LoRA for one model.
 
-    Built by :func:`memory_estimate`; byte counts are ints, activations excluded.
+    Built by `memory_estimate`; byte counts are ints, activations excluded.
     """
 
     dtype: str
@@ -357,7 +357,7 @@ def memory_estimate(
     r : int
         LoRA rank, > 0.
     targets : iterable of str or str
-        LoRA targets, see :func:`lora_params_for_model`.
+        LoRA targets, see `lora_params_for_model`.
     dtype : {"fp16", "bf16", "fp32"}
     optimizer : {"adam", "sgd"}
     state_dtype : {"fp16", "bf16", "fp32"} or None

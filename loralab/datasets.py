@@ -55,7 +55,7 @@ def shift_digits(data: Dataset, shift: str) -> Dataset:
 
     Parameters
     ----------
-    data : Dataset from :func:`load_digits`
+    data : Dataset from `load_digits`
     shift : "none", "rotate90" (images turned a quarter turn), "mirror" (left-right) or
         "invert" (ink and paper swapped)
     """

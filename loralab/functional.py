@@ -1,6 +1,6 @@
 """Differentiable functions on tensors (import as ``F``), each a fused op with a hand-written backward.
 
-Fusing (one :class:`~loralab.tensor.Function` per layer-sized operation instead of a chain of
+Fusing (one `loralab.tensor.Function` per layer-sized operation instead of a chain of
 primitive ops) keeps the graph short, which is what makes the engine nearly as fast as a training
 step written by hand in NumPy. Every function accepts Tensors or ndarrays (ndarrays are constants).
 """
@@ -89,7 +89,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
 # ----- the fused LoRA op -------------------------------------------------------------------------------
 class LoRALinear(Function):
     """``y = x W0^T + b + s ((x * mask) A^T) B^T`` with the hand-derived backward of
-    :func:`loralab.lora.functional.lora_backward`; dW0 is formed only if W0 requires a gradient."""
+    `loralab.lora.functional.lora_backward`; dW0 is formed only if W0 requires a gradient."""
 
     @staticmethod
     def forward(ctx, x, W0, b, A, B, scaling, mask):

@@ -1,6 +1,6 @@
 """The autograd engine: a thin ``Tensor`` over ``np.ndarray`` and ops with hand-written backwards.
 
-Every op is a small :class:`Function` whose ``forward`` and ``backward`` sit side by side, so the
+Every op is a small `Function` whose ``forward`` and ``backward`` sit side by side, so the
 whole chain rule of an op fits on one screen. ``Function.apply`` records the op in the graph only
 when some input requires a gradient: a frozen weight (``requires_grad=False``) costs nothing.
 
@@ -56,7 +56,7 @@ def no_grad() -> Iterator[None]:
 
 @contextlib.contextmanager
 def enable_grad() -> Iterator[None]:
-    """Context manager that turns graph recording back on inside a :func:`no_grad` block."""
+    """Context manager that turns graph recording back on inside a `no_grad` block."""
     previous = _GRAD_ENABLED[0]
     _GRAD_ENABLED[0] = True
     try:
@@ -71,7 +71,7 @@ class Context:
     Attributes
     ----------
     saved : tuple
-        Whatever ``forward`` passed to :meth:`save_for_backward`.
+        Whatever ``forward`` passed to `save_for_backward`.
     needs_input_grad : tuple of bool
         One flag per positional input: whether that input needs a gradient. A backward uses
         it to skip work, e.g. the fused LoRA op never forms dW0 for a frozen W0.
@@ -95,7 +95,7 @@ class Function:
         forward(ctx, *inputs, **options) -> ndarray
         backward(ctx, grad) -> tuple      # one gradient (or None) per positional input
 
-    and are called through :meth:`apply`, which unwraps tensors, runs ``forward`` and, only when
+    and are called through `apply`, which unwraps tensors, runs ``forward`` and, only when
     some input requires a gradient and grad mode is on, links the result into the graph.
     """
 
@@ -151,7 +151,7 @@ class Tensor:
         The values.
     grad : ndarray or None
         Accumulated gradient of the loss with respect to ``data`` (same shape), set by
-        :meth:`backward` on tensors that require a gradient and were not produced by an op.
+        `backward` on tensors that require a gradient and were not produced by an op.
 
     Examples
     --------

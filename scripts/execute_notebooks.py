@@ -46,7 +46,9 @@ class Result:
 def find_notebooks(source_dir: Path = SOURCE_DIR) -> list[Path]:
     """Every ``*.ipynb`` under ``source_dir`` (recursively, checkpoints skipped), sorted by path."""
     return sorted(
-        p for p in source_dir.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.relative_to(source_dir).parts
+        p
+        for p in source_dir.rglob("*.ipynb")
+        if ".ipynb_checkpoints" not in p.relative_to(source_dir).parts
     )
 
 
@@ -64,7 +66,9 @@ def source_digest(nb_path: Path) -> str:
     return h.hexdigest()
 
 
-def output_path(nb_path: Path, source_dir: Path = SOURCE_DIR, output_dir: Path = OUTPUT_DIR) -> Path:
+def output_path(
+    nb_path: Path, source_dir: Path = SOURCE_DIR, output_dir: Path = OUTPUT_DIR
+) -> Path:
     """Where the executed copy of ``nb_path`` goes: the same path relative to ``output_dir``."""
     return output_dir / nb_path.resolve().relative_to(source_dir.resolve())
 
@@ -186,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds allowed per cell"
     )
+    parser.add_argument("--source", type=Path, default=SOURCE_DIR, help="notebooks folder")
+    parser.add_argument("--output", type=Path, default=OUTPUT_DIR, help="executed copies folder")
     args = parser.parse_args(argv)
+    source, output = args.source.resolve(), args.output.resolve()
     notebooks = [p.resolve() for p in args.notebooks] or None
     for p in notebooks or []:
-        if not p.is_relative_to(SOURCE_DIR):
-            parser.error(f"notebook {p} is not under {SOURCE_DIR}")
-    results = execute_all(notebooks, timeout=args.timeout)
+        if not p.is_relative_to(source):
+            parser.error(f"notebook {p} is not under {source}")
+    results = execute_all(notebooks, source_dir=source, output_dir=output, timeout=args.timeout)
     return 1 if any(r.error for r in results) else 0
 
 

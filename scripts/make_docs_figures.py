@@ -57,7 +57,9 @@ def draw(out_dir: Path = OUT_DIR) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams["svg.hashsalt"] = "loralab"  # stable element ids: the file only changes with the data
+    plt.rcParams["svg.hashsalt"] = (
+        "loralab"  # stable element ids: the file only changes with the data
+    )
     r = 8
     s_w0, s_dw = spectra(r=r)
     full, ranks, lora = parameter_counts()
@@ -72,7 +74,11 @@ def draw(out_dir: Path = OUT_DIR) -> Path:
     ax1.axvline(r, color="grey", linestyle=":", linewidth=1)
     ax1.set_ylim(floor / 2, 2 * max(s_w0[0], s_dw[0]))
     ax1.annotate(
-        "zero (rounding) after $i = r$", (3 * r, floor), xytext=(0, 6), textcoords="offset points", fontsize=8
+        "zero (rounding) after $i = r$",
+        (3 * r, floor),
+        xytext=(0, 6),
+        textcoords="offset points",
+        fontsize=8,
     )
     ax1.set_xlabel("index $i$ of the singular value")
     ax1.set_ylabel(r"singular value $\sigma_i$")
@@ -83,7 +89,9 @@ def draw(out_dir: Path = OUT_DIR) -> Path:
     ax2.axhline(full, color="C3", linestyle="--", label=r"full fine-tuning: $dk$")
     for rr, n in zip(ranks, lora, strict=True):
         if rr in (1, 8, 64):
-            ax2.annotate(f"{n / full:.2%}", (rr, n), textcoords="offset points", xytext=(-12, 8), fontsize=8)
+            ax2.annotate(
+                f"{n / full:.2%}", (rr, n), textcoords="offset points", xytext=(-12, 8), fontsize=8
+            )
     ax2.set_xlabel("rank $r$")
     ax2.set_ylabel("trainable parameters")
     ax2.set_title("One 4096 x 4096 projection")

@@ -1,6 +1,7 @@
 // MathJax 3 configuration for the loralab docs (loaded before assets/mathjax/tex-svg.js).
 // Material's usual recipe ignores every classed element except `.arithmatex`; notebook markdown
-// rendered by mkdocs-jupyter sits in `.jp-RenderedMarkdown`, so that class is processed too.
+// rendered by mkdocs-jupyter sits in `.jp-RenderedMarkdown`, so that class is processed too, and so
+// is `.md-ellipsis`, the text of navigation and table-of-contents links (headings with math).
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
@@ -10,7 +11,7 @@ window.MathJax = {
   },
   options: {
     ignoreHtmlClass: ".+",
-    processHtmlClass: "arithmatex|jp-RenderedMarkdown",
+    processHtmlClass: "arithmatex|jp-RenderedMarkdown|md-ellipsis",
   },
 };
 

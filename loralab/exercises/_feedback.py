@@ -1,6 +1,6 @@
 """Calling a student's function safely and turning what comes back into a friendly verdict.
 
-A check body raises :class:`Failure` with the whole message; :func:`run_check` prints it (or the success
+A check body raises `Failure` with the whole message; `run_check` prints it (or the success
 note), returns True/False, and raises ``AssertionError`` with the same text when ``strict=True``.
 """
 
@@ -65,7 +65,7 @@ def _where(exc: BaseException) -> str:
 
 
 def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[str], case: str):
-    """Call ``fn(*args)``; an exception or an input changed in place becomes a :class:`Failure`."""
+    """Call ``fn(*args)``; an exception or an input changed in place becomes a `Failure`."""
     before = [copy.deepcopy(a) for a in args]
     try:
         out = fn(*args)
@@ -143,7 +143,7 @@ def compare(
     case: str,
     variants: Sequence[tuple[Mistake, np.ndarray | None]] = (),
 ) -> None:
-    """Raise a :class:`Failure` naming what differs (shape or values, where, by how much)."""
+    """Raise a `Failure` naming what differs (shape or values, where, by how much)."""
     problem = difference(got, expected, what=what, variants=variants, case=case)
     if problem:
         raise Failure(f"{problem}\n  {case}")
@@ -189,7 +189,7 @@ def difference(
 def run_check(key: str, body: Callable[[], str], *, strict: bool) -> bool:
     """Run a check body; print the verdict; return True/False or raise in strict mode.
 
-    ``body`` returns an extra line for the success message or raises :class:`Failure`.
+    ``body`` returns an extra line for the success message or raises `Failure`.
     """
     exercise = EXERCISES[key]
     try:

@@ -9,7 +9,7 @@ the student writes there::
 
     {"tags": ["exercise"], "loralab": {"exercise": "merge", "functions": ["merge", "unmerge"]}}
 
-Usage: ``loralab grade NOTEBOOK...`` (this module's :func:`main`); exit code 0 when every exercise
+Usage: ``loralab grade NOTEBOOK...`` (this module's `main`); exit code 0 when every exercise
 passes, 1 when any fails, 2 when a notebook cannot be read.
 """
 
@@ -41,7 +41,7 @@ class ExerciseResult:
 
 @dataclass
 class GradeReport:
-    """What :func:`grade_notebook` found: one result per exercise and the cells that raised."""
+    """What `grade_notebook` found: one result per exercise and the cells that raised."""
 
     notebook: str
     results: list[ExerciseResult] = field(default_factory=list)
@@ -123,7 +123,7 @@ def _exercise_keys(nb, path: Path) -> list[str]:
 def run_in_kernel(keys: list[str], namespace: dict) -> None:
     """Run each exercise's check on the functions in ``namespace``; print the results as JSON.
 
-    Called by the extra cell that :func:`grade_notebook` appends, inside the student's kernel.
+    Called by the extra cell that `grade_notebook` appends, inside the student's kernel.
     """
     from loralab import exercises
 
@@ -160,7 +160,7 @@ def grade_notebook(path, *, timeout: int = 120) -> GradeReport:
     Returns
     -------
     GradeReport
-        One :class:`ExerciseResult` per exercise, and a note for each cell that raised.
+        One `ExerciseResult` per exercise, and a note for each cell that raised.
     """
     import nbformat
     from nbclient import NotebookClient

@@ -1,6 +1,6 @@
 """LoRA on whole models: injection by name, merging, counting and the PEFT adapter format.
 
-The pure-NumPy fused op lives in :mod:`loralab.lora.functional` (engine layer); the model-level
+The pure-NumPy fused op lives in `loralab.lora.functional` (engine layer); the model-level
 functions below are loaded on first use, so the engine can import the fused op without pulling
 in the module layer (which itself builds on the engine).
 """

@@ -25,7 +25,7 @@ __all__ = ["lora_forward", "lora_backward", "lora_backward_dW0", "LoRACache"]
 
 
 class LoRACache(NamedTuple):
-    """What :func:`lora_forward` keeps for :func:`lora_backward` (all 2-D, batch folded into rows)."""
+    """What `lora_forward` keeps for `lora_backward` (all 2-D, batch folded into rows)."""
 
     x2: np.ndarray  # (N, in): the input, batch dimensions folded
     xd2: np.ndarray  # (N, in): the LoRA branch's input (x * mask), or x2 itself without dropout
@@ -67,7 +67,7 @@ def lora_forward(
     -------
     y : ndarray of shape (..., out)
     cache : LoRACache
-        What :func:`lora_backward` needs.
+        What `lora_backward` needs.
 
     Examples
     --------
@@ -95,14 +95,14 @@ def lora_backward(
     cache: LoRACache,
     need_dx: bool = True,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Hand-derived backward of :func:`lora_forward`.
+    """Hand-derived backward of `lora_forward`.
 
     Parameters
     ----------
     dy : ndarray of shape (..., out)
         Gradient of the loss with respect to y.
     cache : LoRACache
-        From :func:`lora_forward`.
+        From `lora_forward`.
     need_dx : bool, default True
         Skip dx when the input needs no gradient (e.g. the first layer's data).
 
@@ -118,7 +118,7 @@ def lora_backward(
         ``sum dy`` over the batch; None when the layer has no bias.
 
     dW0 is not among the outputs: LoRA never needs it. Should W0 be trained too, call
-    :func:`lora_backward_dW0`.
+    `lora_backward_dW0`.
     """
     s = cache.scaling
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)

@@ -1,4 +1,4 @@
-"""The standard layers, each a thin Module over a function of :mod:`loralab.functional`."""
+"""The standard layers, each a thin Module over a function of `loralab.functional`."""
 
 from __future__ import annotations
 

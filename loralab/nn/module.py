@@ -49,8 +49,8 @@ class Parameter(Tensor):
 class Module:
     """Base class of layers and models.
 
-    Assigning a :class:`Parameter` or a ``Module`` to an attribute registers it, in order, so that
-    :meth:`named_parameters` yields dotted names like PyTorch's (``"layers.0.weight"``).
+    Assigning a `Parameter` or a ``Module`` to an attribute registers it, in order, so that
+    `named_parameters` yields dotted names like PyTorch's (``"layers.0.weight"``).
     Subclasses call ``super().__init__()`` first and define ``forward``.
     """
 

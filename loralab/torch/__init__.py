@@ -2,13 +2,13 @@
 
 The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
 
-- :class:`LoRALinear` and :class:`LoRALinearFunction` (the hand-derived backward, in torch);
-- :func:`inject_lora`, :func:`merge_lora`, :func:`unmerge_lora`, :func:`lora_state_dict`,
-  :func:`lora_layers`, :func:`count_parameters` for torch models;
-- :func:`to_torch` / :func:`to_numpy` and the converter registry (:func:`register_converter`,
-  :func:`register_numpy_converter`);
-- :func:`check_equivalence` (the harness) and :func:`shared_dropout_masks`;
-- :func:`save_adapter` / :func:`load_adapter` (the same functions as in :mod:`loralab.lora`:
+- `LoRALinear` and `LoRALinearFunction` (the hand-derived backward, in torch);
+- `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_state_dict`,
+  `lora_layers`, `count_parameters` for torch models;
+- `to_torch` / `to_numpy` and the converter registry (`register_converter`,
+  `register_numpy_converter`);
+- `check_equivalence` (the harness) and `shared_dropout_masks`;
+- `save_adapter` / `load_adapter` (the same functions as in `loralab.lora`:
   they accept torch models and write HF PEFT's format).
 
 Examples

@@ -1,7 +1,7 @@
-"""How :mod:`loralab.lora.adapter` (the one implementation of PEFT's format) reads and writes torch models.
+"""How `loralab.lora.adapter` (the one implementation of PEFT's format) reads and writes torch models.
 
 ``save_adapter`` and ``load_adapter`` pick this backend when given a ``torch.nn.Module``; it has
-the same methods as :class:`loralab.lora.adapter.NumpyBackend`.
+the same methods as `loralab.lora.adapter.NumpyBackend`.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ Whoever writes a new loralab layer registers how to convert it, from their own m
 ``register_converter(np_cls, fn)``: ``fn(np_module, convert_child, dtype) -> torch.nn.Module``,
 where ``convert_child(np_child)`` converts a child (with the same dtype; shared children stay
 shared) and ``dtype`` is a ``torch.dtype`` or None (keep each array's own dtype): pass it to
-:func:`param_to_torch`. ``register_numpy_converter(torch_cls, fn)``:
+`param_to_torch`. ``register_numpy_converter(torch_cls, fn)``:
 ``fn(torch_module, convert_child) -> loralab.nn.Module``. Converters need not copy the training
 flag (``to_torch``/``to_numpy`` do) nor move to a device (``to_torch(device=...)`` does, at the
 end). Lookup walks the class's MRO, so a subclass without its own converter uses its parent's.
 
-A loralab Module with no converter becomes a :class:`Container`: a ``torch.nn.Module`` with the
+A loralab Module with no converter becomes a `Container`: a ``torch.nn.Module`` with the
 same parameters and children (so names, adapters and state dicts work) that remembers the
 original class and its plain attributes, so ``to_numpy`` rebuilds the original exactly; its
 ``forward`` raises, asking for a registered converter.
@@ -129,7 +129,7 @@ class Container(torch.nn.Module):
     """The torch stand-in for a loralab Module that has no registered converter.
 
     Holds the same parameters and children under the same names, plus ``numpy_class`` and
-    ``numpy_attributes`` (the original's other attributes) so that :func:`to_numpy` rebuilds it.
+    ``numpy_attributes`` (the original's other attributes) so that `to_numpy` rebuilds it.
     """
 
     def __init__(self, numpy_class: type, numpy_attributes: dict[str, Any]):
@@ -236,8 +236,8 @@ def to_torch(model: nn.Module, dtype: Any = None, device: Any = None) -> torch.n
     torch.nn.Module
         Linear -> ``torch.nn.Linear``, Embedding, LayerNorm, ReLU and Dropout -> their torch
         namesakes, GELU -> ``torch.nn.GELU(approximate="tanh")``, Sequential and MLP ->
-        ``torch.nn.Sequential`` (same child names), LoRALinear -> :class:`loralab.torch.LoRALinear`,
-        registered types via their converter, any other Module -> :class:`Container`.
+        ``torch.nn.Sequential`` (same child names), LoRALinear -> `loralab.torch.LoRALinear`,
+        registered types via their converter, any other Module -> `Container`.
 
     Examples
     --------
@@ -350,14 +350,14 @@ register_numpy_converter(LoRALinear, _lora_to_numpy)
 
 
 def to_numpy(module: torch.nn.Module) -> nn.Module:
-    """Convert a torch model built from the layers :func:`to_torch` produces back to loralab.
+    """Convert a torch model built from the layers `to_torch` produces back to loralab.
 
     Parameters
     ----------
     module : torch.nn.Module
         Made of ``torch.nn.Linear``, ``Embedding``, ``LayerNorm`` (last axis), ``ReLU``,
-        ``GELU(approximate="tanh")``, ``Dropout``, ``Sequential``, :class:`loralab.torch.LoRALinear`,
-        :class:`Container`, plain ``torch.nn.Module`` holders, or registered types.
+        ``GELU(approximate="tanh")``, ``Dropout``, ``Sequential``, `loralab.torch.LoRALinear`,
+        `Container`, plain ``torch.nn.Module`` holders, or registered types.
 
     Returns
     -------

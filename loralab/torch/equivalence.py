@@ -1,12 +1,12 @@
 """The equivalence harness: train a loralab model and its torch twin side by side and measure.
 
-:func:`check_equivalence` runs both models on the same batches with the twin optimizers
+`check_equivalence` runs both models on the same batches with the twin optimizers
 (``loralab.optim.Adam`` and ``torch.optim.Adam``, ...) and records, at every step, the largest
 relative difference of the loss, the outputs, the input gradient, the parameter gradients and,
 after the update, the parameters.
 
 Dropout draws random masks, so the two models would differ by design. Inside
-:func:`shared_dropout_masks` the torch twin draws every mask from a copy of the NumPy module's
+`shared_dropout_masks` the torch twin draws every mask from a copy of the NumPy module's
 generator, with the NumPy function that makes masks, so both see the same masks in the same
 order (a generator shared by several NumPy layers stays shared among their twins).
 """
@@ -171,9 +171,9 @@ def _replay_hook(rng: np.random.Generator) -> Any:
 def shared_dropout_masks(np_model: nn.Module, torch_model: torch.nn.Module) -> Iterator[None]:
     """Make ``torch_model`` draw the same dropout masks as ``np_model``, in the same order.
 
-    Each ``torch.nn.Dropout`` and :class:`~loralab.torch.LoRALinear` twin draws from a copy of its
+    Each ``torch.nn.Dropout`` and `loralab.torch.LoRALinear` twin draws from a copy of its
     NumPy module's generator (copied once: layers sharing a generator keep sharing it), with
-    :func:`loralab.functional.dropout_mask`. Run both models forward in the same order inside
+    `loralab.functional.dropout_mask`. Run both models forward in the same order inside
     the ``with`` block. On exit the torch model draws from torch's generator again.
 
     Raises
@@ -240,7 +240,7 @@ def check_equivalence(
 ) -> EquivalenceReport:
     """Train ``np_model`` and ``torch_model`` side by side and report how far apart they get.
 
-    Both start from whatever values they hold (use :func:`~loralab.torch.to_torch` to make the
+    Both start from whatever values they hold (use `loralab.torch.to_torch` to make the
     twin), see the same batches in the same order, the same dropout masks and the twin optimizers.
     Both models are trained in place.
 

@@ -1,4 +1,4 @@
-"""LoRA on whole torch models: the twins of :mod:`loralab.lora.inject`, same rules, same errors.
+"""LoRA on whole torch models: the twins of `loralab.lora.inject`, same rules, same errors.
 
 Matching follows HF PEFT (and the NumPy functions): a list of names matches a module whose full
 dotted name equals an entry or ends with ``"." + entry``; a string is a regular expression that
@@ -38,11 +38,11 @@ def inject_lora(
     seed: int | None = None,
     use_custom_backward: bool = True,
 ) -> torch.nn.Module:
-    """Replace the matching ``torch.nn.Linear`` modules by :class:`LoRALinear` wrappers, in place.
+    """Replace the matching ``torch.nn.Linear`` modules by `LoRALinear` wrappers, in place.
 
     Every parameter that is not a LoRA A or B is frozen; right after injection the model computes
     what it computed before (every B is zero). With the same ``seed`` the A matrices equal those
-    that :func:`loralab.lora.inject_lora` draws for the NumPy twin of the model.
+    that `loralab.lora.inject_lora` draws for the NumPy twin of the model.
 
     Parameters
     ----------
@@ -50,7 +50,7 @@ def inject_lora(
     target_modules : list of str or str
         Module names (exact or dotted suffix) or one regular expression for the full name.
     r, alpha, dropout, init, use_rslora, use_custom_backward
-        As in :class:`LoRALinear`.
+        As in `LoRALinear`.
     seed : int, optional
         One NumPy generator built from it initialises the adapters in module order.
 
@@ -108,7 +108,7 @@ def inject_lora(
 
 
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
-    """(dotted name, layer) for every :class:`LoRALinear` in ``model``, in module order."""
+    """(dotted name, layer) for every `LoRALinear` in ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -131,7 +131,7 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unmerge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`merge_lora` (W0 <- W0 - ΔW); all or nothing."""
+    """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
     layers = _require_lora(model, "unmerge_lora")
     unmerged = [n for n, layer in layers if not layer.merged]
     if unmerged:

@@ -1,6 +1,6 @@
 """``LoRALinear`` in PyTorch, with the same hand-derived backward as the NumPy fused op.
 
-:class:`LoRALinearFunction` is :mod:`loralab.lora.functional` written in torch: a
+`LoRALinearFunction` is `loralab.lora.functional` written in torch: a
 ``torch.autograd.Function`` whose backward forms dx, dA, dB and db but never dW0 = dy^T x
 unless W0 itself asks for a gradient. That skipped (out, in) matmul is what a real framework
 saves under LoRA too.
@@ -90,7 +90,7 @@ class LoRALinearFunction(torch.autograd.Function):
 class LoRALinear(torch.nn.Module):
     """A frozen ``torch.nn.Linear`` plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
 
-    The twin of :class:`loralab.nn.LoRALinear` (without DoRA): same options, same validation messages, same
+    The twin of `loralab.nn.LoRALinear` (without DoRA): same options, same validation messages, same
     parameter names (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``) and, for the same
     ``seed``, the same initial A.
 
@@ -106,11 +106,11 @@ class LoRALinear(torch.nn.Module):
         Dropout on the LoRA branch's input (training mode only), as in PEFT.
     init : "kaiming", "gaussian", "pissa" or "olora"
         A ~ U(-1/sqrt(in), 1/sqrt(in)) or A ~ N(0, (1/r)^2), with B = 0 so ΔW = 0 at first; or the
-        NumPy layer's PiSSA / OLoRA split of W0 (see :mod:`loralab.lora.variants`).
+        NumPy layer's PiSSA / OLoRA split of W0 (see `loralab.lora.variants`).
     use_rslora : bool, default False
         Rank-stabilised scaling alpha / sqrt(r).
     use_custom_backward : bool, default True
-        Run through :class:`LoRALinearFunction` (hand-derived backward, no dW0) or, when False,
+        Run through `LoRALinearFunction` (hand-derived backward, no dW0) or, when False,
         through plain autograd on ``linear`` calls. Both give the same gradients.
     seed, rng : int or numpy.random.Generator, optional
         Source of A's initial values, drawn exactly as the NumPy layer draws them.
@@ -125,8 +125,8 @@ class LoRALinear(torch.nn.Module):
     merged : bool
         Whether ΔW is currently added into ``base.weight``.
     mask_rng : numpy.random.Generator or None
-        When set, dropout masks are drawn from it with :func:`loralab.functional.dropout_mask`,
-        exactly as the NumPy layer draws them (see :func:`loralab.torch.shared_dropout_masks`).
+        When set, dropout masks are drawn from it with `loralab.functional.dropout_mask`,
+        exactly as the NumPy layer draws them (see `loralab.torch.shared_dropout_masks`).
 
     Examples
     --------

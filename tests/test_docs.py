@@ -1,0 +1,586 @@
+"""The docs site: notebooks stored clean, executed once, built strictly, checked in headless Chromium.
+
+The expensive chain (execute every tutorial, ``mkdocs build --strict``, open every page in
+Chromium) runs once per test session, even under pytest-xdist: the first worker to take a lock
+directory does it and writes the results to a folder shared by the workers; the others wait and
+read them. Times, the page count and screenshots go to ``artifacts/``.
+
+Set ``LORALAB_SKIP_BROWSER=1`` to skip the browser checks where Chromium cannot be installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import html.parser
+import http.server
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
+# a console line from the page: '[...:INFO:CONSOLE:12] "Uncaught TypeError: ...", source: http://...'
+CONSOLE_LINE = re.compile(r":CONSOLE[:(]\d*\)?\]\s*(.*)$")
+
+pytestmark = pytest.mark.docs
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+execute_notebooks = _load("loralab_execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
+make_docs_figures = _load("loralab_make_docs_figures", ROOT / "scripts" / "make_docs_figures.py")
+hooks = _load("loralab_docs_hooks", ROOT / "docs" / "hooks.py")
+
+
+# ---------------------------------------------------------------- helpers -------------------------
+
+
+class _Text(html.parser.HTMLParser):
+    """Visible prose of an HTML document: no code, scripts, styles or typeset math."""
+
+    SKIP = {"script", "style", "title", "pre", "code", "mjx-container", "svg", "math", "textarea"}
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP and self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if not self.depth:
+            self.parts.append(data)
+
+
+def prose(document: str) -> str:
+    parser = _Text()
+    parser.feed(document)
+    return "".join(parser.parts)
+
+
+def has_tex(document: str) -> bool:
+    """Whether the prose of a page holds TeX delimiters that MathJax should typeset."""
+    text = prose(document)
+    return bool(re.search(r"\$\$|\\\(|\\\[|\$[^$\s][^$\n]*?\$", text))
+
+
+def chromium_available() -> bool:
+    if Path(CHROMIUM).exists():
+        return True
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+            check=False,
+            capture_output=True,
+            timeout=600,
+        )
+    return Path(CHROMIUM).exists()
+
+
+def open_page(url: str, *, screenshot: Path | None = None) -> dict:
+    """Load ``url`` in headless Chromium; return the DOM after scripts ran and the console lines."""
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=8000",
+        ]
+        if screenshot is None:
+            cmd += ["--dump-dom", url]
+        else:
+            cmd += [
+                f"--screenshot={screenshot}",
+                "--window-size=1280,1000",
+                "--hide-scrollbars",
+                url,
+            ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    console = [m.group(1) for line in proc.stderr.splitlines() if (m := CONSOLE_LINE.search(line))]
+    return {"dom": proc.stdout, "console": console, "returncode": proc.returncode}
+
+
+@contextlib.contextmanager
+def serve(directory: Path):
+    """Serve ``directory`` on a free localhost port (search needs http://, not file://)."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def image_outputs(nb_path: Path) -> int:
+    """Number of image outputs (png, jpeg, svg) in an executed notebook."""
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    return sum(
+        any(k.startswith("image/") for k in out.get("data", {}))
+        for cell in nb["cells"]
+        for out in cell.get("outputs", [])
+    )
+
+
+def rendered_figures(dom: str) -> tuple[int, int]:
+    """(figures with data, img elements without a source) in a notebook page's DOM."""
+    imgs = re.findall(r"<img\b[^>]*>", dom)
+    empty = sum(not re.search(r'\bsrc="[^"]+"', tag) for tag in imgs)
+    with_data = sum(bool(re.search(r'\bsrc="data:image/[^"]{100,}"', tag)) for tag in imgs)
+    svgs = len(re.findall(r'class="[^"]*jp-RenderedSVG[^"]*"', dom))
+    return with_data + svgs, empty
+
+
+# ---------------------------------------------------------------- the chain, once ------------------
+
+
+def _build_and_check(work: Path) -> dict:
+    """Execute the notebooks, build the site strictly, open every page; record everything."""
+    report: dict = {"notebooks": [], "build": None, "pages": {}, "errors": []}
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(msg)
+        print(msg)
+
+    log("executing tutorials/ with nbclient:")
+    results = execute_notebooks.execute_all(log=lambda m: log("  " + m))
+    report["notebooks"] = [
+        {
+            "source": r.source.relative_to(ROOT).as_posix(),
+            "executed": execute_notebooks.output_path(r.source).relative_to(ROOT).as_posix(),
+            "seconds": r.seconds,
+            "error": r.error,
+        }
+        for r in results
+    ]
+
+    site = work / "site"
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    seconds = time.perf_counter() - start
+    pages = sorted(
+        p.relative_to(site).as_posix() for p in site.rglob("*.html") if p.name != "404.html"
+    )
+    report["build"] = {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "log": proc.stdout + proc.stderr,
+        "site": str(site),
+        "pages": pages,
+    }
+    log(f"mkdocs build --strict: {seconds:.1f} s, {len(pages)} pages, exit {proc.returncode}")
+    if proc.returncode != 0:
+        return _finish(report, lines)
+
+    if os.environ.get("LORALAB_SKIP_BROWSER") == "1":
+        report["browser"] = "skipped: LORALAB_SKIP_BROWSER=1"
+        return _finish(report, lines)
+    if not chromium_available():
+        report["browser"] = (
+            f"missing: {CHROMIUM} (apt-get install -y --no-install-recommends chromium)"
+        )
+        return _finish(report, lines)
+    report["browser"] = "ok"
+
+    # a throwaway page with a planted error proves that the console scan sees errors
+    (site / "planted-error.html").write_text(
+        "<html><body><p>planted</p><script>notAFunction();</script></body></html>", encoding="utf-8"
+    )
+    dom_dir = work / "dom"
+    dom_dir.mkdir()
+    ARTIFACTS.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with serve(site) as base:
+
+        def visit(page: str) -> tuple[str, dict]:
+            url = f"{base}/{page[: -len('index.html')] if page.endswith('index.html') else page}"
+            return page, open_page(url)
+
+        # API pages share one template: open two of them and every one that holds math
+        api = [p for p in pages if p.startswith("api/")]
+        api = api[:2] + [p for p in api[2:] if has_tex((site / p).read_text(encoding="utf-8"))]
+        to_open = [p for p in pages if not p.startswith("api/")] + api + ["planted-error.html"]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            visited = list(pool.map(visit, to_open))
+        tutorials = [p for p in pages if p.startswith("tutorials/") and p != "tutorials/index.html"]
+        shots = {"home.png": f"{base}/"}
+        if tutorials:
+            shots["tutorial.png"] = f"{base}/{tutorials[0][: -len('index.html')]}"
+        for name, url in shots.items():
+            open_page(url, screenshot=ARTIFACTS / name)
+    for page, result in visited:
+        dom_file = dom_dir / (page.replace("/", "__") + ".dom.html")
+        dom_file.write_text(result["dom"], encoding="utf-8")
+        static = (site / page).read_text(encoding="utf-8") if (site / page).exists() else ""
+        report["pages"][page] = {
+            "dom": str(dom_file),
+            "console": result["console"],
+            "returncode": result["returncode"],
+            "has_tex": has_tex(static),
+        }
+    log(f"browser: {len(visited)} pages opened in {time.perf_counter() - start:.1f} s")
+    log(f"screenshots: {', '.join(str(ARTIFACTS / n) for n in shots)}")
+    return _finish(report, lines)
+
+
+def _finish(report: dict, lines: list[str]) -> dict:
+    total = sum(n["seconds"] for n in report["notebooks"])
+    lines.append(f"notebooks: {len(report['notebooks'])} executed in {total:.1f} s in total")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "docs-report.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+@pytest.fixture(scope="session")
+def site_report(tmp_path_factory) -> dict:
+    """The report of the chain; computed by one xdist worker, read by the others."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    lock, done = shared / "loralab-docs.lock", shared / "loralab-docs.json"
+    try:
+        lock.mkdir()
+    except FileExistsError:
+        deadline = time.monotonic() + 1800
+        while not done.exists():
+            if time.monotonic() > deadline:
+                pytest.fail("timed out waiting for another worker to build the docs")
+            time.sleep(0.5)
+        return json.loads(done.read_text(encoding="utf-8"))
+    work = shared / "loralab-docs"
+    work.mkdir()
+    try:
+        report = _build_and_check(work)
+    except Exception as exc:  # the waiting workers must see the failure too
+        report = {"crash": f"{type(exc).__name__}: {exc}"}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report), encoding="utf-8")
+    os.replace(tmp, done)
+    return report
+
+
+@pytest.fixture(scope="session")
+def built(site_report) -> dict:
+    if "crash" in site_report:
+        pytest.fail(f"the docs chain crashed: {site_report['crash']}")
+    build = site_report["build"]
+    if build["returncode"] != 0:
+        problems = [line for line in build["log"].splitlines() if not line.startswith("INFO")]
+        pytest.fail("mkdocs build --strict failed:\n" + "\n".join(problems)[-6000:])
+    return site_report
+
+
+@pytest.fixture(scope="session")
+def browsed(built) -> dict:
+    if built.get("browser") != "ok":
+        if "skipped" in built.get("browser", ""):
+            pytest.skip(built["browser"])
+        pytest.fail(f"Chromium not available: {built.get('browser')}")
+    return built
+
+
+def _dom(report: dict, page: str) -> str:
+    return Path(report["pages"][page]["dom"]).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- cheap checks ---------------------
+
+
+@pytest.mark.parametrize(
+    "nb_path",
+    execute_notebooks.find_notebooks()
+    or [pytest.param(None, marks=pytest.mark.skip("no notebooks"))],
+    ids=lambda p: p.relative_to(ROOT).as_posix() if p else "none",
+)
+def test_notebook_is_stored_without_outputs(nb_path):
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    dirty = [
+        i
+        for i, cell in enumerate(nb["cells"])
+        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count"))
+    ]
+    assert not dirty, f"{nb_path.name}: cells {dirty} carry outputs; strip them before committing"
+
+
+def _write_notebook(path: Path, *sources: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+@pytest.mark.notebook
+def test_execute_script_runs_each_notebook_in_its_folder_with_this_python(tmp_path):
+    src, out = tmp_path / "tutorials", tmp_path / "out"
+    _write_notebook(
+        src / "exercises" / "where.ipynb",
+        "import os, sys\nprint(os.getcwd())\nprint(sys.prefix)",
+    )
+    (out / "gone.ipynb").parent.mkdir(parents=True)
+    (out / "gone.ipynb").write_text("{}")  # an executed copy whose source was deleted
+    results = execute_notebooks.execute_all(source_dir=src, output_dir=out, log=lambda m: None)
+    assert [r.error for r in results] == [None]
+    executed = json.loads((out / "exercises" / "where.ipynb").read_text())
+    text = executed["cells"][0]["outputs"][0]["text"]
+    cwd, prefix = ("".join(text) if isinstance(text, list) else text).splitlines()
+    assert Path(cwd) == (src / "exercises").resolve()
+    assert Path(prefix) == Path(sys.prefix)
+    recorded = executed["metadata"]["loralab"]
+    assert recorded["source_sha256"] == execute_notebooks.source_digest(
+        src / "exercises" / "where.ipynb"
+    )
+    assert not (out / "gone.ipynb").exists()
+
+
+@pytest.mark.notebook
+def test_execute_script_exits_1_and_names_the_failing_notebook(tmp_path, capsys):
+    src, out = tmp_path / "tutorials", tmp_path / "out"
+    _write_notebook(src / "good.ipynb", "x = 1")
+    _write_notebook(src / "bad.ipynb", "raise ValueError('planted failure')")
+    assert execute_notebooks.main(["--source", str(src), "--output", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "bad.ipynb  FAILED" in printed and "planted failure" in printed
+    assert "total for 2 notebook(s), 1 failed" in printed
+    assert (out / "good.ipynb").exists() and not (out / "bad.ipynb").exists()
+
+
+def test_source_digest_ignores_outputs_but_not_sources(tmp_path):
+    nb = tmp_path / "a.ipynb"
+    _write_notebook(nb, "x = 1")
+    before = execute_notebooks.source_digest(nb)
+    data = json.loads(nb.read_text())
+    data["cells"][0]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "1\n"}]
+    nb.write_text(json.dumps(data))
+    assert execute_notebooks.source_digest(nb) == before
+    data["cells"][0]["source"] = "x = 2"
+    nb.write_text(json.dumps(data))
+    assert execute_notebooks.source_digest(nb) != before
+
+
+def test_benchmarks_page_says_how_to_measure_when_results_are_missing(tmp_path):
+    text = hooks.benchmark_results(tmp_path)
+    assert "Not yet measured" in text and "loralab bench" in text
+
+
+def test_benchmarks_page_inlines_results_and_every_figure(tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "results.md").write_text(
+        "| width | ratio |\n| --- | --- |\n| 256 | 1.02 |\n\n![overhead](overhead.svg)\n"
+        "[raw](benchmarks/raw.json) [paper](https://arxiv.org/abs/2106.09685)\n"
+    )
+    for name in ("overhead.svg", "memory.png", "raw.json"):
+        (bench / name).write_text("x")
+    text = hooks.benchmark_results(tmp_path)
+    assert "| 256 | 1.02 |" in text
+    assert "](benchmarks/overhead.svg)" in text and text.count("overhead.svg") == 1
+    assert "](benchmarks/memory.png)" in text  # a figure results.md does not show is appended
+    assert "](benchmarks/raw.json)" in text and "](https://arxiv.org" in text
+
+
+def test_notebook_title_is_the_first_heading(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("Intro\n\n# 2. Rank and *SVD*\n\ntext")]
+    nbformat.write(nb, tmp_path / "02_rank.ipynb")
+    assert hooks.notebook_title(tmp_path / "02_rank.ipynb") == "2. Rank and SVD"
+    nb.cells = []
+    nbformat.write(nb, tmp_path / "03_count.ipynb")
+    assert hooks.notebook_title(tmp_path / "03_count.ipynb") == "03 count"
+
+
+def test_home_page_example_runs():
+    for name in ("loralab.nn", "loralab.optim", "loralab.lora.inject"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} does not exist yet")
+    text = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    assert len(code.strip().splitlines()) <= 20
+    namespace: dict = {}
+    exec(compile(code, "docs/index.md", "exec"), namespace)
+    trainable, total = namespace["count_parameters"](namespace["model"])
+    assert 0 < trainable < total
+
+
+def test_docs_figure_is_drawn_from_computed_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    s_w0, s_dw = make_docs_figures.spectra(r=8)
+    assert (s_dw[8:] < 1e-10 * s_dw[0]).all() and (s_dw[:8] > 1e-6 * s_dw[0]).all()
+    assert (s_w0 > 1e-6 * s_w0[0]).all()
+    path = make_docs_figures.draw(tmp_path)
+    assert "<svg" in path.read_text(encoding="utf-8")
+    assert (ROOT / "docs" / "assets" / "figures" / make_docs_figures.FIGURE).is_file()
+
+
+# ---------------------------------------------------------------- the built site -------------------
+
+
+@pytest.mark.notebook
+def test_every_tutorial_executes_without_error(site_report):
+    if "crash" in site_report:
+        pytest.fail(site_report["crash"])
+    failed = [f"{n['source']}: {n['error']}" for n in site_report["notebooks"] if n["error"]]
+    assert not failed, "\n".join(failed)
+
+
+def test_site_builds_strictly_with_every_tutorial_in_the_nav(built):
+    pages = built["build"]["pages"]
+    for nb in built["notebooks"]:
+        page = Path(nb["executed"]).relative_to("docs").with_suffix("").as_posix() + "/index.html"
+        assert page in pages, f"{nb['source']} has no page in the site"
+        site_nb = Path(built["build"]["site"]) / Path(page).parent / Path(nb["executed"]).name
+        assert site_nb.is_file(), f"no downloadable notebook next to {page}"
+    assert "index.html" in pages and "api/index.html" in pages
+
+
+def test_search_index_exists(built):
+    index = Path(built["build"]["site"]) / "search" / "search_index.json"
+    docs = json.loads(index.read_text(encoding="utf-8"))["docs"]
+    assert len(docs) > len(built["build"]["pages"])
+    assert any("LoRA" in d["text"] for d in docs)
+
+
+def test_site_loads_nothing_from_other_hosts(built):
+    site = Path(built["build"]["site"])
+    remote = re.compile(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]*"')
+    offenders = {
+        p.relative_to(site).as_posix(): remote.findall(p.read_text(encoding="utf-8"))[:3]
+        for p in site.rglob("*.html")
+    }
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, offenders
+    assert (site / "assets" / "mathjax" / "tex-svg.js").is_file()
+
+
+def test_api_reference_covers_every_public_name(built):
+    site = Path(built["build"]["site"])
+    missing = []
+    for name, _ in hooks.API_MODULES:
+        if not hooks.module_exists(name):
+            continue
+        page = (site / "api" / name / "index.html").read_text(encoding="utf-8")
+        module = importlib.import_module(name)
+        public = getattr(module, "__all__", None)
+        if public is None:
+            public = [
+                n
+                for n, obj in vars(module).items()
+                if not n.startswith("_") and getattr(obj, "__module__", None) == name
+            ]
+        for member in public:
+            if member.startswith("_") or inspect.ismodule(getattr(module, member, None)):
+                continue  # submodules have their own pages
+            if not re.search(rf'id="{re.escape(name)}(\.\w+)*\.{re.escape(member)}"', page):
+                missing.append(f"{name}.{member}")
+    assert not missing, f"not in the API reference: {missing}"
+
+
+def test_browser_console_scan_catches_a_planted_error(browsed):
+    console = browsed["pages"]["planted-error.html"]["console"]
+    assert any("Uncaught ReferenceError" in line for line in console), console
+
+
+def test_no_page_logs_a_javascript_error(browsed):
+    noisy = {
+        page: info["console"]
+        for page, info in browsed["pages"].items()
+        if page != "planted-error.html" and info["console"]
+    }
+    assert not noisy, noisy
+
+
+def test_math_is_typeset_on_every_page_with_math(browsed):
+    with_math = [p for p, info in browsed["pages"].items() if info["has_tex"]]
+    assert "guides/math/index.html" in with_math and "index.html" in with_math
+    problems = []
+    for page in with_math:
+        dom = _dom(browsed, page)
+        if "<mjx-container" not in dom:
+            problems.append(f"{page}: no MathJax output")
+        text = prose(dom)
+        raw = re.search(r"\$\$|\\\(|\\\[|\$[^$\s][^$\n]*?\$", text)
+        if raw:
+            at = raw.start()
+            problems.append(f"{page}: raw TeX left in text: ...{text[at - 40 : at + 40]!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_tutorial_page_shows_its_figures(browsed):
+    problems = []
+    for nb in browsed["notebooks"]:
+        page = Path(nb["executed"]).relative_to("docs").with_suffix("").as_posix() + "/index.html"
+        expected = image_outputs(ROOT / nb["executed"])
+        shown, empty = rendered_figures(_dom(browsed, page))
+        if shown < expected or empty:
+            problems.append(
+                f"{page}: {expected} figures in the notebook, {shown} shown, {empty} empty"
+            )
+    assert not problems, "\n".join(problems)
+
+
+def test_screenshots_saved(browsed):
+    assert (ARTIFACTS / "home.png").stat().st_size > 10_000
+    if any(p.startswith("tutorials/") and p != "tutorials/index.html" for p in browsed["pages"]):
+        assert (ARTIFACTS / "tutorial.png").stat().st_size > 10_000

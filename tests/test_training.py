@@ -1,0 +1,107 @@
+"""Tests for loralab.training: the shared classifier training loop."""
+
+import numpy as np
+import pytest
+
+from loralab.datasets import Dataset
+from loralab.lora import inject_lora
+from loralab.nn import MLP
+from loralab.training import evaluate, train_classifier
+
+
+def blobs(n=120, seed=0):
+    """Three well separated Gaussian clusters in 4 dimensions."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = 3.0 * np.eye(3, 4)
+    x = (centres[y] + 0.3 * rng.normal(size=(n, 4))).astype(np.float32)
+    return Dataset(x, y.astype(np.int64))
+
+
+def test_training_lowers_the_loss_and_fits_separable_data():
+    data = blobs()
+    model = MLP([4, 16, 3], seed=0)
+    loss_before, _ = evaluate(model, data)
+    history = train_classifier(
+        model, data, steps=60, lr=1e-2, batch_size=16, eval_data=data, progress=False
+    )
+    loss_after, acc_after = evaluate(model, data)
+    assert loss_after < loss_before / 2
+    assert acc_after == 1.0
+    assert len(history.loss) == 60
+    assert history.eval_step[0] == 0 and history.eval_step[-1] == 60
+    assert history.eval_accuracy[-1] == acc_after and history.eval_loss[0] == pytest.approx(
+        loss_before
+    )
+    assert history.seconds > 0 and history.step_time == pytest.approx(history.seconds / 60)
+
+
+def test_same_seed_same_run_and_other_seed_other_run():
+    data = blobs()
+    runs = []
+    for seed in (0, 0, 1):
+        model = MLP([4, 8, 3], seed=0)
+        runs.append(
+            train_classifier(
+                model, data, steps=10, lr=1e-2, batch_size=8, seed=seed, progress=False
+            ).loss
+        )
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_only_trainable_parameters_change():
+    data = blobs()
+    model = inject_lora(MLP([4, 8, 3], seed=0), ["0"], r=2, alpha=4, seed=0)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    train_classifier(model, data, steps=5, lr=1e-2, progress=False, optimizer="sgd")
+    for name, p in model.named_parameters():
+        changed = not np.array_equal(before[name], p.data)
+        assert changed == p.requires_grad, name
+
+
+def test_evaluate_restores_training_mode():
+    model = MLP([4, 8, 3], seed=0)
+    model.train()
+    evaluate(model, blobs(20))
+    assert model.training
+    model.eval()
+    evaluate(model, blobs(20))
+    assert not model.training
+
+
+def test_batch_larger_than_data_uses_all_rows():
+    data = blobs(10)
+    history = train_classifier(
+        MLP([4, 8, 3], seed=0), data, steps=3, lr=1e-2, batch_size=64, progress=False
+    )
+    assert len(history.loss) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": 2.5}, "steps must be a positive int"),
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ],
+)
+def test_bad_options_raise_naming_the_argument(kwargs, match):
+    options = {"steps": 2, "lr": 1e-2, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        train_classifier(MLP([4, 8, 3], seed=0), blobs(), **options)
+
+
+def test_a_fully_frozen_model_is_refused():
+    model = MLP([4, 8, 3], seed=0).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        train_classifier(model, blobs(), steps=1, lr=1e-2, progress=False)
+
+
+def test_mismatched_data_is_refused():
+    data = blobs()
+    with pytest.raises(ValueError, match="rows"):
+        train_classifier(
+            MLP([4, 8, 3], seed=0), Dataset(data.x, data.y[:-1]), steps=1, lr=1e-2, progress=False
+        )
