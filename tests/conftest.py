@@ -18,3 +18,22 @@ except ImportError:  # the core suite runs without torch
 
 if torch is not None:
     torch.set_num_threads(1)
+
+
+_SESSION_START = []
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _SESSION_START.append(time.time())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the docs chain's report (notebook run times, build time, page count) when it ran."""
+    from pathlib import Path
+
+    report = Path(__file__).resolve().parents[1] / "artifacts" / "docs-report.txt"
+    if report.is_file() and report.stat().st_mtime >= _SESSION_START[0]:
+        terminalreporter.section("notebooks and docs")
+        terminalreporter.write(report.read_text())
