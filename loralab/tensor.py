@@ -367,17 +367,21 @@ def as_tensor(value: Any) -> Tensor:
 def _reverse_topological(root: Tensor) -> list[Tensor]:
     """Nodes reachable from ``root``, each after every node that uses it (iterative DFS)."""
     order: list[Tensor] = []
-    visited: set[int] = {id(root)}
+    visited: set[int] = set()
     stack: list[tuple[Tensor, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
-        if expanded:
+        if expanded:  # every input of node is already in order: node may follow them
             order.append(node)
             continue
+        # Mark a node when it is expanded, not when it is pushed: a node pushed twice (an input
+        # of two ops) must be finished before the first op that uses it finishes.
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         stack.append((node, True))
         for parent in node._parents:
             if isinstance(parent, Tensor) and parent.requires_grad and id(parent) not in visited:
-                visited.add(id(parent))
                 stack.append((parent, False))
     order.reverse()
     return order

@@ -125,6 +125,32 @@ def test_gradients_accumulate_for_reused_tensors():
     assert b.grad == pytest.approx(29.0)
 
 
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: x + x * 2.0,  # x feeds an op and, directly, that op's consumer
+        lambda x: x * 2.0 + x,
+        lambda x: (x.exp() + x) * (x + 1.0) + x.tanh() * x,  # diamonds sharing x and x.exp()
+        lambda x: ((x * x).sum() + x.sum()) * x,  # a residual around a reduction
+    ],
+)
+def test_tensors_used_along_several_paths_get_every_contribution(fn):
+    x = rand((3, 2), 12)
+    gradcheck(fn, x)
+
+
+def test_residual_connections_through_layers():
+    h = rand((4, 3), 13)
+    w = rand((3, 3), 14)
+
+    def block(h, w):
+        for _ in range(3):
+            h = h + (h @ w).tanh()  # h is used by the matmul and by the residual add
+        return h
+
+    gradcheck(block, h, w)
+
+
 def test_deep_graph_does_not_hit_the_recursion_limit():
     x = Tensor(np.array(1.0), requires_grad=True)
     y = x
