@@ -8,7 +8,8 @@ A saved adapter is a directory with two files:
     ``init_lora_weights``, ``rank_pattern``/``alpha_pattern`` (layers whose r or alpha differ) ...
 ``adapter_model.safetensors``
     ``base_model.model.<module path>.lora_A.weight`` of shape (r, in) and
-    ``base_model.model.<module path>.lora_B.weight`` of shape (out, r).
+    ``base_model.model.<module path>.lora_B.weight`` of shape (out, r); with DoRA
+    (``use_dora: true``) also ``base_model.model.<module path>.lora_magnitude_vector`` of shape (out,).
 
 Files are written to a temporary name and renamed into place (never half-written) and read with
 safetensors (never pickle). The model-specific part (which layers exist, how to read and write
@@ -43,7 +44,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian"}
+_MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,); PEFT's key has no ".weight"
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 class NumpyBackend:
@@ -153,7 +155,9 @@ def adapter_config(layers: list[tuple[str, Any]]) -> dict[str, Any]:
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": bool(_most_common([bool(layer.use_rslora) for _, layer in layers])),
-        "use_dora": False,
+        "use_dora": bool(
+            _most_common([bool(getattr(layer, "use_dora", False)) for _, layer in layers])
+        ),
         "init_lora_weights": _INIT_TO_PEFT.get(init, init),
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -188,12 +192,13 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     for path, layer in layers:
         for suffix, attr in _SUFFIXES.items():
             tensors[f"{PREFIX}{path}{suffix}"] = np.asarray(backend.get(layer, attr))
+        if getattr(layer, "use_dora", False):
+            tensors[f"{PREFIX}{path}{_MAGNITUDE}"] = np.asarray(backend.get(layer, _MAGNITUDE[1:]))
     return write_adapter(directory, adapter_config(layers), tensors)
 
 
 # ----- reading -----------------------------------------------------------------------------------
 _UNSUPPORTED = {  # field: (value that is fine, why)
-    "use_dora": (False, "DoRA adapters"),
     "bias": ("none", "trained biases"),
     "modules_to_save": (None, "fully trained extra modules"),
     "fan_in_fan_out": (False, "transposed (Conv1D) weights"),
@@ -244,12 +249,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    for suffix, attr in _SUFFIXES.items():
+    for suffix, attr in {**_SUFFIXES, _MAGNITUDE: _MAGNITUDE[1:]}.items():
         if key.startswith(PREFIX) and key.endswith(suffix):
             return key[len(PREFIX) : -len(suffix)], attr
     raise ValueError(
-        f"load_adapter: unexpected tensor {key!r}; expected '{PREFIX}<module path>.lora_A.weight' "
-        "or '.lora_B.weight'"
+        f"load_adapter: unexpected tensor {key!r}; expected '{PREFIX}<module path>.lora_A.weight', "
+        "'.lora_B.weight' or '.lora_magnitude_vector'"
     )
 
 
@@ -299,6 +304,7 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
             f"load_adapter: the file has adapters for {sorted(by_path)} but the model has LoRA layers "
             f"{sorted(existing)}"
         )
+    use_dora = bool(config.get("use_dora", False))
     plan = []
     for path, pair in sorted(by_path.items()):
         for attr in _SUFFIXES.values():
@@ -317,12 +323,25 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         if path in existing:
             r = existing[path].r
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        magnitude = _MAGNITUDE[1:]
+        if use_dora != (magnitude in pair):
+            raise ValueError(
+                f"load_adapter: config has use_dora={use_dora} but {PREFIX}{path}{_MAGNITUDE} is "
+                f"{'present in' if magnitude in pair else 'missing from'} the file"
+            )
+        if path in existing and bool(getattr(existing[path], "use_dora", False)) != use_dora:
+            raise ValueError(
+                f"load_adapter: config has use_dora={use_dora} but the model's layer {path!r} has "
+                f"use_dora={not use_dora}"
+            )
+        if use_dora:
+            expected[magnitude] = (out_f,)
         for attr, want in expected.items():
             got = tuple(pair[attr].shape)
             if got != want:
+                key = f"{PREFIX}{path}.{attr}" + ("" if attr == magnitude else ".weight")
                 raise ValueError(
-                    f"load_adapter: tensor {PREFIX}{path}.{attr}.weight has shape {got} but the model "
-                    f"expects {want}"
+                    f"load_adapter: tensor {key} has shape {got} but the model expects {want}"
                 )
         file_r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
         if file_r != r:
@@ -342,12 +361,13 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
                 "alpha": alpha,
                 "dropout": dropout,
                 "use_rslora": use_rslora,
+                "use_dora": use_dora,
                 "seed": 0,
             }
             layer = backend.attach(model, path, options)
         layer.alpha, layer.use_rslora = alpha, use_rslora
         layer.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        for attr in _SUFFIXES.values():
+        for attr in pair:
             backend.set(layer, attr, pair[attr])
     if not existing:
         backend.freeze_base(model)

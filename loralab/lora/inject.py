@@ -74,12 +74,14 @@ def inject_lora(
     dropout: float = 0.0,
     init: str = "kaiming",
     use_rslora: bool = False,
+    use_dora: bool = False,
     seed: int | None = None,
 ) -> Module:
     """Replace the matching ``Linear`` modules of ``model`` by ``LoRALinear`` wrappers, in place.
 
-    Every parameter that is not a LoRA A or B is frozen. Right after injection the model computes
-    exactly what it computed before, because every B is zero.
+    Every parameter that is not a LoRA A or B (or a DoRA magnitude) is frozen. Right after
+    injection the model computes exactly what it computed before: every B is zero (for PiSSA and
+    OLoRA, W0 - s B A + s B A = W0).
 
     Parameters
     ----------
@@ -87,8 +89,9 @@ def inject_lora(
     target_modules : list of str or str
         Module names (exact or dotted suffix), one regular expression for the full name, or
         ``"all-linear"`` for every Linear layer (as PEFT).
-    r, alpha, dropout, init, use_rslora
-        As in :class:`~loralab.nn.LoRALinear`.
+    r, alpha, dropout, init, use_rslora, use_dora
+        As in :class:`~loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each
+        adapted W0 by its residual, see :mod:`loralab.lora.variants`).
     seed : int, optional
         One generator built from it initialises the adapters in module order.
 
@@ -147,6 +150,7 @@ def inject_lora(
             dropout=dropout,
             init=init,
             use_rslora=use_rslora,
+            use_dora=use_dora,
             rng=rng,
         )
         parent_name, _, child = name.rpartition(".")

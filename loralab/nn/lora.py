@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 
 from loralab import functional as F
+from loralab.lora.variants import DoRALinear, olora_init, pissa_init, row_norms
 from loralab.nn.layers import Linear, check_input
 from loralab.nn.module import Module, Parameter, make_rng
 from loralab.tensor import Tensor
 
 __all__ = ["LoRALinear", "LORA_INITS", "validate_lora_options"]
 
-LORA_INITS = ("kaiming", "gaussian")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 def validate_lora_options(
@@ -55,17 +56,24 @@ class LoRALinear(Module):
         The scaling numerator: scaling = alpha / r (alpha / sqrt(r) with ``use_rslora``).
     dropout : float in [0, 1), default 0.0
         Dropout on the LoRA branch's input (training mode only), as in PEFT.
-    init : "kaiming" or "gaussian"
+    init : "kaiming", "gaussian", "pissa" or "olora"
         A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with a=sqrt(5)), or A ~ N(0, (1/r)^2)
-        (PEFT's "gaussian"). B = 0 either way, so ΔW = 0 at first.
+        (PEFT's "gaussian"); B = 0 either way, so ΔW = 0 at first. "pissa" and "olora" instead
+        put the top-r singular part (PiSSA) or the first r QR columns (OLoRA) of W0 into A and B
+        and keep the residual W0 - s B A frozen in ``base.weight`` (see
+        :mod:`loralab.lora.variants`); the layer's output is unchanged at initialisation.
     use_rslora : bool, default False
         Rank-stabilised scaling alpha / sqrt(r).
+    use_dora : bool, default False
+        DoRA: a trainable magnitude m per output row, W' = m * (W0 + s B A) / ||W0 + s B A||_row,
+        the norm held constant in the backward; m starts at ||W0 + s B A||_row.
     seed, rng : source of A's initial values and of the dropout masks.
 
     Attributes
     ----------
     lora_A : Parameter of shape (r, in_features)
     lora_B : Parameter of shape (out_features, r)
+    lora_magnitude_vector : Parameter of shape (out_features,), only with ``use_dora``
     scaling : float
     merged : bool
         Whether ΔW is currently added into ``base.weight``.
@@ -87,6 +95,7 @@ class LoRALinear(Module):
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,
+        use_dora: bool = False,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
     ):
@@ -100,18 +109,26 @@ class LoRALinear(Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.init, self.use_rslora = init, bool(use_rslora)
+        self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
         self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
         self.rng = make_rng(seed, rng)
         dtype = base.weight.dtype
+        B = np.zeros((self.out_features, self.r), dtype=dtype)
         if init == "kaiming":
             bound = 1.0 / math.sqrt(self.in_features)
             A = self.rng.uniform(-bound, bound, size=(self.r, self.in_features))
-        else:
+        elif init == "gaussian":
             A = self.rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+        else:  # the principal part of W0 moves into the adapter; the residual stays frozen
+            split = pissa_init if init == "pissa" else olora_init
+            A, B, base.weight.data = split(base.weight.data, self.r, self.scaling)
         self.lora_A = Parameter(A.astype(dtype))
-        self.lora_B = Parameter(np.zeros((self.out_features, self.r), dtype=dtype))
+        self.lora_B = Parameter(B)
+        if self.use_dora:
+            m = row_norms(base.weight.data, self.lora_A.data, B, self.scaling)
+            self.lora_magnitude_vector = Parameter(m.astype(dtype))
         self.merged = False
+        self._merge_norm: np.ndarray | None = None
 
     @property
     def weight(self) -> Parameter:
@@ -127,19 +144,33 @@ class LoRALinear(Module):
         return self.scaling * (self.lora_B.data @ self.lora_A.data)
 
     def merge(self) -> None:
-        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency)."""
+        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency).
+
+        With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
+        :meth:`unmerge`.
+        """
         if self.merged:
             raise ValueError(
                 "LoRALinear.merge(): the layer is already merged; call unmerge() first"
             )
-        self.base.weight.data += self.delta_weight().astype(self.base.weight.dtype)
+        W = self.base.weight.data
+        if self.use_dora:
+            W += self.delta_weight().astype(W.dtype)
+            self._merge_norm = np.linalg.norm(W, axis=1)
+            W *= (self.lora_magnitude_vector.data / self._merge_norm)[:, None]
+        else:
+            W += self.delta_weight().astype(W.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
         if not self.merged:
             raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
-        self.base.weight.data -= self.delta_weight().astype(self.base.weight.dtype)
+        W = self.base.weight.data
+        if self.use_dora:
+            W *= (self._merge_norm / self.lora_magnitude_vector.data)[:, None]
+            self._merge_norm = None
+        W -= self.delta_weight().astype(W.dtype)
         self.merged = False
 
     def forward(self, x: Any) -> Tensor:
@@ -155,12 +186,25 @@ class LoRALinear(Module):
         mask = None
         if self.training and self.dropout > 0.0:
             mask = F.dropout_mask(x.shape, self.dropout, self.rng, x.dtype)
+        if self.use_dora:
+            return DoRALinear.apply(
+                x,
+                W0,
+                b,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude_vector,
+                scaling=self.scaling,
+                mask=mask,
+            )
         return F.LoRALinear.apply(
             x, W0, b, self.lora_A, self.lora_B, scaling=self.scaling, mask=mask
         )
 
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""
+        rs += ", use_dora=True" if self.use_dora else ""
+        rs += f", init={self.init!r}" if self.init in ("pissa", "olora") else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"
