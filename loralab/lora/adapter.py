@@ -204,6 +204,14 @@ _UNSUPPORTED = {  # field: (value that is fine, why)
     "fan_in_fan_out": (False, "transposed (Conv1D) weights"),
     "lora_bias": (False, "a bias on lora_B"),
     "layers_to_transform": (None, "layer selection by index"),
+    "layers_pattern": (None, "layer selection by pattern"),
+    "layer_replication": (None, "replicated layers"),
+    "trainable_token_indices": (None, "trainable token embeddings"),
+    "target_parameters": (None, "LoRA on raw parameters"),
+    "use_qalora": (False, "quantisation-aware LoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "exclude_modules": (None, "excluded modules"),
 }
 
 

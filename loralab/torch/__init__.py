@@ -78,3 +78,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
 ]
+
+# The GPT's converters register themselves with the registry on import.
+from loralab.torch import gpt as _gpt  # noqa: E402, F401
