@@ -14,7 +14,7 @@ A saved adapter is a directory with two files:
 Files are written to a temporary name and renamed into place (never half-written) and read with
 safetensors (never pickle). The model-specific part (which layers exist, how to read and write
 their arrays) is a small "backend": this module's NumPy one, or the torch one that
-:mod:`loralab.torch` supplies, so both kinds of model share this single implementation.
+`loralab.torch` supplies, so both kinds of model share this single implementation.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olo
 
 
 class NumpyBackend:
-    """How the adapter format reads and writes a :class:`loralab.nn.Module`."""
+    """How the adapter format reads and writes a `loralab.nn.Module`."""
 
     def lora_layers(self, model: Module) -> list[tuple[str, Any]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -174,7 +174,7 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     Parameters
     ----------
     model : loralab.nn.Module or torch.nn.Module
-        With LoRA layers (see :func:`~loralab.lora.inject_lora`); merged layers are saved as well
+        With LoRA layers (see `loralab.lora.inject_lora`); merged layers are saved as well
         (A and B do not change on merging).
     directory : path
         Created if missing; ``adapter_config.json`` and ``adapter_model.safetensors`` are written

@@ -90,8 +90,8 @@ def inject_lora(
         Module names (exact or dotted suffix), one regular expression for the full name, or
         ``"all-linear"`` for every Linear layer (as PEFT).
     r, alpha, dropout, init, use_rslora, use_dora
-        As in :class:`~loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each
-        adapted W0 by its residual, see :mod:`loralab.lora.variants`).
+        As in `loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each
+        adapted W0 by its residual, see `loralab.lora.variants`).
     seed : int, optional
         One generator built from it initialises the adapters in module order.
 
@@ -182,7 +182,7 @@ def merge_lora(model: Module) -> Module:
 
 
 def unmerge_lora(model: Module) -> Module:
-    """Undo :func:`merge_lora` (W0 <- W0 - ΔW); all or nothing."""
+    """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
     layers = _require_lora(model, "unmerge_lora")
     unmerged = [n for n, layer in layers if not layer.merged]
     if unmerged:

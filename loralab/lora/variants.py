@@ -15,7 +15,7 @@ and z = x W0^T + s (x A^T) B^T (the plain LoRA output without bias), the layer c
     y = c * z + b,     so   dm = sum_batch(dy * z) / ||W0 + s B A||,   dz = c * dy
 
 and dz flows into the LoRA backward for dx, dA and dB. With dropout on the adapter's input x_d,
-PEFT computes y = x W0^T + b + (c - 1) * (x_d W0^T) + c s (x_d A^T) B^T; so does :func:`dora_forward`.
+PEFT computes y = x W0^T + b + (c - 1) * (x_d W0^T) + c s (x_d A^T) B^T; so does `dora_forward`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def dora_forward(
     Returns
     -------
     y : ndarray of shape (..., out)
-    cache : what :func:`dora_backward` needs
+    cache : what `dora_backward` needs
     """
     xd = x if dropout_mask is None else x * dropout_mask
     z, lora = lora_forward(xd, W0, None, A, B, scaling)
@@ -100,7 +100,7 @@ def dora_forward(
 def dora_backward(
     dy: np.ndarray, cache: DoRACache, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Backward of :func:`dora_forward`: (dx or None, dA, dB, dm, db), the norm held constant.
+    """Backward of `dora_forward`: (dx or None, dA, dB, dm, db), the norm held constant.
 
     dm = sum(dy * z) / ||W0 + s B A||; dx, dA, dB are LoRA's backward of dz = (m / ||.||) * dy.
     """

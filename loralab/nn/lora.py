@@ -42,9 +42,9 @@ def validate_lora_options(
 
 
 class LoRALinear(Module):
-    """A frozen :class:`~loralab.nn.Linear` plus a trainable rank-r update.
+    """A frozen `loralab.nn.Linear` plus a trainable rank-r update.
 
-    .. math:: h = W_0 x + b + \\frac{\\alpha}{r} B A x
+    $$h = W_0 x + b + \\frac{\\alpha}{r} B A x$$
 
     Parameters
     ----------
@@ -61,7 +61,7 @@ class LoRALinear(Module):
         (PEFT's "gaussian"); B = 0 either way, so ΔW = 0 at first. "pissa" and "olora" instead
         put the top-r singular part (PiSSA) or the first r QR columns (OLoRA) of W0 into A and B
         and keep the residual W0 - s B A frozen in ``base.weight`` (see
-        :mod:`loralab.lora.variants`); the layer's output is unchanged at initialisation.
+        `loralab.lora.variants`); the layer's output is unchanged at initialisation.
     use_rslora : bool, default False
         Rank-stabilised scaling alpha / sqrt(r).
     use_dora : bool, default False
@@ -147,7 +147,7 @@ class LoRALinear(Module):
         """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency).
 
         With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
-        :meth:`unmerge`.
+        `unmerge`.
         """
         if self.merged:
             raise ValueError(
