@@ -184,3 +184,19 @@ def test_float32_models_load_float64_files(tmp_path):
     model = MLP([8, 16, 4], seed=0, dtype=np.float32)
     load_adapter(model, tmp_path)
     assert all(layer.lora_A.dtype == np.float32 for _, layer in lora_layers(model))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_reload_onto_the_original_base(tmp_path, init):
+    """A PiSSA/OLoRA adapter was trained on the residual of W0: loading it onto a fresh base must
+    split W0 again (as PEFT does), not add B A onto the full W0."""
+    model = inject_lora(
+        MLP([8, 16, 4], seed=0, dtype=np.float64), ["0", "2"], r=2, alpha=4, init=init, seed=0
+    )
+    g = np.random.default_rng(1)
+    for _, layer in lora_layers(model):
+        layer.lora_B.data += 0.1 * g.standard_normal(layer.lora_B.shape)
+    save_adapter(model, tmp_path)
+    fresh = MLP([8, 16, 4], seed=0, dtype=np.float64)
+    load_adapter(fresh, tmp_path)
+    np.testing.assert_allclose(fresh(X).data, model(X).data, rtol=1e-12, atol=1e-12)

@@ -98,7 +98,19 @@ def test_unsupported_features_are_refused_naming_the_field(tmp_path, config, fie
             load_adapter(model, tmp_path)
 
 
-def test_dora_adapter_is_refused_by_the_torch_twin(tmp_path):
-    train_peft(np.float64, steps=1, use_dora=True).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="use_dora"):
-        load_adapter(to_torch(base(np.float64)), tmp_path)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_peft_dora_adapter_loads_in_the_torch_twin_and_numpy(tmp_path, dtype):
+    trained = train_peft(dtype, use_dora=True)
+    trained.save_pretrained(tmp_path)
+    x = np.random.default_rng(3).normal(size=(5, 6)).astype(dtype)
+    twin = load_adapter(to_torch(base(dtype)), tmp_path).eval()
+    layer = twin[2]
+    assert layer.use_dora and layer.lora_magnitude_vector.dtype == torch.tensor(x).dtype
+    peft_m = trained.base_model.model[2].lora_magnitude_vector["default"].weight
+    np.testing.assert_array_equal(layer.lora_magnitude_vector.detach().numpy(), peft_m.detach())
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            twin(torch.tensor(x)).numpy(), peft_output(trained, x), rtol=RTOL[dtype]
+        )
+    model = np_lora.load_adapter(base(dtype), tmp_path).eval()
+    np.testing.assert_allclose(model(x).data, peft_output(trained, x), rtol=RTOL[dtype])

@@ -25,7 +25,7 @@ def mlp(sizes=(6, 12, 8, 4)):
     return nn.MLP(list(sizes), seed=0, dtype=np.float64)
 
 
-@pytest.mark.parametrize("targets", [["0", "4"], r"[02]", ["2"]])
+@pytest.mark.parametrize("targets", [["0", "4"], r"[02]", ["2"], "all-linear"])
 def test_same_layers_same_init_same_counts_as_numpy(targets):
     np_model = np_lora.inject_lora(mlp(), targets, r=2, alpha=4, seed=7)
     t_model = inject_lora(to_torch(mlp()), targets, r=2, alpha=4, seed=7)

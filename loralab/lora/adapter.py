@@ -45,6 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
 _MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,); PEFT's key has no ".weight"
+_PEFT_TO_INIT = {"pissa": "pissa", "olora": "olora"}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
@@ -370,6 +371,9 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
                 "dropout": dropout,
                 "use_rslora": use_rslora,
                 "use_dora": use_dora,
+                # PiSSA/OLoRA adapters were trained on the residual W0 - s B0 A0: split W0 again,
+                # as PEFT does on loading, before the file's A and B replace B0 and A0.
+                "init": _PEFT_TO_INIT.get(str(config.get("init_lora_weights")), "kaiming"),
                 "seed": 0,
             }
             layer = backend.attach(model, path, options)

@@ -17,7 +17,12 @@ __all__ = ["TorchBackend"]
 
 
 class TorchBackend:
-    """The torch side of the adapter format: find LoRA layers, read and write their A and B."""
+    """The torch side of the adapter format: find LoRA layers, read and write A, B and DoRA's m.
+
+    ``name`` is a parameter name of `LoRALinear`: ``"lora_A"``, ``"lora_B"`` or
+    ``"lora_magnitude_vector"``; ``options`` are `LoRALinear`'s keyword arguments (``use_dora``
+    included).
+    """
 
     def lora_layers(self, model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -40,16 +45,10 @@ class TorchBackend:
 
     def set(self, layer: LoRALinear, name: str, value: np.ndarray) -> None:
         param = getattr(layer, name)
-        with torch.no_grad():
+        with torch.no_grad():  # copy_ casts to the parameter's dtype and device
             param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
     def attach(self, model: torch.nn.Module, path: str, options: dict[str, Any]) -> LoRALinear:
-        options = dict(options)
-        if options.pop("use_dora", False):
-            raise ValueError(
-                "load_adapter: unsupported use_dora=True for a torch model: loralab.torch.LoRALinear "
-                "has no DoRA yet (load DoRA adapters into a NumPy model, or use peft)"
-            )
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent)
         layer = LoRALinear(getattr(owner, child), **options)

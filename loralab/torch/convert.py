@@ -182,16 +182,20 @@ def _sequential_to_torch(m: nn.Sequential, convert: Any, dtype: Any) -> torch.nn
 
 
 def _lora_to_torch(m: nn.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
-    if getattr(m, "use_dora", False):
-        raise ValueError("to_torch: loralab.torch.LoRALinear has no DoRA yet; got use_dora=True")
     base = convert(m.base)
-    flags = {n: p.requires_grad for n, p in m.base.named_parameters()}
-    # init only records the option here: "kaiming" avoids re-splitting W0 (values are copied next)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    # Built as a plain "kaiming" layer: a PiSSA / OLoRA base already holds the residual and must
+    # not be split again; every value is copied next and the options are set after.
     t = LoRALinear(base, r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, seed=0)
-    t.init = m.init
     for n, p in base.named_parameters():
         p.requires_grad_(flags[n])
     t.lora_A, t.lora_B = param_to_torch(m.lora_A, dtype), param_to_torch(m.lora_B, dtype)
+    t.init, t.use_dora = m.init, bool(getattr(m, "use_dora", False))
+    if t.use_dora:
+        t.lora_magnitude_vector = param_to_torch(m.lora_magnitude_vector, dtype)
+    norm = getattr(m, "_merge_norm", None)
+    if norm is not None:  # a merged DoRA layer needs the norm to unmerge
+        t._merge_norm = torch.tensor(norm, dtype=dtype or t.base.weight.dtype)
     t.scaling, t.merged = m.scaling, m.merged
     return t
 
@@ -308,13 +312,18 @@ def _sequential_to_numpy(t: torch.nn.Sequential, convert: Any) -> nn.Module:
 def _lora_to_numpy(t: LoRALinear, convert: Any) -> nn.Module:
     base = convert(t.base)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    # As in _lora_to_torch: a plain layer first (no second PiSSA / OLoRA split), values copied next.
     m = nn.LoRALinear(
         base, r=t.r, alpha=t.alpha, dropout=t.dropout, use_rslora=t.use_rslora, seed=0
     )
-    m.init = t.init
     for n, p in base.named_parameters():
         p.requires_grad = flags[n]
     m.lora_A, m.lora_B = param_to_numpy(t.lora_A), param_to_numpy(t.lora_B)
+    m.init, m.use_dora = t.init, t.use_dora
+    if t.use_dora:
+        m.lora_magnitude_vector = param_to_numpy(t.lora_magnitude_vector)
+    if t._merge_norm is not None:
+        m._merge_norm = t._merge_norm.detach().cpu().numpy().copy()
     m.scaling, m.merged = t.scaling, t.merged
     return m
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loralab.lora.inject import _check_targets, match_target
+from loralab.lora.inject import ALL_LINEAR, _check_targets, match_target
 from loralab.nn.lora import validate_lora_options
 from loralab.nn.module import make_rng
 from loralab.torch.layers import LoRALinear
@@ -35,21 +35,24 @@ def inject_lora(
     dropout: float = 0.0,
     init: str = "kaiming",
     use_rslora: bool = False,
+    use_dora: bool = False,
     seed: int | None = None,
     use_custom_backward: bool = True,
 ) -> torch.nn.Module:
     """Replace the matching ``torch.nn.Linear`` modules by `LoRALinear` wrappers, in place.
 
-    Every parameter that is not a LoRA A or B is frozen; right after injection the model computes
-    what it computed before (every B is zero). With the same ``seed`` the A matrices equal those
-    that `loralab.lora.inject_lora` draws for the NumPy twin of the model.
+    Every parameter that is not a LoRA A or B (or a DoRA magnitude) is frozen; right after
+    injection the model computes what it computed before (every B is zero; for PiSSA and OLoRA,
+    W0 - s B A + s B A = W0). With the same ``seed`` the adapters (and residual weights) equal
+    those that `loralab.lora.inject_lora` makes for the NumPy twin of the model.
 
     Parameters
     ----------
     model : torch.nn.Module
     target_modules : list of str or str
-        Module names (exact or dotted suffix) or one regular expression for the full name.
-    r, alpha, dropout, init, use_rslora, use_custom_backward
+        Module names (exact or dotted suffix), one regular expression for the full name, or
+        ``"all-linear"`` for every Linear layer (as PEFT).
+    r, alpha, dropout, init, use_rslora, use_dora, use_custom_backward
         As in `LoRALinear`.
     seed : int, optional
         One NumPy generator built from it initialises the adapters in module order.
@@ -76,6 +79,8 @@ def inject_lora(
         if isinstance(module, LoRALinear):
             raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
         if not isinstance(module, torch.nn.Linear):
+            if target_modules == ALL_LINEAR:
+                continue
             raise TypeError(
                 f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
             )
@@ -99,6 +104,7 @@ def inject_lora(
             dropout=dropout,
             init=init,
             use_rslora=use_rslora,
+            use_dora=use_dora,
             use_custom_backward=use_custom_backward,
             rng=rng,
         )

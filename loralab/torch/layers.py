@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from loralab.functional import dropout_mask
 from loralab.nn.lora import validate_lora_options
 from loralab.nn.module import make_rng
+from loralab.torch.variants import DoRALinearFunction, dora_magnitude, principal_init
 
 __all__ = ["LoRALinear", "LoRALinearFunction", "numpy_dtype"]
 
@@ -90,9 +91,10 @@ class LoRALinearFunction(torch.autograd.Function):
 class LoRALinear(torch.nn.Module):
     """A frozen ``torch.nn.Linear`` plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
 
-    The twin of `loralab.nn.LoRALinear` (without DoRA): same options, same validation messages, same
-    parameter names (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``) and, for the same
-    ``seed``, the same initial A.
+    The twin of `loralab.nn.LoRALinear`: same options, same validation messages, same
+    parameter names (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``,
+    ``lora_magnitude_vector``) and, for the same ``seed``, the same initial A, B, residual W0 and
+    magnitude, bit for bit.
 
     Parameters
     ----------
@@ -106,12 +108,17 @@ class LoRALinear(torch.nn.Module):
         Dropout on the LoRA branch's input (training mode only), as in PEFT.
     init : "kaiming", "gaussian", "pissa" or "olora"
         A ~ U(-1/sqrt(in), 1/sqrt(in)) or A ~ N(0, (1/r)^2), with B = 0 so ΔW = 0 at first; or the
-        NumPy layer's PiSSA / OLoRA split of W0 (see `loralab.lora.variants`).
+        NumPy layer's PiSSA / OLoRA split of W0 (`loralab.torch.variants.principal_init`): the
+        residual W0 - s B A replaces ``base.weight`` and the output is unchanged at first.
     use_rslora : bool, default False
         Rank-stabilised scaling alpha / sqrt(r).
+    use_dora : bool, default False
+        DoRA: a trainable magnitude m per output row, W' = m * (W0 + s B A) / ||W0 + s B A||_row,
+        the norm held constant in the backward; m starts at ||W0 + s B A||_row.
     use_custom_backward : bool, default True
-        Run through `LoRALinearFunction` (hand-derived backward, no dW0) or, when False,
-        through plain autograd on ``linear`` calls. Both give the same gradients.
+        Run through `LoRALinearFunction` (or `loralab.torch.variants.DoRALinearFunction`),
+        whose backward is derived by hand and forms no dW0, or, when False, through plain autograd
+        on ``linear`` calls. Both give the same gradients.
     seed, rng : int or numpy.random.Generator, optional
         Source of A's initial values, drawn exactly as the NumPy layer draws them.
     generator : torch.Generator, optional
@@ -121,6 +128,7 @@ class LoRALinear(torch.nn.Module):
     ----------
     lora_A : Parameter of shape (r, in_features)
     lora_B : Parameter of shape (out_features, r)
+    lora_magnitude_vector : Parameter of shape (out_features,), only with ``use_dora``
     scaling : float
     merged : bool
         Whether ΔW is currently added into ``base.weight``.
@@ -144,6 +152,7 @@ class LoRALinear(torch.nn.Module):
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,
+        use_dora: bool = False,
         use_custom_backward: bool = True,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
@@ -159,7 +168,7 @@ class LoRALinear(torch.nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.init, self.use_rslora = init, bool(use_rslora)
+        self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
         self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
         self.use_custom_backward = bool(use_custom_backward)
         self.generator = generator
@@ -167,22 +176,24 @@ class LoRALinear(torch.nn.Module):
         W0 = base.weight
         dtype, like = numpy_dtype(W0.dtype), {"dtype": W0.dtype, "device": W0.device}
         np_rng = make_rng(seed, rng)
-        B = np.zeros((self.out_features, self.r), dtype=dtype)
-        if init == "kaiming":
-            bound = 1.0 / math.sqrt(self.in_features)
-            A = np_rng.uniform(-bound, bound, size=(self.r, self.in_features))
-        elif init == "gaussian":
-            A = np_rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
-        else:  # "pissa" / "olora": the NumPy split of W0, so both twins start identical
-            from loralab.lora import variants
-
-            split = variants.pissa_init if init == "pissa" else variants.olora_init
-            A, B, W_res = split(W0.detach().cpu().numpy(), self.r, self.scaling)
-            with torch.no_grad():
-                W0.copy_(torch.from_numpy(np.asarray(W_res, dtype=dtype)))
-        # Cast in NumPy first, as the NumPy layer does, so float32 values agree bit for bit.
-        self.lora_A = torch.nn.Parameter(torch.from_numpy(A.astype(dtype)).to(**like))
-        self.lora_B = torch.nn.Parameter(torch.from_numpy(B.astype(dtype)).to(**like))
+        if init in ("kaiming", "gaussian"):
+            if init == "kaiming":
+                bound = 1.0 / math.sqrt(self.in_features)
+                A = np_rng.uniform(-bound, bound, size=(self.r, self.in_features))
+            else:
+                A = np_rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+            # Cast in NumPy first, as the NumPy layer does, so float32 values agree bit for bit.
+            lora_A = torch.from_numpy(A.astype(dtype)).to(**like)
+            lora_B = torch.zeros(self.out_features, self.r, **like)
+        else:  # the principal part of W0 moves into the adapter; the residual stays frozen
+            lora_A, lora_B = principal_init(base, init, self.r, self.scaling)
+        self.lora_A = torch.nn.Parameter(lora_A)
+        self.lora_B = torch.nn.Parameter(lora_B)
+        if self.use_dora:
+            m = dora_magnitude(W0, lora_A, lora_B, self.scaling)
+            self.lora_magnitude_vector = torch.nn.Parameter(m)
+        # ||W0 + ΔW||_row while a DoRA layer is merged (for unmerge); moves with .to(), not saved.
+        self.register_buffer("_merge_norm", None, persistent=False)
         self.merged = False
 
     @property
@@ -201,12 +212,20 @@ class LoRALinear(torch.nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency)."""
+        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency).
+
+        With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
+        `unmerge`.
+        """
         if self.merged:
             raise ValueError(
                 "LoRALinear.merge(): the layer is already merged; call unmerge() first"
             )
-        self.base.weight += self.delta_weight()
+        W = self.base.weight
+        W += self.delta_weight()
+        if self.use_dora:
+            self._merge_norm = torch.linalg.norm(W, dim=1)
+            W *= (self.lora_magnitude_vector / self._merge_norm)[:, None]
         self.merged = True
 
     @torch.no_grad()
@@ -214,7 +233,11 @@ class LoRALinear(torch.nn.Module):
         """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
         if not self.merged:
             raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
-        self.base.weight -= self.delta_weight()
+        W = self.base.weight
+        if self.use_dora:
+            W *= (self._merge_norm / self.lora_magnitude_vector)[:, None]
+            self._merge_norm = None
+        W -= self.delta_weight()
         self.merged = False
 
     def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,13 +262,35 @@ class LoRALinear(torch.nn.Module):
         mask = None
         if self.training and self.dropout > 0.0:
             mask = self._dropout_mask(x)
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        if self.use_dora:
+            m = self.lora_magnitude_vector
+            if self.use_custom_backward:
+                return DoRALinearFunction.apply(x, W0, b, A, B, m, s, mask)
+            return self._dora_autograd(x, W0, b, m, mask)
         if self.use_custom_backward:
-            return LoRALinearFunction.apply(x, W0, b, self.lora_A, self.lora_B, self.scaling, mask)
+            return LoRALinearFunction.apply(x, W0, b, A, B, s, mask)
         xd = x if mask is None else x * mask
-        return F.linear(x, W0, b) + self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
+        return F.linear(x, W0, b) + s * F.linear(F.linear(xd, A), B)
+
+    def _dora_autograd(self, x, W0, b, m, mask):
+        """DoRA through plain autograd, PEFT's formula: the norm detached, the undropped x in the frozen path.
+
+        y = x W0^T + b + (c - 1) (x_d W0^T) + c s (x_d A^T) B^T,  c = m / ||W0 + s B A||_row.
+        """
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        norm = torch.linalg.norm(W0 + s * (B @ A), dim=1).detach()
+        c = m / norm
+        xd = x if mask is None else x * mask
+        y = c * (F.linear(xd, W0) + s * F.linear(F.linear(xd, A), B))
+        if mask is not None:
+            y = y + F.linear(x - xd, W0)
+        return y if b is None else y + b
 
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""
+        rs += ", use_dora=True" if self.use_dora else ""
+        rs += f", init={self.init!r}" if self.init in ("pissa", "olora") else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"

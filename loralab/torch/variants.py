@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loralab.lora.variants import loraplus_param_groups, olora_init, pissa_init
+from loralab.lora.variants import loraplus_param_groups, olora_init, pissa_init, row_norms
 
 __all__ = ["DoRALinearFunction", "principal_init", "dora_magnitude", "loraplus_param_groups"]
 
@@ -21,9 +21,14 @@ __all__ = ["DoRALinearFunction", "principal_init", "dora_magnitude", "loraplus_p
 def dora_magnitude(
     W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """||W0 + s B A|| of each row, shape (out,), outside the graph."""
-    with torch.no_grad():
-        return torch.linalg.norm(W0 + scaling * (B @ A), dim=1)
+    """||W0 + s B A|| of each row, shape (out,), outside the graph, in W0's dtype and device.
+
+    Computed by the NumPy `loralab.lora.variants.row_norms` (then cast to W0's dtype, as the
+    NumPy layer does), so a torch layer starts with the NumPy layer's magnitude bit for bit.
+    """
+    arrays = [t.detach().cpu().numpy() for t in (W0, A, B)]
+    m = row_norms(*arrays, scaling).astype(arrays[0].dtype)
+    return torch.from_numpy(m).to(device=W0.device)
 
 
 class DoRALinearFunction(torch.autograd.Function):
