@@ -397,7 +397,11 @@ class Add(Function):
     @staticmethod
     def backward(ctx, grad):
         a_shape, b_shape = ctx.saved
-        return unbroadcast(grad, a_shape), unbroadcast(grad, b_shape)
+        need_a, need_b = ctx.needs_input_grad
+        return (
+            unbroadcast(grad, a_shape) if need_a else None,
+            unbroadcast(grad, b_shape) if need_b else None,
+        )
 
 
 class Sub(Function):
@@ -409,7 +413,11 @@ class Sub(Function):
     @staticmethod
     def backward(ctx, grad):
         a_shape, b_shape = ctx.saved
-        return unbroadcast(grad, a_shape), unbroadcast(-grad, b_shape)
+        need_a, need_b = ctx.needs_input_grad
+        return (
+            unbroadcast(grad, a_shape) if need_a else None,
+            unbroadcast(-grad, b_shape) if need_b else None,
+        )
 
 
 class Mul(Function):

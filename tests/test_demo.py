@@ -1,0 +1,79 @@
+"""Tests for `loralab demo` (loralab.demo), in --quick mode."""
+
+import numpy as np
+
+from loralab import demo
+from loralab.cli import main
+from loralab.datasets import load_digits, shift_digits
+
+
+def test_checkpoint_ships_and_loads():
+    model, from_checkpoint = demo.load_pretrained()
+    assert from_checkpoint
+    train, test = demo._split(load_digits())
+    assert demo.accuracy(model, test) > 0.95
+    assert demo.accuracy(model, shift_digits(test, "rotate90")) < 0.3  # the shift hurts
+
+
+def test_cli_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out), "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("method"))
+    for column in ("trainable params", "% of total", "peak train memory", "step time"):
+        assert column in header
+    for method in ("full fine-tuning", "head only", "LoRA r=1", "LoRA r=4", "LoRA r=8"):
+        assert any(line.startswith(method) for line in printed.splitlines())
+    for r in (1, 4, 8):
+        assert (out / f"adapter_r{r}" / "adapter_model.safetensors").is_file()
+    assert (out / "full_finetuned.safetensors").is_file()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no figure" in printed
+    else:
+        assert (out / "demo.png").stat().st_size > 0
+        assert str(out / "demo.png") in printed
+
+
+def test_demo_numbers_and_reproducibility(tmp_path):
+    def run(seed, name):
+        config = demo.DemoConfig(seed=seed, out=tmp_path / name, quick=True, equivalence=False)
+        return demo.run_demo(config, log=lambda line: None, progress=False)
+
+    a, b, c = run(1, "a"), run(1, "b"), run(2, "c")
+    rows = {r.method: r for r in a.methods}
+    total = rows["full fine-tuning"].total
+    assert rows["full fine-tuning"].trainable == total
+    assert rows["head only"].trainable == 256 * 10 + 10
+    for r in (1, 4, 8):  # r (in + out) per adapted Linear
+        assert rows[f"LoRA r={r}"].trainable == r * ((64 + 256) + (256 + 256) + (256 + 10))
+    assert rows["LoRA r=1"].saved_bytes < rows["LoRA r=8"].saved_bytes
+    assert rows["LoRA r=8"].saved_bytes < rows["full fine-tuning"].saved_bytes
+    assert rows["LoRA r=8"].peak_bytes < rows["full fine-tuning"].peak_bytes
+    assert rows["full fine-tuning"].accuracy > a.base_shifted_accuracy  # it learned something
+    for x, y in zip(a.methods, b.methods, strict=True):  # same seed: the same run
+        assert x.test_accuracy == y.test_accuracy and x.train_loss == y.train_loss
+    lora_a = [m.train_loss for m in a.methods if m.method.startswith("LoRA")]
+    lora_c = [m.train_loss for m in c.methods if m.method.startswith("LoRA")]
+    assert lora_a != lora_c  # another seed: other adapters and batches
+
+
+def test_demo_out_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--quick", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loralab demo: error: cannot write to --out") and "\n" not in err
+
+
+def test_regenerated_checkpoint_matches_the_shipped_one(tmp_path):
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "ckpt.safetensors"
+    assert demo.main(["--regenerate-checkpoint", "--path", str(path)]) == 0
+    shipped = load_file(str(demo._checkpoint_path()))
+    fresh = load_file(str(path))
+    assert shipped.keys() == fresh.keys()
+    for k in shipped:  # bit for bit on one machine; BLAS kernels may round differently elsewhere
+        np.testing.assert_allclose(fresh[k], shipped[k], rtol=1e-4, atol=1e-5, err_msg=k)
