@@ -1,5 +1,7 @@
 """Tests for `loralab demo` (loralab.demo), in --quick mode."""
 
+import re
+
 import numpy as np
 
 from loralab import demo
@@ -34,6 +36,13 @@ def test_cli_demo_quick(tmp_path, capsys):
     else:
         assert (out / "demo.png").stat().st_size > 0
         assert str(out / "demo.png") in printed
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert "equivalence check is skipped" in printed
+    else:
+        found = re.search(r"largest relative difference (\S+) in float64, (\S+) in float32", printed)
+        assert float(found.group(1)) < 1e-10 and float(found.group(2)) < 1e-4
 
 
 def test_demo_numbers_and_reproducibility(tmp_path):
