@@ -156,19 +156,42 @@ def relu(x: Any) -> Tensor:
 
 
 class GELU(Function):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2/pi), c = 0.044715."""
+    """GELU, tanh approximation: y = x h with h = 0.5 (1 + tanh z), z = k (x + c x^3),
+    k = sqrt(2/pi), c = 0.044715.
+
+    Backward: dh/dz = 0.5 (1 - tanh^2 z) = 2 h (1 - h) and dz/dx = k (1 + 3 c x^2), so
+    dy/dx = h + x dh/dx = h (1 + 2 (1 - h) x dz/dx).
+
+    Both directions update a buffer in place (``*=``, ``+=``) rather than making a new array per
+    operation: on activations this size a temporary array costs about as much as the arithmetic.
+    """
 
     @staticmethod
     def forward(ctx, x):
-        t = np.tanh(_GELU_K * (x + _GELU_C * x**3))
-        ctx.save_for_backward(x, t)
-        return 0.5 * x * (1.0 + t)
+        h = _GELU_C * x * x  # h becomes z = k x (1 + c x^2), then 0.5 (1 + tanh z)
+        h += 1.0
+        h *= x
+        h *= _GELU_K
+        h = np.tanh(h)
+        h += 1.0
+        h *= 0.5
+        ctx.save_for_backward(x, h)
+        return x * h
 
     @staticmethod
     def backward(ctx, grad):
-        x, t = ctx.saved
-        dt = (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
-        return (grad * (0.5 * (1.0 + t) + 0.5 * x * dt),)
+        x, h = ctx.saved
+        d = x * x  # d becomes dz/dx = k (1 + 3 c x^2), then dy/dx, then grad * dy/dx
+        d *= 3.0 * _GELU_C
+        d += 1.0
+        d *= _GELU_K
+        d *= x
+        d *= 1.0 - h
+        d *= 2.0
+        d += 1.0
+        d *= h
+        d *= grad
+        return (d,)
 
 
 def gelu(x: Any) -> Tensor:
@@ -299,11 +322,10 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, w, b, eps):
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        xhat = x - x.mean(axis=-1, keepdims=True)  # centred now, normalised in place below
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
         inv_sigma = 1.0 / np.sqrt(var + eps)
-        xhat = xc * inv_sigma
+        xhat *= inv_sigma
         ctx.save_for_backward(xhat, inv_sigma, w)
         y = xhat * w if w is not None else xhat.copy()
         if b is not None:
@@ -320,11 +342,9 @@ class LayerNorm(Function):
         dx = None
         if need_x:
             dxhat = grad * w if w is not None else grad
-            dx = inv_sigma * (
-                dxhat
-                - dxhat.mean(axis=-1, keepdims=True)
-                - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-            )
+            dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+            dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+            dx *= inv_sigma
         return dx, dw, db
 
 

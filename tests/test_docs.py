@@ -92,6 +92,9 @@ class _Text(html.parser.HTMLParser):
 
 
 def prose(document: str) -> str:
+    # mkdocs-jupyter keeps each code cell's source, as plain text, in a hidden div for its copy
+    # button: code, not prose, even when a string in it holds "$...$" for matplotlib.
+    document = re.sub(r'<div class="clipboard-copy-txt"[^>]*>.*?</div>', "", document, flags=re.S)
     parser = _Text()
     parser.feed(document)
     return "".join(parser.parts)

@@ -66,6 +66,25 @@ def test_attention_matches_a_direct_computation():
             np.testing.assert_allclose(out[:, t, sl], expected, atol=1e-12)
 
 
+def test_attention_keeps_float32_and_masks_every_length():
+    # The causal mask is cached per (T, dtype): a shorter T after a longer one must get its own.
+    rng = np.random.default_rng(2)
+    for T in (5, 3, 5):
+        q, k, v = (
+            Tensor(rng.normal(size=(2, T, 4)).astype(np.float32), requires_grad=True)
+            for _ in range(3)
+        )
+        out = causal_attention(q, k, v, 2)
+        assert out.dtype == np.float32
+        out.backward(np.ones(out.shape, dtype=np.float32))
+        assert all(t.grad.dtype == np.float32 for t in (q, k, v))
+        # Position 0 attends only to itself: its output is v[:, 0] exactly, whatever q and k are.
+        np.testing.assert_allclose(out.data[:, 0], v.data[:, 0], rtol=1e-6)
+        # ...so its query does not matter either: q's gradient there is zero (up to round-off).
+        np.testing.assert_allclose(q.grad[:, 0], 0.0, atol=1e-6)
+        assert np.abs(q.grad[:, T - 1]).max() > 1e-3
+
+
 def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not divisible by n_heads=4"):
         causal_attention(np.zeros((1, 2, 6)), np.zeros((1, 2, 6)), np.zeros((1, 2, 6)), 4)
