@@ -8,7 +8,7 @@ expression that must match the full name.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,92 @@ def _check_targets(target_modules: Any) -> None:
         )
 
 
+def select_targets(
+    model: Any, target_modules: str | Sequence[str], linear_type: type, lora_type: type
+) -> list[str]:
+    """Names of the ``linear_type`` modules that ``target_modules`` selects, with PEFT's rules.
+
+    Shared by the NumPy and the torch ``inject_lora`` (``model`` needs only ``named_modules``),
+    so both match the same names and raise the same errors.
+    """
+    _check_targets(target_modules)
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        if not name or not match_target(name, target_modules):
+            continue
+        if isinstance(modules.get(name.rpartition(".")[0]), lora_type):
+            continue  # the base inside an existing adapter
+        if isinstance(module, lora_type):
+            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
+        if not isinstance(module, linear_type):
+            if target_modules == ALL_LINEAR:
+                continue
+            raise TypeError(
+                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
+            )
+        chosen.append(name)
+    if not chosen:
+        linears = [n for n, m in modules.items() if isinstance(m, linear_type)]
+        raise ValueError(
+            f"inject_lora: target_modules={target_modules!r} matched no module; "
+            f"the Linear modules of this model are {linears}"
+        )
+    return chosen
+
+
+def wrap_targets(
+    model: Any,
+    target_modules: str | Sequence[str],
+    *,
+    linear_type: type,
+    lora_type: type,
+    build: Callable[..., Any],
+    options: dict[str, Any],
+    seed: int | None,
+) -> Any:
+    """Replace the selected Linear modules by ``build(base, rng=rng, **options)``, all or nothing.
+
+    Every option is validated for every target before anything changes; then all parameters are
+    frozen and the LoRA layers (whose A and B require gradients) put in place, drawing their
+    initial values in module order from one generator built from ``seed``.
+    """
+    chosen = select_targets(model, target_modules, linear_type, lora_type)
+    modules = dict(model.named_modules())
+    for name in chosen:
+        base = modules[name]
+        validate_lora_options(
+            base.in_features,
+            base.out_features,
+            options["r"],
+            options["alpha"],
+            options["dropout"],
+            options["init"],
+        )
+    rng = make_rng(seed)
+    model.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, build(modules[name], rng=rng, **options))
+    return model
+
+
+def set_merged(model: Any, lora_type: type, merged: bool) -> Any:
+    """Merge (``merged=True``) or unmerge every LoRA layer of ``model``; all or nothing."""
+    what = "merge_lora" if merged else "unmerge_lora"
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_type)]
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
+    wrong = [n for n, layer in layers if layer.merged == merged]
+    if wrong and merged:
+        raise ValueError(f"merge_lora: layers {wrong} are already merged; call unmerge_lora first")
+    if wrong:
+        raise ValueError(f"unmerge_lora: layers {wrong} are not merged; nothing to unmerge")
+    for _, layer in layers:
+        layer.merge() if merged else layer.unmerge()
+    return model
+
+
 def inject_lora(
     model: Module,
     target_modules: str | Sequence[str],
@@ -113,49 +199,23 @@ def inject_lora(
     >>> count_parameters(model)
     (88, 300)
     """
-    _check_targets(target_modules)
-    modules = dict(model.named_modules())
-    chosen = []
-    for name, module in modules.items():
-        if not name or not match_target(name, target_modules):
-            continue
-        parent_name = name.rpartition(".")[0]
-        if isinstance(modules.get(parent_name), LoRALinear):
-            continue  # the base inside an existing adapter
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
-        if not isinstance(module, Linear):
-            if target_modules == ALL_LINEAR:
-                continue
-            raise TypeError(
-                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
-            )
-        chosen.append(name)
-    if not chosen:
-        linears = [n for n, m in modules.items() if isinstance(m, Linear)]
-        raise ValueError(
-            f"inject_lora: target_modules={target_modules!r} matched no module; "
-            f"the Linear modules of this model are {linears}"
-        )
-    for name in chosen:  # validate everything first: a bad option leaves the model untouched
-        base = modules[name]
-        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
-    rng = make_rng(seed)
-    model.requires_grad_(False)
-    for name in chosen:
-        layer = LoRALinear(
-            modules[name],
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            rng=rng,
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    return model
+    options = {
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
+        "init": init,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+    }
+    return wrap_targets(
+        model,
+        target_modules,
+        linear_type=Linear,
+        lora_type=LoRALinear,
+        build=LoRALinear,
+        options=options,
+        seed=seed,
+    )
 
 
 def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
@@ -163,33 +223,14 @@ def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _require_lora(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
-    return layers
-
-
 def merge_lora(model: Module) -> Module:
     """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
-    layers = _require_lora(model, "merge_lora")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"merge_lora: layers {merged} are already merged; call unmerge_lora first")
-    for _, layer in layers:
-        layer.merge()
-    return model
+    return set_merged(model, LoRALinear, True)
 
 
 def unmerge_lora(model: Module) -> Module:
     """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
-    layers = _require_lora(model, "unmerge_lora")
-    unmerged = [n for n, layer in layers if not layer.merged]
-    if unmerged:
-        raise ValueError(f"unmerge_lora: layers {unmerged} are not merged; nothing to unmerge")
-    for _, layer in layers:
-        layer.unmerge()
-    return model
+    return set_merged(model, LoRALinear, False)
 
 
 def lora_state_dict(model: Module) -> dict[str, np.ndarray]:

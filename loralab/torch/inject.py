@@ -7,13 +7,12 @@ must match the full name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from loralab.lora.inject import ALL_LINEAR, _check_targets, match_target
-from loralab.nn.lora import validate_lora_options
-from loralab.nn.module import make_rng
+from loralab.lora.inject import set_merged, wrap_targets
 from loralab.torch.layers import LoRALinear
 
 __all__ = [
@@ -68,49 +67,23 @@ def inject_lora(
     TypeError
         When a matching module is not a ``torch.nn.Linear``.
     """
-    _check_targets(target_modules)
-    modules = dict(model.named_modules())
-    chosen = []
-    for name, module in modules.items():
-        if not name or not match_target(name, target_modules):
-            continue
-        if isinstance(modules.get(name.rpartition(".")[0]), LoRALinear):
-            continue  # the base inside an existing adapter
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
-        if not isinstance(module, torch.nn.Linear):
-            if target_modules == ALL_LINEAR:
-                continue
-            raise TypeError(
-                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
-            )
-        chosen.append(name)
-    if not chosen:
-        linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-        raise ValueError(
-            f"inject_lora: target_modules={target_modules!r} matched no module; "
-            f"the Linear modules of this model are {linears}"
-        )
-    for name in chosen:  # validate everything first: a bad option leaves the model untouched
-        base = modules[name]
-        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
-    rng = make_rng(seed)
-    model.requires_grad_(False)
-    for name in chosen:
-        layer = LoRALinear(
-            modules[name],
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            use_custom_backward=use_custom_backward,
-            rng=rng,
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    return model
+    options = {
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
+        "init": init,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+    }
+    return wrap_targets(
+        model,
+        target_modules,
+        linear_type=torch.nn.Linear,
+        lora_type=LoRALinear,
+        build=functools.partial(LoRALinear, use_custom_backward=use_custom_backward),
+        options=options,
+        seed=seed,
+    )
 
 
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -118,33 +91,14 @@ def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _require_lora(model: torch.nn.Module, what: str) -> list[tuple[str, LoRALinear]]:
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
-    return layers
-
-
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
-    layers = _require_lora(model, "merge_lora")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"merge_lora: layers {merged} are already merged; call unmerge_lora first")
-    for _, layer in layers:
-        layer.merge()
-    return model
+    return set_merged(model, LoRALinear, True)
 
 
 def unmerge_lora(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
-    layers = _require_lora(model, "unmerge_lora")
-    unmerged = [n for n, layer in layers if not layer.merged]
-    if unmerged:
-        raise ValueError(f"unmerge_lora: layers {unmerged} are not merged; nothing to unmerge")
-    for _, layer in layers:
-        layer.unmerge()
-    return model
+    return set_merged(model, LoRALinear, False)
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
