@@ -439,9 +439,13 @@ def _equivalence(model: MLP, train: Dataset, seed: int) -> dict[str, float]:
     batches = [(train.x[idx], train.y[idx]) for idx in _batches(len(train), 5, rng)]
     found = {}
     for name, dtype in (("float64", np.float64), ("float32", np.float32)):
-        copy = to_numpy(to_torch(model, dtype=getattr(torch, name)))  # the demo's model stays as it is
+        copy = to_numpy(
+            to_torch(model, dtype=getattr(torch, name))
+        )  # the demo's model stays as it is
         typed = [(x.astype(dtype), y) for x, y in batches]
-        found[name] = check_equivalence(copy, to_torch(copy), typed, steps=5, lr=3e-3).max_difference
+        found[name] = check_equivalence(
+            copy, to_torch(copy), typed, steps=5, lr=3e-3
+        ).max_difference
     return found
 
 

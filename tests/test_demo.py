@@ -41,7 +41,9 @@ def test_cli_demo_quick(tmp_path, capsys):
     except ImportError:
         assert "equivalence check is skipped" in printed
     else:
-        found = re.search(r"largest relative difference (\S+) in float64, (\S+) in float32", printed)
+        found = re.search(
+            r"largest relative difference (\S+) in float64, (\S+) in float32", printed
+        )
         assert float(found.group(1)) < 1e-10 and float(found.group(2)) < 1e-4
 
 

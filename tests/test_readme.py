@@ -28,7 +28,9 @@ def test_twin_example_runs_and_peft_loads_its_adapter(tmp_path, monkeypatch):
 
     pytest.importorskip("torch")
     text = README.read_text()
-    code = re.search(r"## The PyTorch twin and HF PEFT\n.*?```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"## The PyTorch twin and HF PEFT\n.*?```python\n(.*?)```", text, re.S).group(
+        1
+    )
     monkeypatch.chdir(tmp_path)
     namespace = {}
     with contextlib.redirect_stdout(io.StringIO()) as out:
