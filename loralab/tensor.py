@@ -264,7 +264,14 @@ class Tensor:
             if g is None:
                 continue
             if node._op is None:  # a leaf: store (accumulate) its gradient
-                node.grad = g if node.grad is None else node.grad + g
+                if node.grad is not None:
+                    node.grad = node.grad + g
+                elif g is grad or not (g.flags.owndata and g.flags.writeable):
+                    # the caller's array, a broadcast view or a slice of another gradient:
+                    # a leaf's .grad is always its own writable array, as in PyTorch
+                    node.grad = g.copy()
+                else:
+                    node.grad = g
                 continue
             parent_grads = node._op.backward(node._ctx, g)
             for parent, pg in zip(node._parents, parent_grads):

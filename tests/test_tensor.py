@@ -227,3 +227,20 @@ def test_gradcheck_fails_with_a_bad_epsilon():
     x = rand((4,), 11)
     with pytest.raises(GradcheckError):
         gradcheck(lambda t: t.exp() * t.tanh(), x, eps=1.0)
+
+
+def test_leaf_gradients_are_their_own_writable_arrays():
+    a = Tensor(np.ones((2, 3)), requires_grad=True)
+    b = Tensor(np.ones((2, 3)), requires_grad=True)
+    (a + b).backward(np.full((2, 3), 2.0))  # Add hands the same array to both inputs
+    c = Tensor(np.ones(3), requires_grad=True)
+    c.sum().backward()  # the gradient of a sum is a broadcast view
+    for t in (a, b, c):
+        assert t.grad.flags.writeable and t.grad.flags.owndata
+    a.grad *= 0.0
+    assert b.grad.sum() == 12.0
+    dy = np.ones(3)
+    leaf = Tensor(np.zeros(3), requires_grad=True)
+    leaf.backward(dy)
+    leaf.grad += 1.0
+    assert dy.tolist() == [1.0, 1.0, 1.0]  # the caller's array is not the leaf's gradient
