@@ -20,7 +20,6 @@ their arrays) is a small "backend": this module's NumPy one, or the torch one th
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections import Counter
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from loralab.nn import Linear, LoRALinear, Module
+from loralab.nn.lora import lora_scaling
 
 __all__ = [
     "save_adapter",
@@ -378,7 +378,7 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
             }
             layer = backend.attach(model, path, options)
         layer.alpha, layer.use_rslora = alpha, use_rslora
-        layer.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        layer.scaling = lora_scaling(alpha, r, use_rslora)
         for attr in pair:
             backend.set(layer, attr, pair[attr])
     if not existing:

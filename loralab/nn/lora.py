@@ -41,6 +41,23 @@ def validate_lora_options(
         raise ValueError(f"{where}: init must be one of {list(LORA_INITS)}, got init={init!r}")
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (rank-stabilised)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def random_A(rng: np.random.Generator, init: str, r: int, in_features: int) -> np.ndarray:
+    """A's initial values, shape (r, in_features), float64: PEFT's two random inits.
+
+    "kaiming": U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a=sqrt(5)); "gaussian": N(0, (1/r)^2).
+    Shared by the NumPy and torch layers, so the same seed gives the same A in both.
+    """
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(in_features)
+        return rng.uniform(-bound, bound, size=(r, in_features))
+    return rng.normal(0.0, 1.0 / r, size=(r, in_features))
+
+
 class LoRALinear(Module):
     """A frozen `loralab.nn.Linear` plus a trainable rank-r update.
 
@@ -110,15 +127,12 @@ class LoRALinear(Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
-        self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
         self.rng = make_rng(seed, rng)
         dtype = base.weight.dtype
         B = np.zeros((self.out_features, self.r), dtype=dtype)
-        if init == "kaiming":
-            bound = 1.0 / math.sqrt(self.in_features)
-            A = self.rng.uniform(-bound, bound, size=(self.r, self.in_features))
-        elif init == "gaussian":
-            A = self.rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+        if init in ("kaiming", "gaussian"):
+            A = random_A(self.rng, init, self.r, self.in_features)
         else:  # the principal part of W0 moves into the adapter; the residual stays frozen
             split = pissa_init if init == "pissa" else olora_init
             A, B, base.weight.data = split(base.weight.data, self.r, self.scaling)

@@ -8,14 +8,12 @@ saves under LoRA too.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from loralab.functional import dropout_mask
-from loralab.nn.lora import validate_lora_options
+from loralab.nn.lora import lora_scaling, random_A, validate_lora_options
 from loralab.nn.module import make_rng
 from loralab.torch.variants import DoRALinearFunction, dora_magnitude, principal_init
 
@@ -169,7 +167,7 @@ class LoRALinear(torch.nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
         self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
-        self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
         self.use_custom_backward = bool(use_custom_backward)
         self.generator = generator
         self.mask_rng: np.random.Generator | None = None
@@ -177,11 +175,7 @@ class LoRALinear(torch.nn.Module):
         dtype, like = numpy_dtype(W0.dtype), {"dtype": W0.dtype, "device": W0.device}
         np_rng = make_rng(seed, rng)
         if init in ("kaiming", "gaussian"):
-            if init == "kaiming":
-                bound = 1.0 / math.sqrt(self.in_features)
-                A = np_rng.uniform(-bound, bound, size=(self.r, self.in_features))
-            else:
-                A = np_rng.normal(0.0, 1.0 / self.r, size=(self.r, self.in_features))
+            A = random_A(np_rng, init, self.r, self.in_features)
             # Cast in NumPy first, as the NumPy layer does, so float32 values agree bit for bit.
             lora_A = torch.from_numpy(A.astype(dtype)).to(**like)
             lora_B = torch.zeros(self.out_features, self.r, **like)
