@@ -7,14 +7,15 @@ import numpy as np
 from loralab import demo
 from loralab.cli import main
 from loralab.datasets import load_digits, shift_digits
+from loralab.training import evaluate
 
 
 def test_checkpoint_ships_and_loads():
     model, from_checkpoint = demo.load_pretrained()
     assert from_checkpoint
     train, test = demo._split(load_digits())
-    assert demo.accuracy(model, test) > 0.95
-    assert demo.accuracy(model, shift_digits(test, "rotate90")) < 0.3  # the shift hurts
+    assert evaluate(model, test)[1] > 0.95
+    assert evaluate(model, shift_digits(test, "rotate90"))[1] < 0.3  # the shift hurts
 
 
 def test_cli_demo_quick(tmp_path, capsys):
@@ -44,7 +45,9 @@ def test_cli_demo_quick(tmp_path, capsys):
         found = re.search(
             r"largest relative difference (\S+) in float64, (\S+) in float32", printed
         )
-        assert float(found.group(1)) < 1e-10 and float(found.group(2)) < 1e-4
+        # float64 is the check (round-off only); in float32 Adam enlarges round-off where a
+        # gradient is near zero (see demo._equivalence), a bug would still be O(1)
+        assert float(found.group(1)) < 1e-10 and float(found.group(2)) < 5e-2
 
 
 def test_demo_numbers_and_reproducibility(tmp_path):
@@ -63,6 +66,13 @@ def test_demo_numbers_and_reproducibility(tmp_path):
     assert rows["LoRA r=8"].saved_bytes < rows["full fine-tuning"].saved_bytes
     assert rows["LoRA r=8"].peak_bytes < rows["full fine-tuning"].peak_bytes
     assert rows["full fine-tuning"].accuracy > a.base_shifted_accuracy  # it learned something
+    config = demo.DemoConfig(quick=True)
+    for r in a.methods:  # curves from step 0 (the pre-trained model) to the last step
+        assert r.steps == list(range(0, config.steps + 1, config.eval_every))
+        assert r.test_accuracy[0] == a.base_shifted_accuracy
+        assert r.test_accuracy[-1] == r.accuracy
+        assert len(r.train_loss) == config.steps
+        assert r.step_seconds > 0
     for x, y in zip(a.methods, b.methods, strict=True):  # same seed: the same run
         assert x.test_accuracy == y.test_accuracy and x.train_loss == y.train_loss
     lora_a = [m.train_loss for m in a.methods if m.method.startswith("LoRA")]
@@ -79,12 +89,19 @@ def test_demo_out_not_writable(tmp_path, capsys):
 
 
 def test_regenerated_checkpoint_matches_the_shipped_one(tmp_path):
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     path = tmp_path / "ckpt.safetensors"
     assert demo.main(["--regenerate-checkpoint", "--path", str(path)]) == 0
     shipped = load_file(str(demo._checkpoint_path()))
     fresh = load_file(str(path))
+    with safe_open(str(path), "np") as f, safe_open(str(demo._checkpoint_path()), "np") as g:
+        fresh_meta, shipped_meta = f.metadata(), g.metadata()
+    assert shipped_meta["regenerate"] == "python -m loralab.demo --regenerate-checkpoint"
+    assert float(shipped_meta["test_accuracy"]) > 0.95
+    del fresh_meta["test_accuracy"], shipped_meta["test_accuracy"]  # may round differently
+    assert fresh_meta == shipped_meta  # the shipped note still describes how it was made
     assert shipped.keys() == fresh.keys()
     for k in shipped:  # bit for bit on one machine; BLAS kernels may round differently elsewhere
         np.testing.assert_allclose(fresh[k], shipped[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
+from loralab import functional as F
+from loralab import optim
 from loralab.datasets import Dataset
 from loralab.lora import inject_lora
 from loralab.nn import MLP
-from loralab.training import evaluate, train_classifier
+from loralab.training import batch_indices, evaluate, train_classifier
 
 
 def blobs(n=120, seed=0):
@@ -34,6 +36,8 @@ def test_training_lowers_the_loss_and_fits_separable_data():
         loss_before
     )
     assert history.seconds > 0 and history.step_time == pytest.approx(history.seconds / 60)
+    assert len(history.step_seconds) == 60 and min(history.step_seconds) > 0
+    assert history.seconds == pytest.approx(sum(history.step_seconds))
 
 
 def test_same_seed_same_run_and_other_seed_other_run():
@@ -84,6 +88,7 @@ def test_batch_larger_than_data_uses_all_rows():
         ({"steps": 0}, "steps must be a positive int"),
         ({"steps": 2.5}, "steps must be a positive int"),
         ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"eval_every": 0}, "eval_every must be a positive int"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of"),
     ],
 )
@@ -105,3 +110,62 @@ def test_mismatched_data_is_refused():
         train_classifier(
             MLP([4, 8, 3], seed=0), Dataset(data.x, data.y[:-1]), steps=1, lr=1e-2, progress=False
         )
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (12, 4), (5, 8)])
+def test_batch_indices_cover_each_epoch_without_replacement(n, batch_size):
+    per_epoch = max(n // batch_size, 1)
+    batches = list(batch_indices(n, batch_size=batch_size, steps=3 * per_epoch, seed=1))
+    assert all(len(b) == min(batch_size, n) for b in batches)
+    for epoch in range(3):
+        rows = np.concatenate(batches[epoch * per_epoch : (epoch + 1) * per_epoch])
+        assert len(set(rows.tolist())) == len(rows)  # no row twice in an epoch
+    again = list(batch_indices(n, batch_size=batch_size, steps=3 * per_epoch, seed=1))
+    other = list(batch_indices(n, batch_size=batch_size, steps=3 * per_epoch, seed=2))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+def test_train_classifier_steps_through_batch_indices():
+    """The loop is plain Adam on the batches of `batch_indices`: replaying it by hand matches."""
+    data = blobs()
+    model, by_hand = MLP([4, 8, 3], seed=0), MLP([4, 8, 3], seed=0)
+    history = train_classifier(
+        model, data, steps=12, lr=1e-2, batch_size=16, seed=5, progress=False
+    )
+    opt = optim.Adam(list(by_hand.parameters()), lr=1e-2)
+    losses = []
+    for idx in batch_indices(len(data), batch_size=16, steps=12, seed=5):
+        loss = F.cross_entropy(by_hand(data.x[idx]), data.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.item()))
+    assert history.loss == losses
+    for (name, p), q in zip(model.named_parameters(), by_hand.parameters(), strict=True):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+
+
+def test_progress_bar_shows_running_loss_and_eval_accuracy(capsys):
+    pytest.importorskip("tqdm")
+    data = blobs()
+    history = train_classifier(
+        MLP([4, 8, 3], seed=0),
+        data,
+        steps=20,
+        lr=1e-2,
+        eval_data=data,
+        eval_every=10,
+        desc="blobs-run",
+        leave=True,
+    )
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "blobs-run" in final and "20/20" in final
+    assert f"loss {np.mean(history.loss[-10:]):.3g}" in final
+    assert f"eval accuracy {history.eval_accuracy[-1]:.1%}" in final
+
+
+def test_no_progress_bar_writes_nothing(capsys):
+    train_classifier(MLP([4, 8, 3], seed=0), blobs(), steps=3, lr=1e-2, progress=False)
+    assert capsys.readouterr().err == ""
