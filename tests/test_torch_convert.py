@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from builders import every_layer_model  # noqa: E402
+
 from loralab import nn  # noqa: E402
 from loralab.lora import inject_lora, merge_lora  # noqa: E402
 from loralab.torch import (  # noqa: E402
@@ -26,23 +28,7 @@ pytestmark = pytest.mark.torch
 
 
 def every_layer(dtype=np.float64, seed=0):
-    """Embedding, LayerNorm, Linear, GELU, Dropout, Linear, ReLU, Linear, with LoRA on the Linears."""
-    rng = np.random.default_rng(seed)
-    model = nn.Sequential(
-        nn.Embedding(11, 8, rng=rng, dtype=dtype),
-        nn.LayerNorm(8, dtype=dtype),
-        nn.Linear(8, 16, rng=rng, dtype=dtype),
-        nn.GELU(),
-        nn.Dropout(0.2, rng=rng),
-        nn.Linear(16, 12, rng=rng, dtype=dtype),
-        nn.ReLU(),
-        nn.Linear(12, 5, rng=rng, dtype=dtype),
-    )
-    inject_lora(model, ["2", "5"], r=3, alpha=6, dropout=0.1, seed=seed)
-    for _, layer in model.named_modules():
-        if isinstance(layer, nn.LoRALinear):
-            layer.lora_B.data = rng.normal(size=layer.lora_B.shape).astype(dtype)
-    return model
+    return every_layer_model(dtype, seed=seed)[0]
 
 
 def _same(np_model, t_model):

@@ -5,6 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from builders import every_layer_model  # noqa: E402
+
 from loralab import nn  # noqa: E402
 from loralab.lora import inject_lora  # noqa: E402
 from loralab.torch import (  # noqa: E402
@@ -30,19 +32,7 @@ def _nonzero_B(model, rng):
 
 
 def every_layer(dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    model = nn.Sequential(
-        nn.Embedding(11, 8, rng=rng, dtype=dtype),
-        nn.LayerNorm(8, dtype=dtype),
-        nn.Linear(8, 16, rng=rng, dtype=dtype),
-        nn.GELU(),
-        nn.Dropout(0.2, rng=rng),
-        nn.Linear(16, 12, rng=rng, dtype=dtype),
-        nn.ReLU(),
-        nn.Linear(12, 5, rng=rng, dtype=dtype),
-    )
-    inject_lora(model, ["2", "5", "7"], r=3, alpha=6, dropout=0.1, seed=seed)
-    _nonzero_B(model, rng)
+    model, rng = every_layer_model(dtype, seed=seed, targets=("2", "5", "7"), b_scale=0.1)
     batches = [(rng.integers(0, 11, (4, 6)), rng.integers(0, 5, (4, 6))) for _ in range(3)]
     return model, batches
 
