@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from loralab.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = ROOT / "tutorials"
@@ -119,15 +119,7 @@ def execute_notebook(nb_path: Path, dest: Path, *, timeout: int = DEFAULT_TIMEOU
         "execution_seconds": round(seconds, 2),
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda tmp: nbformat.write(nb, tmp))
     return seconds
 
 

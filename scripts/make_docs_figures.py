@@ -16,11 +16,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from loralab.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "assets" / "figures"
@@ -99,14 +99,9 @@ def draw(out_dir: Path = OUT_DIR) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / FIGURE
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".svg.tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="svg", metadata={"Date": None})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda tmp: fig.savefig(tmp, format="svg", metadata={"Date": None}))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
     return dest
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.exercises._catalogue import EXERCISES
+from loralab.fileio import atomic_write
 
 _MARKER = "LORALAB-GRADE-RESULTS:"
 
@@ -105,10 +104,7 @@ def fill_notebook(path, sources: dict[str, str], out=None):
 def _write_atomic(nb, out: Path) -> None:
     import nbformat
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".ipynb.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        nbformat.write(nb, f)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: nbformat.write(nb, tmp))
 
 
 def _exercise_keys(nb, path: Path) -> list[str]:
