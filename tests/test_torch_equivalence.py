@@ -154,3 +154,28 @@ def test_refuses_mismatched_models_and_options():
     ]:
         with pytest.raises(ValueError, match=match):
             check_equivalence(model, to_torch(model), batches, **{"steps": 1, "lr": 0.1, **kwargs})
+
+
+def test_zero_grad_parameters_are_checked_to_be_zero_and_left_out():
+    """``zero_grad`` names parameters whose exact gradient is zero (such as attention's key bias):
+    the report measures how far from zero their gradients are; a real gradient is caught."""
+    rng = np.random.default_rng(0)
+    model = nn.MLP([3, 4, 2], seed=0, dtype=np.float64)
+    batches = [(rng.normal(size=(5, 3)), rng.integers(0, 2, 5))]
+    report = check_equivalence(model, to_torch(model), batches, steps=2, lr=0.1)
+    assert report.zero_grad == [] and report.max_zero_grad == 0.0
+    # 0.bias has a real gradient: named as zero-gradient, it is reported far from zero.
+    report = check_equivalence(
+        model, to_torch(model), batches, steps=2, lr=0.1, zero_grad={"0.bias"}
+    )
+    assert len(report.zero_grad) == 2 and report.max_zero_grad > 1e-3
+    with pytest.raises(AssertionError, match="max_zero_grad"):
+        report.assert_close(1e-10)
+    assert "zero-gradient parameters" in str(report)
+    for zero_grad, error, match in [
+        (["nope"], ValueError, r"zero_grad names \['nope'\]"),
+        ("0.bias", TypeError, "collection of names"),
+        (["0.weight", "0.bias", "2.weight", "2.bias"], ValueError, "every trainable parameter"),
+    ]:
+        with pytest.raises(error, match=match):
+            check_equivalence(model, to_torch(model), batches, steps=1, lr=0.1, zero_grad=zero_grad)

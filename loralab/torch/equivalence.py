@@ -9,12 +9,19 @@ Dropout draws random masks, so the two models would differ by design. Inside
 `shared_dropout_masks` the torch twin draws every mask from a copy of the NumPy module's
 generator, with the NumPy function that makes masks, so both see the same masks in the same
 order (a generator shared by several NumPy layers stays shared among their twins).
+
+Some parameters have an exact gradient of zero, such as the key bias b_k of attention: softmax
+is invariant to adding the same number to every score of a row, and b_k adds q_i . b_k to every
+score of row i. Both sides then compute round-off, and Adam's m / sqrt(v) turns that noise into
+steps of about lr, different on each side. Comparing those trajectories would measure noise;
+``check_equivalence(..., zero_grad=names)`` checks instead that their gradients are zero to
+round-off and leaves their values out (the outputs, which do not depend on them, are compared).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +74,10 @@ class EquivalenceReport:
     loss, output, input_grad, grad, param : list of float, one entry per step
         ``grad`` and ``param`` are the worst over all parameters (``param`` after the update,
         frozen ones included); ``input_grad`` is empty for integer inputs.
+    zero_grad : list of float, one entry per step
+        For the parameters named in ``check_equivalence(..., zero_grad=...)``: their largest
+        |gradient|, on either side, divided by the largest |gradient| of the other parameters
+        (empty when none is named). Exact math gives 0; round-off gives a few float eps.
     initial_param : float
         Largest parameter difference before training.
     worst_grad, worst_param : str
@@ -81,6 +92,7 @@ class EquivalenceReport:
     input_grad: list[float] = field(default_factory=list)
     grad: list[float] = field(default_factory=list)
     param: list[float] = field(default_factory=list)
+    zero_grad: list[float] = field(default_factory=list)
     worst_grad: str = ""
     worst_param: str = ""
 
@@ -109,10 +121,19 @@ class EquivalenceReport:
         return max([self.initial_param, *self.param])
 
     @property
+    def max_zero_grad(self) -> float:
+        return max(self.zero_grad, default=0.0)
+
+    @property
     def max_difference(self) -> float:
         """The largest of all the maxima."""
         return max(
-            self.max_loss, self.max_output, self.max_input_grad, self.max_grad, self.max_param
+            self.max_loss,
+            self.max_output,
+            self.max_input_grad,
+            self.max_grad,
+            self.max_param,
+            self.max_zero_grad,
         )
 
     def assert_close(self, rtol: float) -> None:
@@ -125,6 +146,7 @@ class EquivalenceReport:
                 ("max_input_grad", self.max_input_grad),
                 ("max_grad", self.max_grad),
                 ("max_param", self.max_param),
+                ("max_zero_grad", self.max_zero_grad),
             )
             if not value <= rtol
         ]
@@ -153,6 +175,11 @@ class EquivalenceReport:
             f"{self.max_grad:10.2e} {self.max_param:10.2e}"
         )
         lines.append(f"worst gradient: {self.worst_grad}; worst parameter: {self.worst_param}")
+        if self.zero_grad:
+            lines.append(
+                "zero-gradient parameters (values not compared): largest |grad| / largest other "
+                f"|grad| = {self.max_zero_grad:.2e}"
+            )
         return "\n".join(lines)
 
 
@@ -226,6 +253,13 @@ def _check_pairs(np_params: dict, t_params: dict) -> None:
         raise ValueError(f"check_equivalence: shapes differ for {shapes}")
 
 
+def _zero_grad_ratio(grads: dict[str, Any], zero: set[str], others: list[str]) -> float:
+    """Largest |gradient| over ``zero``, relative to the largest over ``others`` (0 if both 0)."""
+    top = max(float(np.abs(grads[n]).max(initial=0.0)) for n in zero)
+    scale = max(float(np.abs(grads[n]).max(initial=0.0)) for n in others)
+    return top / scale if scale > 0 else (0.0 if top == 0 else float("inf"))
+
+
 def check_equivalence(
     np_model: nn.Module,
     torch_model: torch.nn.Module,
@@ -237,6 +271,7 @@ def check_equivalence(
     loss: str = "cross_entropy",
     optimizer_options: dict[str, Any] | None = None,
     training: bool = True,
+    zero_grad: Collection[str] = (),
 ) -> EquivalenceReport:
     """Train ``np_model`` and ``torch_model`` side by side and report how far apart they get.
 
@@ -263,6 +298,11 @@ def check_equivalence(
         Extra keyword arguments for both optimizers (``weight_decay``, ``momentum``, ``betas``...).
     training : bool, default True
         Mode of both models (dropout active when True, with shared masks).
+    zero_grad : collection of str, default ()
+        Names of trainable parameters whose exact gradient is zero, such as every attention's
+        key bias (``"blocks.0.attn.k.bias"``, ...). Their gradients and values are not compared
+        (both are round-off, which Adam amplifies to steps of about lr); ``report.zero_grad``
+        records how close to zero their gradients are, relative to the other gradients.
 
     Returns
     -------
@@ -296,6 +336,20 @@ def check_equivalence(
     trainable = [n for n, p in np_params.items() if p.requires_grad]
     if not trainable:
         raise ValueError("check_equivalence: no parameter requires a gradient")
+    if isinstance(zero_grad, str):
+        raise TypeError(
+            f"check_equivalence: zero_grad must be a collection of names, got {zero_grad!r}"
+        )
+    zero_grad = set(zero_grad)
+    unknown = sorted(zero_grad - set(trainable))
+    if unknown:
+        raise ValueError(
+            f"check_equivalence: zero_grad names {unknown}, which are not trainable parameters "
+            f"of the model (trainable: {trainable})"
+        )
+    compared = [n for n in trainable if n not in zero_grad]
+    if not compared:
+        raise ValueError("check_equivalence: every trainable parameter is in zero_grad")
     options = dict(optimizer_options or {})
     np_cls, t_cls = _OPTIMIZERS[optimizer]
     np_opt = np_cls([np_params[n] for n in trainable], lr=lr, **options)
@@ -332,20 +386,35 @@ def check_equivalence(
             report.output.append(relative_difference(out_n.data, out_t))
             if floating:
                 report.input_grad.append(relative_difference(xn.grad, xt.grad))
-            grads = {
-                n: relative_difference(
-                    np_params[n].grad if np_params[n].grad is not None else 0.0 * np_params[n].data,
-                    t_params[n].grad
-                    if t_params[n].grad is not None
-                    else torch.zeros_like(t_params[n]),
-                )
+            g_np = {
+                n: np_params[n].grad if np_params[n].grad is not None else 0.0 * np_params[n].data
                 for n in trainable
             }
+            g_t = {
+                n: (
+                    t_params[n].grad
+                    if t_params[n].grad is not None
+                    else torch.zeros_like(t_params[n])
+                )
+                .detach()
+                .cpu()
+                .numpy()
+                for n in trainable
+            }
+            grads = {n: relative_difference(g_np[n], g_t[n]) for n in compared}
             report.grad.append(max(grads.values()))
+            if zero_grad:
+                report.zero_grad.append(
+                    max(_zero_grad_ratio(g, zero_grad, compared) for g in (g_np, g_t))
+                )
             worst_grad = max(worst_grad, max((v, n) for n, v in grads.items()))
             np_opt.step()
             t_opt.step()
-            params = {n: relative_difference(np_params[n].data, t_params[n]) for n in np_params}
+            params = {
+                n: relative_difference(np_params[n].data, t_params[n])
+                for n in np_params
+                if n not in zero_grad
+            }
             report.param.append(max(params.values()))
             worst_param = max(worst_param, max((v, n) for n, v in params.items()))
     report.worst_grad, report.worst_param = worst_grad[1], worst_param[1]
