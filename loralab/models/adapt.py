@@ -51,7 +51,7 @@ def adapt(
     target_modules: str | Sequence[str],
     *,
     r: int,
-    alpha: float | None = None,
+    alpha: float = 8.0,
     steps: int = 150,
     lr: float = 1e-2,
     batch_size: int = 16,
@@ -70,9 +70,10 @@ def adapt(
     target_modules : list of str or regex
         Which Linear layers to adapt, e.g. ``["q", "v"]`` (Wq and Wv of every block).
     r : int
-    alpha : float, optional
-        Defaults to r, so the scaling alpha / r is 1 whatever the rank (the paper fixes alpha to
-        the first r it tries and does not tune it; with Adam this makes ranks comparable).
+    alpha : float, default 8
+        A constant in r, as in the LoRA paper (Section 4.1: alpha is set to the first r tried,
+        here Table 5's r = 8, and not tuned), so the scaling s = alpha / r shrinks as r grows.
+        See the scaling section of the math guide for the alternatives (rsLoRA, alpha = 2r).
     steps, lr, batch_size : training length, Adam's learning rate and windows per batch
     context : int
         Window length (at most the model's context length; short windows make steps cheap).
@@ -90,9 +91,7 @@ def adapt(
     """
     data = load_corpus(corpus)
     model = base if base is not None else load_pretrained()
-    inject_lora(
-        model, target_modules, r=r, alpha=r if alpha is None else alpha, seed=seed, **lora_options
-    )
+    inject_lora(model, target_modules, r=r, alpha=alpha, seed=seed, **lora_options)
     if loraplus_lr_ratio is None:
         groups: Any = [p for p in model.parameters() if p.requires_grad]
     else:
