@@ -1,15 +1,24 @@
-"""A small training loop for classifiers, shared by the tutorials and the demo.
+"""Training: one loop for everything loralab trains, and the classifier set-up on top of it.
 
-Every trainable parameter (``requires_grad=True``) of the model is handed to the optimizer, so
-the same loop does full fine-tuning, LoRA (after `loralab.lora.inject_lora` froze the
-base) and head-only training: what trains is decided by what is frozen, not by the loop.
+`fit` is the loop: it takes a loss function, an iterable of batches and an optimizer, and runs
+`train_step` (zero the gradients, compute the loss, backpropagate, update) once per batch,
+recording each step's loss and wall time, calling an evaluation callback every ``eval_every``
+steps, and showing a tqdm progress bar when asked. What trains is decided by what is frozen: the
+optimizer holds only the parameters with ``requires_grad=True``, so the same loop does full
+fine-tuning, LoRA (after `loralab.lora.inject_lora` froze the base) and head-only training.
+
+Its callers: `train_classifier` (the digits MLP of the tutorials and the demo, and the MLP's
+pre-training in `loralab.models.digits`), `loralab.models.pretrain` (the GPT's pre-training, with
+a cosine learning-rate schedule) and `loralab.models.adapt` (LoRA on the GPT). The benchmarks time
+single `train_step` calls.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,25 +26,35 @@ from loralab import functional as F
 from loralab import optim
 from loralab.datasets import Dataset
 from loralab.nn import Module
-from loralab.tensor import no_grad
+from loralab.tensor import Tensor, no_grad
 
-__all__ = ["History", "batch_indices", "evaluate", "train_classifier", "OPTIMIZERS"]
+__all__ = [
+    "History",
+    "batch_indices",
+    "evaluate",
+    "fit",
+    "train_step",
+    "train_classifier",
+    "OPTIMIZERS",
+]
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
+
+Batch = TypeVar("Batch")
 
 
 @dataclass
 class History:
-    """What `train_classifier` recorded.
+    """What `fit` recorded.
 
     Attributes
     ----------
     loss : list of float
-        Training loss of every step (one mini-batch each).
+        Training loss of every step (one batch each).
     eval_step : list of int
-        Steps (1-based; 0 is before training) at which ``eval_data`` was evaluated.
+        Steps (1-based; 0 is before training) at which the evaluation callback ran.
     eval_loss, eval_accuracy : list of float
-        Loss and accuracy on ``eval_data`` at those steps.
+        Loss and accuracy it returned at those steps.
     step_seconds : list of float
         Wall time of every training step (evaluation excluded); its median is robust to the
         occasional step that a busy machine slows down.
@@ -107,6 +126,118 @@ def evaluate(model: Module, data: Dataset) -> tuple[float, float]:
     return loss, accuracy
 
 
+def _check_positive_int(caller: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
+
+
+def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -> Tensor:
+    """One optimizer step: zero the gradients, compute the loss, backpropagate, update.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        Holds the parameters to update (those with ``requires_grad=True``).
+    compute_loss : callable
+        ``compute_loss()`` runs the forward pass and returns the scalar loss Tensor.
+
+    Returns
+    -------
+    The loss Tensor (shape ()), with its graph.
+    """
+    optimizer.zero_grad()
+    loss = compute_loss()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def fit(
+    loss_fn: Callable[[Batch], Tensor],
+    batches: Iterable[Batch],
+    optimizer: optim.Optimizer,
+    *,
+    steps: int,
+    lr_schedule: Callable[[int], float] | None = None,
+    eval_fn: Callable[[], tuple[float, float]] | None = None,
+    eval_every: int = 50,
+    progress: bool = False,
+    desc: str = "train",
+    leave: bool = False,
+) -> History:
+    """The training loop: one `train_step` per batch, ``steps`` of them.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(batch)`` returns the scalar loss Tensor of one batch.
+    batches : iterable
+        Yields at least ``steps`` batches; drawing a batch is not counted in the step time.
+    optimizer : Optimizer
+    steps : int
+        Number of optimizer steps (> 0).
+    lr_schedule : callable, optional
+        ``lr_schedule(i)`` for step i = 0, 1, ...: the factor applied to every parameter group's
+        initial learning rate before that step (e.g. a cosine decay). None keeps it constant.
+    eval_fn : callable, optional
+        ``eval_fn()`` returns (loss, accuracy); called before training, every ``eval_every``
+        steps and after the last step, and recorded in the History.
+    eval_every : int, default 50
+        Also how often the progress bar's postfix is updated: the mean training loss of the last
+        ``eval_every`` steps and, with ``eval_fn``, the latest accuracy.
+    progress : bool, default False
+        Show a tqdm progress bar (on stderr).
+    desc : str
+        The progress bar's label.
+    leave : bool, default False
+        Keep the finished bar on screen (with its final postfix) instead of clearing it.
+
+    Returns
+    -------
+    History
+    """
+    _check_positive_int("fit", "steps", steps)
+    _check_positive_int("fit", "eval_every", eval_every)
+    history = History()
+    initial_lr = [group["lr"] for group in optimizer.param_groups]
+
+    def record(step: int) -> None:
+        if eval_fn is not None:
+            loss, accuracy = eval_fn()
+            history.eval_step.append(step)
+            history.eval_loss.append(loss)
+            history.eval_accuracy.append(accuracy)
+
+    record(0)
+    bar = None
+    if progress:
+        from tqdm.std import tqdm
+
+        bar = tqdm(total=steps, desc=desc, mininterval=0.5, leave=leave)
+    try:
+        for step, batch in zip(range(1, steps + 1), batches):
+            if lr_schedule is not None:
+                factor = lr_schedule(step - 1)
+                for group, lr in zip(optimizer.param_groups, initial_lr, strict=True):
+                    group["lr"] = lr * factor
+            start = time.perf_counter()
+            loss = train_step(optimizer, lambda batch=batch: loss_fn(batch))
+            history.step_seconds.append(time.perf_counter() - start)
+            history.loss.append(float(loss.item()))
+            if step % eval_every == 0 or step == steps:
+                record(step)
+                if bar is not None:
+                    bar.set_postfix_str(_postfix(history, eval_every), refresh=False)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(history.loss) < steps:
+        raise ValueError(f"fit: batches ran out after {len(history.loss)} of {steps} steps")
+    return history
+
+
 def train_classifier(
     model: Module,
     data: Dataset,
@@ -126,7 +257,7 @@ def train_classifier(
     """Train every parameter of ``model`` that requires a gradient, with cross-entropy loss.
 
     Mini-batches come from `batch_indices` (a shuffled order, reshuffled each epoch, seeded with
-    ``seed``), so a run is reproducible.
+    ``seed``), so a run is reproducible; the loop is `fit`.
 
     Parameters
     ----------
@@ -159,20 +290,9 @@ def train_classifier(
     -------
     History
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-        raise ValueError(f"train_classifier: steps must be a positive int, got {steps!r}")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size <= 0
-    ):
-        raise ValueError(f"train_classifier: batch_size must be a positive int, got {batch_size!r}")
-    if (
-        isinstance(eval_every, bool)
-        or not isinstance(eval_every, (int, np.integer))
-        or eval_every <= 0
-    ):
-        raise ValueError(f"train_classifier: eval_every must be a positive int, got {eval_every!r}")
+    _check_positive_int("train_classifier", "steps", steps)
+    _check_positive_int("train_classifier", "batch_size", batch_size)
+    _check_positive_int("train_classifier", "eval_every", eval_every)
     if optimizer not in OPTIMIZERS:
         raise ValueError(
             f"train_classifier: optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}"
@@ -184,43 +304,18 @@ def train_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_classifier: the model has no parameter with requires_grad=True")
-    opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
-    history = History()
-
-    def record(step: int) -> None:
-        if eval_data is not None:
-            loss, acc = evaluate(model, eval_data)
-            history.eval_step.append(step)
-            history.eval_loss.append(loss)
-            history.eval_accuracy.append(acc)
-
-    record(0)
     model.train()
-    bar = None
-    if progress:
-        from tqdm.std import tqdm
-
-        bar = tqdm(total=steps, desc=desc, mininterval=0.5, leave=leave)
-    try:
-        batches = batch_indices(len(data), batch_size=batch_size, steps=steps, seed=seed)
-        for step, idx in enumerate(batches, start=1):
-            start = time.perf_counter()
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            history.step_seconds.append(time.perf_counter() - start)
-            history.loss.append(float(loss.item()))
-            if step % eval_every == 0 or step == steps:
-                record(step)
-                if bar is not None:
-                    bar.set_postfix_str(_postfix(history, eval_every), refresh=False)
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-    return history
+    return fit(
+        lambda idx: F.cross_entropy(model(data.x[idx]), data.y[idx]),
+        batch_indices(len(data), batch_size=batch_size, steps=steps, seed=seed),
+        OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay),
+        steps=steps,
+        eval_fn=None if eval_data is None else lambda: evaluate(model, eval_data),
+        eval_every=eval_every,
+        progress=progress,
+        desc=desc,
+        leave=leave,
+    )
 
 
 def _postfix(history: History, window: int) -> str:

@@ -8,7 +8,7 @@ from loralab import optim
 from loralab.datasets import Dataset
 from loralab.lora import inject_lora
 from loralab.nn import MLP
-from loralab.training import batch_indices, evaluate, train_classifier
+from loralab.training import batch_indices, evaluate, fit, train_classifier
 
 
 def blobs(n=120, seed=0):
@@ -74,12 +74,31 @@ def test_evaluate_restores_training_mode():
     assert not model.training
 
 
-def test_batch_larger_than_data_uses_all_rows():
-    data = blobs(10)
+class RecordingMLP(MLP):
+    """An MLP that remembers the rows of every batch it is trained on (by their first feature)."""
+
+    def __init__(self, sizes):
+        super().__init__(sizes, seed=0)
+        self.seen = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(np.asarray(x)[:, 0].tolist())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "per_epoch"), [(10, 64, 1), (12, 4, 3), (9, 3, 3)])
+def test_training_visits_every_row_exactly_once_per_epoch(n, batch_size, per_epoch):
+    data = blobs(n)
+    data = Dataset(np.column_stack([np.arange(n), data.x[:, 1:]]).astype(np.float32), data.y)
+    model = RecordingMLP([4, 8, 3])
     history = train_classifier(
-        MLP([4, 8, 3], seed=0), data, steps=3, lr=1e-2, batch_size=64, progress=False
+        model, data, steps=3 * per_epoch, lr=1e-2, batch_size=batch_size, progress=False
     )
-    assert len(history.loss) == 3
+    assert len(history.loss) == len(model.seen) == 3 * per_epoch
+    for epoch in range(3):
+        rows = sum(model.seen[epoch * per_epoch : (epoch + 1) * per_epoch], [])
+        assert sorted(rows) == list(range(n))  # every row once, none twice, none left out
 
 
 @pytest.mark.parametrize(
@@ -169,3 +188,19 @@ def test_progress_bar_shows_running_loss_and_eval_accuracy(capsys):
 def test_no_progress_bar_writes_nothing(capsys):
     train_classifier(MLP([4, 8, 3], seed=0), blobs(), steps=3, lr=1e-2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_fit_scales_the_learning_rate_and_refuses_too_few_batches():
+    data, model = blobs(), MLP([4, 8, 3], seed=0)
+    opt = optim.SGD(list(model.parameters()), lr=0.1)
+    lrs = []
+
+    def loss_fn(idx):
+        lrs.append(opt.param_groups[0]["lr"])
+        return F.cross_entropy(model(data.x[idx]), data.y[idx])
+
+    batches = batch_indices(len(data), batch_size=8, steps=3)
+    history = fit(loss_fn, batches, opt, steps=3, lr_schedule=lambda i: 1.0 / (i + 1))
+    assert lrs == pytest.approx([0.1, 0.05, 0.1 / 3]) and len(history.loss) == 3
+    with pytest.raises(ValueError, match="batches ran out after 2 of 3 steps"):
+        fit(loss_fn, [np.arange(4)] * 2, opt, steps=3)
