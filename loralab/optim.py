@@ -7,6 +7,7 @@ r (d + k) numbers per adapted matrix instead of d k: that is most of LoRA's memo
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,47 @@ import numpy as np
 from loralab.tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
+
+# PyTorch's words for each option, so that a refused option reads the same on both sides.
+_OPTION_WORDS = {
+    "lr": "learning rate",
+    "eps": "epsilon value",
+    "weight_decay": "weight_decay value",
+    "momentum": "momentum value",
+}
+
+
+def _real(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_options(options: dict[str, Any], where: str, group: str) -> None:
+    """Refuse what torch.optim refuses, in its words, and also infinite values.
+
+    ``where`` names the optimizer, ``group`` the parameter group ("" for the defaults).
+    """
+    for key, words in _OPTION_WORDS.items():
+        if key in options:
+            value = _real(options[key], key, where)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(
+                    f"{where}: Invalid {words}: {options[key]}{group} "
+                    "(expected a finite number >= 0)"
+                )
+    if "betas" in options:
+        betas = options["betas"]
+        if isinstance(betas, str) or not isinstance(betas, (tuple, list)):
+            raise TypeError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}{group}")
+        if len(betas) != 2:
+            raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}{group}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= _real(beta, f"beta parameter at index {i}", where) < 1.0:
+                raise ValueError(
+                    f"{where}: Invalid beta parameter at index {i}: {beta}{group} "
+                    "(expected a number in [0, 1))"
+                )
 
 
 class Optimizer:
@@ -26,27 +68,58 @@ class Optimizer:
         Each dict is a parameter group whose keys override ``defaults``.
     defaults : dict
         Hyper-parameters of the groups that do not set their own.
+
+    Raises
+    ------
+    TypeError
+        For params that are not a list of Tensors or of dicts, or an option that is not a number.
+    ValueError
+        For an empty list, a group without ``"params"``, a parameter in two groups, or an option
+        that torch.optim refuses (negative or NaN lr, eps, weight_decay, momentum; betas outside
+        [0, 1)), or an infinite one.
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]):
+        name = type(self).__name__
+        if isinstance(params, Tensor):
+            raise TypeError(
+                f"{name}: params argument given to the optimizer should be an iterable of "
+                "Tensors or dicts, but got Tensor"
+            )
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                f"{name}: optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         params = list(params)
         if not params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+            raise ValueError(f"{name}: got an empty parameter list")
+        _check_options(defaults, name, "")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: list[dict[str, Any]] = []
         seen: set[int] = set()
-        for g in groups:
-            group = {**defaults, **g, "params": list(g["params"])}
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict):
+                raise TypeError(f"{name}: param_group must be a dict, but got {type(g).__name__}")
+            if "params" not in g:
+                raise ValueError(f"{name}: parameter group {i} has no 'params' (keys: {sorted(g)})")
+            group = {**defaults, **g}
+            group["params"] = (
+                [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+            )
             for p in group["params"]:
                 if not isinstance(p, Tensor):
                     raise TypeError(
-                        f"{type(self).__name__}: expected Tensors, got {type(p).__name__}"
+                        f"{name}: optimizer can only optimize Tensors, but one of the params is "
+                        f"{type(p).__name__}"
                     )
-                if id(p) in seen:
-                    raise ValueError(f"{type(self).__name__}: a parameter appears in two groups")
-                seen.add(id(p))
-            if group["lr"] < 0:
-                raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {group['lr']}")
+            ids = {id(p) for p in group["params"]}
+            if len(ids) < len(group["params"]):
+                raise ValueError(f"{name}: a parameter appears twice in parameter group {i}")
+            if ids & seen:
+                raise ValueError(f"{name}: some parameters appear in more than one parameter group")
+            seen |= ids
+            _check_options(group, name, f" in parameter group {i}")
             self.param_groups.append(group)
         self.state: dict[int, dict[str, Any]] = {}
 
@@ -115,8 +188,6 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ):
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         super().__init__(
             params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )

@@ -92,12 +92,107 @@ def test_state_only_for_updated_parameters_and_groups_have_their_own_lr():
 def test_optimizer_errors():
     with pytest.raises(ValueError, match="empty parameter list"):
         Adam([])
-    with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
-        SGD([Tensor(np.ones(1), requires_grad=True)], lr=-1)
-    with pytest.raises(TypeError, match="expected Tensors, got ndarray"):
+    with pytest.raises(
+        TypeError, match="can only optimize Tensors, but one of the params is ndarray"
+    ):
         SGD([np.ones(2)], lr=0.1)
-    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\)"):
-        Adam([Tensor(np.ones(1), requires_grad=True)], betas=(1.0, 0.9))
+
+
+def one_param():
+    return [Tensor(np.ones(1), requires_grad=True)]
+
+
+NAN, INF = float("nan"), float("inf")
+# (optimizer, options, PyTorch's message). Stricter than torch: no infinite lr, no NaN lr in SGD.
+BAD_OPTIONS = [
+    ("Adam", {"lr": NAN}, "Invalid learning rate: nan"),
+    ("SGD", {"lr": -0.1}, "Invalid learning rate: -0.1"),
+    ("Adam", {"lr": -1e-3}, "Invalid learning rate: -0.001"),
+    ("Adam", {"eps": -1e-8}, "Invalid epsilon value: -1e-08"),
+    ("AdamW", {"eps": NAN}, "Invalid epsilon value: nan"),
+    ("Adam", {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+    ("AdamW", {"weight_decay": NAN}, "Invalid weight_decay value: nan"),
+    ("SGD", {"lr": 0.1, "weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+    ("SGD", {"lr": 0.1, "momentum": -0.5}, "Invalid momentum value: -0.5"),
+    ("Adam", {"betas": (1.0, 0.9)}, "Invalid beta parameter at index 0: 1.0"),
+    ("Adam", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+    ("AdamW", {"betas": (NAN, 0.9)}, "Invalid beta parameter at index 0: nan"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "message"), BAD_OPTIONS)
+def test_optimizers_refuse_what_torch_refuses_in_its_words(name, options, message):
+    import loralab.optim as lo
+
+    with pytest.raises(ValueError, match=f"^{name}: {message}"):
+        getattr(lo, name)(one_param(), **options)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(("name", "options", "message"), BAD_OPTIONS)
+def test_torch_refuses_the_same_options_in_the_same_words(name, options, message):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        getattr(torch.optim, name)([torch.ones(1, requires_grad=True)], **options)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "match"),
+    [
+        ("SGD", {"lr": INF}, ValueError, "Invalid learning rate: inf"),
+        ("SGD", {"lr": NAN}, ValueError, "Invalid learning rate: nan"),
+        ("Adam", {"lr": INF}, ValueError, "Invalid learning rate: inf"),
+        ("SGD", {"lr": 0.1, "momentum": INF}, ValueError, "Invalid momentum value: inf"),
+        (
+            "Adam",
+            {"betas": (0.9,)},
+            ValueError,
+            r"betas must be two numbers in \[0, 1\), got \(0.9,\)",
+        ),
+        ("Adam", {"betas": (0.9, 0.99, 0.1)}, ValueError, "betas must be two numbers"),
+        ("Adam", {"betas": 0.9}, TypeError, "betas must be two numbers"),
+        (
+            "Adam",
+            {"betas": ("0.9", 0.99)},
+            TypeError,
+            "beta parameter at index 0 must be a real number",
+        ),
+        ("SGD", {"lr": "0.1"}, TypeError, "lr must be a real number, got '0.1'"),
+        ("Adam", {"lr": True}, TypeError, "lr must be a real number, got True"),
+        ("Adam", {"eps": None}, TypeError, "eps must be a real number, got None"),
+    ],
+)
+def test_optimizers_refuse_other_bad_options(name, options, error, match):
+    import loralab.optim as lo
+
+    with pytest.raises(error, match=match):
+        getattr(lo, name)(one_param(), **options)
+
+
+def test_parameter_groups_are_checked_like_the_defaults():
+    p, q = one_param()[0], one_param()[0]
+    with pytest.raises(
+        ValueError, match=r"Adam: parameter group 1 has no 'params' \(keys: \['lr'\]\)"
+    ):
+        Adam([{"params": [p]}, {"lr": 0.1}])
+    with pytest.raises(ValueError, match="Adam: Invalid learning rate: -1 in parameter group 1"):
+        Adam([{"params": [p]}, {"params": [q], "lr": -1}])
+    with pytest.raises(
+        ValueError, match="Invalid beta parameter at index 1: 1.5 in parameter group 0"
+    ):
+        Adam([{"params": [p], "betas": (0.9, 1.5)}])
+    with pytest.raises(TypeError, match="SGD: param_group must be a dict, but got Tensor"):
+        SGD([{"params": [p]}, q], lr=0.1)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+    with pytest.raises(ValueError, match="Adam: a parameter appears twice in parameter group 0"):
+        Adam([p, q, p])
+    with pytest.raises(
+        TypeError, match="should be an iterable of Tensors or dicts, but got Tensor"
+    ):
+        SGD(p, lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        SGD({p, q}, lr=0.1)
 
 
 @pytest.mark.parametrize(
