@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> float:
     import loralab.torch.gpt  # noqa: F401  (registers the GPT's converters)
     from loralab import optim
     from loralab.lora import inject_lora
-    from loralab.models import get_batch, load_corpus, load_pretrained
+    from loralab.models import get_batch, load_corpus, load_gpt
     from loralab.torch import to_torch
 
     torch.set_num_threads(args.threads)
-    model = inject_lora(load_pretrained(), ["q", "v"], r=8, alpha=16, seed=0)
+    model = inject_lora(load_gpt(), ["q", "v"], r=8, alpha=16, seed=0)
     twin = to_torch(model)
     np_opt = optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     t_opt = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=1e-3)

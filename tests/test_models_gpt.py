@@ -16,7 +16,7 @@ from loralab.models import (
     causal_attention,
     get_batch,
     load_corpus,
-    load_pretrained,
+    load_gpt,
 )
 from loralab.models.gpt import Attention
 
@@ -202,7 +202,7 @@ def test_corpora_load_and_batches_shift_by_one():
 
 
 def test_shipped_checkpoint_is_better_on_genesis_than_on_bierce():
-    model = load_pretrained()
+    model = load_gpt()
     genesis = model.evaluate(load_corpus("genesis").val[:8000])
     devil = model.evaluate(load_corpus("devil").val[:8000])
     assert genesis < 2.0 and devil > genesis + 0.3

@@ -1,12 +1,12 @@
 """Adapt the pre-trained GPT to another corpus with LoRA, and the LoRA paper's analyses of the result.
 
-:func:`adapt` is the one training loop the tutorials share; :func:`subspace_similarity` and
-:func:`delta_w_vs_w` are the paper's Section 7 measurements (Figures 3-4 and Table 7).
+:func:`adapt` (tutorials 09 and 10) trains with `loralab.training.fit`;
+:func:`subspace_similarity` and :func:`delta_w_vs_w` are the paper's Section 7 measurements
+(Figures 3-4 and Table 7).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +17,8 @@ from loralab import optim
 from loralab.lora import count_parameters, inject_lora
 from loralab.lora.variants import loraplus_param_groups
 from loralab.models.data import get_batch, load_corpus
-from loralab.models.gpt import GPT, load_pretrained
+from loralab.models.gpt import GPT, load_gpt
+from loralab.training import fit
 
 __all__ = ["AdaptResult", "adapt", "subspace_similarity", "delta_w_vs_w"]
 
@@ -90,32 +91,23 @@ def adapt(
         ``use_dora``, ``use_rslora``, ``init``, ``dropout`` for :func:`~loralab.lora.inject_lora`.
     """
     data = load_corpus(corpus)
-    model = base if base is not None else load_pretrained()
+    model = base if base is not None else load_gpt()
     inject_lora(model, target_modules, r=r, alpha=alpha, seed=seed, **lora_options)
     if loraplus_lr_ratio is None:
         groups: Any = [p for p in model.parameters() if p.requires_grad]
     else:
         groups = loraplus_param_groups(model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio)
-    opt = optim.Adam(groups, lr=lr)
     rng = np.random.default_rng(seed)
-    losses, times = [], []
+    batches = (get_batch(data.train, batch_size, context, rng) for _ in range(steps))
     model.train()
-    for _ in range(steps):
-        x, y = get_batch(data.train, batch_size, context, rng)
-        start = time.perf_counter()
-        loss = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss.item()))
+    history = fit(lambda batch: model.loss(*batch), batches, optim.Adam(groups, lr=lr), steps=steps)
     model.eval()
     return AdaptResult(
         model,
         model.evaluate(data.val[:val_tokens]),
         count_parameters(model)[0],
-        float(np.median(times)) if times else 0.0,
-        losses,
+        float(np.median(history.step_seconds)),
+        history.loss,
     )
 
 

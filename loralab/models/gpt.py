@@ -16,20 +16,20 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loralab import functional as F
+from loralab.fileio import atomic_write
 from loralab.nn import GELU, Embedding, LayerNorm, Linear, Module, Sequential
 from loralab.nn.module import make_rng
 from loralab.tensor import Function, Tensor, no_grad
 
-__all__ = ["GPT", "Block", "CausalSelfAttention", "causal_attention", "load_pretrained"]
+__all__ = ["GPT", "Block", "CausalSelfAttention", "causal_attention", "load_gpt", "GPT_CHECKPOINT"]
 
-CHECKPOINT = "gpt_genesis.safetensors"
+GPT_CHECKPOINT = "checkpoints/gpt_genesis.safetensors"  # inside the package's data folder
 
 
 @functools.lru_cache(maxsize=8)
@@ -327,18 +327,9 @@ class GPT(Module):
         """
         from safetensors.numpy import save_file
 
-        path = Path(path)
         meta = {"format": "np", "config": json.dumps(self.config), **(metadata or {})}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}, tmp, meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        state = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
+        return atomic_write(path, lambda tmp: save_file(state, tmp, meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: Any = np.float32) -> GPT:
@@ -360,13 +351,13 @@ class GPT(Module):
         return ", ".join(f"{k}={v}" for k, v in self.config.items())
 
 
-def load_pretrained(*, dtype: Any = np.float32) -> GPT:
+def load_gpt(*, dtype: Any = np.float32) -> GPT:
     """The GPT pre-trained on Genesis that ships with loralab (``loralab/data/checkpoints``).
 
     Regenerate it with ``python -m loralab.models.pretrain`` (deterministic from its seed).
     """
     from importlib import resources
 
-    ref = resources.files("loralab.data").joinpath("checkpoints").joinpath(CHECKPOINT)
+    ref = resources.files("loralab.data").joinpath(GPT_CHECKPOINT)
     with resources.as_file(ref) as path:
         return GPT.load(path, dtype=dtype)

@@ -16,14 +16,15 @@ import numpy as np
 
 from loralab import optim
 from loralab.models.data import CharTokenizer, get_batch, load_corpus
-from loralab.models.gpt import CHECKPOINT, GPT
+from loralab.models.gpt import GPT, GPT_CHECKPOINT
+from loralab.training import fit
 
-__all__ = ["pretrain", "MODEL_CONFIG", "main"]
+__all__ = ["pretrain_gpt", "MODEL_CONFIG", "main"]
 
 MODEL_CONFIG = {"context_length": 64, "d_model": 64, "n_layers": 2, "n_heads": 4}
 
 
-def pretrain(
+def pretrain_gpt(
     *,
     steps: int = 1500,
     batch_size: int = 32,
@@ -40,23 +41,20 @@ def pretrain(
     """
     data = load_corpus(corpus)
     model = GPT(CharTokenizer().vocab_size, **MODEL_CONFIG, seed=seed)
-    params = list(model.parameters())
-    opt = optim.Adam(params, lr=lr)
     rng = np.random.default_rng(seed)
-    steps_iter = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps_iter = tqdm(steps_iter, desc=f"pre-training on {corpus}")
-    for step in steps_iter:
-        opt.param_groups[0]["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-        x, y = get_batch(data.train, batch_size, model.context_length, rng)
-        loss = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if progress and step % 100 == 0:
-            steps_iter.set_postfix(loss=f"{loss.item():.3f}")
+    batches = (get_batch(data.train, batch_size, model.context_length, rng) for _ in range(steps))
+    model.train()
+    fit(
+        lambda batch: model.loss(*batch),
+        batches,
+        optim.Adam(list(model.parameters()), lr=lr),
+        steps=steps,
+        lr_schedule=lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps)),
+        eval_every=100,
+        progress=progress,
+        desc=f"pre-training on {corpus}",
+        leave=True,
+    )
     return model.eval()
 
 
@@ -68,10 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: the shipped checkpoint")
     args = parser.parse_args(argv)
-    model = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model = pretrain_gpt(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     out = args.out
     if out is None:
-        out = Path(str(resources.files("loralab.data").joinpath("checkpoints"))) / CHECKPOINT
+        out = Path(str(resources.files("loralab.data").joinpath(GPT_CHECKPOINT)))
     out.parent.mkdir(parents=True, exist_ok=True)
     command = (
         "python -m loralab.models.pretrain "
