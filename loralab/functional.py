@@ -82,7 +82,17 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     Tensor of shape (..., out_features)
     """
     w_shape = np.shape(_data(weight))
-    _check_last_dim("x", x, w_shape[1], f"linear(weight of shape {w_shape})")
+    if len(w_shape) != 2:
+        raise ValueError(
+            f"linear: expected weight of shape (out_features, in_features), got {w_shape}"
+        )
+    what = f"linear(weight of shape {w_shape})"
+    _check_last_dim("x", x, w_shape[1], what)
+    # A bias of shape (N, out) would broadcast in the forward, but its gradient is (out,).
+    if bias is not None and np.shape(_data(bias)) != w_shape[:1]:
+        raise ValueError(
+            f"{what}: expected bias of shape ({w_shape[0]},), got {np.shape(_data(bias))}"
+        )
     return Linear.apply(as_tensor(x), weight, bias)
 
 
@@ -365,6 +375,8 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             d = np.shape(_data(p))
+            if len(d) != 1:
+                raise ValueError(f"layer_norm: expected {name} of shape (d,), got {d}")
             _check_last_dim("x", x, d[0], f"layer_norm({name} of shape {d})")
     return LayerNorm.apply(as_tensor(x), weight, bias, eps=eps)
 
@@ -396,7 +408,12 @@ def embedding(indices: Any, weight: Any) -> Tensor:
     Tensor of shape (..., embedding_dim)
     """
     idx = np.asarray(_data(indices))
-    n = np.shape(_data(weight))[0]
+    w_shape = np.shape(_data(weight))
+    if len(w_shape) != 2:
+        raise ValueError(
+            f"embedding: expected weight of shape (num_embeddings, embedding_dim), got {w_shape}"
+        )
+    n = w_shape[0]
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
     if idx.size and (idx.min() < 0 or idx.max() >= n):

@@ -92,6 +92,45 @@ def test_errors_name_the_bad_value():
         F.mse_loss(np.ones(3), np.ones(4))
 
 
+@pytest.mark.parametrize(
+    ("weight", "bias", "match"),
+    [
+        # a bias of shape (N, out) broadcasts in the forward, but its gradient would be (out,)
+        (
+            (5, 4),
+            (2, 5),
+            r"linear\(weight of shape \(5, 4\)\): expected bias of shape \(5,\), got \(2, 5\)",
+        ),
+        ((5, 4), (4,), r"expected bias of shape \(5,\), got \(4,\)"),
+        ((5, 4), (), r"expected bias of shape \(5,\), got \(\)"),
+        ((4,), None, r"linear: expected weight of shape \(out_features, in_features\), got \(4,\)"),
+        ((), None, r"expected weight of shape \(out_features, in_features\), got \(\)"),
+        (
+            (1, 5, 4),
+            None,
+            r"expected weight of shape \(out_features, in_features\), got \(1, 5, 4\)",
+        ),
+    ],
+)
+def test_linear_refuses_weights_and_biases_of_the_wrong_shape(weight, bias, match):
+    b = None if bias is None else np.ones(bias)
+    with pytest.raises(ValueError, match=match):
+        F.linear(rand((2, 4)), rand(weight), b)
+
+
+def test_layer_norm_and_embedding_refuse_parameters_of_the_wrong_rank():
+    with pytest.raises(ValueError, match=r"layer_norm: expected weight of shape \(d,\), got \(\)"):
+        F.layer_norm(rand((2, 4)), np.ones(()))
+    with pytest.raises(
+        ValueError, match=r"layer_norm: expected bias of shape \(d,\), got \(1, 4\)"
+    ):
+        F.layer_norm(rand((2, 4)), np.ones(4), np.ones((1, 4)))
+    with pytest.raises(
+        ValueError, match=r"embedding: expected weight of shape \(num_embeddings, embedding_dim\)"
+    ):
+        F.embedding(np.array([0]), np.ones(4))
+
+
 def test_values_match_pytorch():
     torch = pytest.importorskip("torch")
     tf = torch.nn.functional
