@@ -147,6 +147,12 @@ def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -
     """
     optimizer.zero_grad()
     loss = compute_loss()
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "train_step: the loss does not depend on any parameter that requires a gradient, so "
+            "there is nothing to train (did it run under no_grad()? are the model's LoRA layers "
+            "merged? A merged layer computes with the frozen W0 + ΔW: call unmerge_lora first)"
+        )
     loss.backward()
     optimizer.step()
     return loss
@@ -304,6 +310,13 @@ def train_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_classifier: the model has no parameter with requires_grad=True")
+    # Any layer that can be merged says so with a ``merged`` flag (the loop knows no LoRA class).
+    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise ValueError(
+            f"train_classifier: the model's LoRA layers {merged} are merged: they compute with "
+            "the frozen W0 + ΔW, so A and B would get no gradient; call unmerge_lora(model) first"
+        )
     model.train()
     return fit(
         lambda idx: F.cross_entropy(model(data.x[idx]), data.y[idx]),

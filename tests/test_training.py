@@ -204,3 +204,33 @@ def test_fit_scales_the_learning_rate_and_refuses_too_few_batches():
     assert lrs == pytest.approx([0.1, 0.05, 0.1 / 3]) and len(history.loss) == 3
     with pytest.raises(ValueError, match="batches ran out after 2 of 3 steps"):
         fit(loss_fn, [np.arange(4)] * 2, opt, steps=3)
+
+
+def test_training_a_merged_model_says_it_is_merged():
+    """A merged LoRA layer computes with the frozen W0 + ΔW, so A and B would get no gradient."""
+    from loralab.lora import merge_lora, unmerge_lora
+
+    data = blobs(n=16)
+    model = MLP([4, 8, 3], seed=0)
+    inject_lora(model, ["0", "2"], r=2, alpha=4, seed=0)
+    merge_lora(model)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    with pytest.raises(
+        ValueError,
+        match=r"train_classifier: the model's LoRA layers \['0', '2'\] are merged.*unmerge_lora",
+    ):
+        train_classifier(model, data, steps=1, lr=0.1, progress=False)
+    # fit sees only a loss function: it says what is wrong and names merging as a cause.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(
+        RuntimeError, match=r"train_step: the loss does not depend on.*unmerge_lora"
+    ):
+        fit(
+            lambda _: F.cross_entropy(model(data.x), data.y),
+            [0],
+            optim.SGD(trainable, lr=0.1),
+            steps=1,
+        )
+    assert all(np.array_equal(p.data, before[n]) for n, p in model.named_parameters())
+    unmerge_lora(model)
+    train_classifier(model, data, steps=1, lr=0.1, progress=False)
