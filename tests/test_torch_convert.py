@@ -221,3 +221,33 @@ def test_import_loralab_does_not_import_torch():
     code = "import sys, loralab, loralab.lora, loralab.nn; loralab.lora.save_adapter; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"padding_idx": 0}, r"to_numpy: '1' is Embedding\(padding_idx=0\)"),
+        ({"max_norm": 1.0}, r"to_numpy: '1' is Embedding\(max_norm=1.0\)"),
+        ({"scale_grad_by_freq": True}, r"Embedding\(scale_grad_by_freq=True\)"),
+    ],
+)
+def test_embedding_options_that_change_behaviour_are_refused(options, match):
+    """padding_idx freezes a row's gradient, max_norm renormalises rows in the forward,
+    scale_grad_by_freq rescales gradients: loralab.nn.Embedding does none of these."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Embedding(5, 3, **options))
+    with pytest.raises(ValueError, match=match):
+        to_numpy(model)
+    plain = to_numpy(torch.nn.Sequential(torch.nn.Embedding(5, 3)))  # the default converts
+    assert isinstance(dict(plain.named_children())["0"], nn.Embedding)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_refused_naming_the_dtype(dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    model[2].to(dtype)
+    with pytest.raises(
+        TypeError, match=rf"to_numpy: parameter '2.weight' has dtype {dtype}.*float\(\)"
+    ):
+        to_numpy(model)
+    model.to(torch.float32)
+    assert dict(to_numpy(model).named_parameters())["2.weight"].dtype == np.float32

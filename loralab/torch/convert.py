@@ -358,6 +358,32 @@ register_numpy_converter(torch.nn.Sequential, _sequential_to_numpy)
 register_numpy_converter(LoRALinear, _lora_to_numpy)
 
 
+# Options of torch.nn.Embedding that change what it computes, with their neutral values.
+_EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False}
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_convertible(module: torch.nn.Module) -> None:
+    """Refuse, before converting anything, what loralab would compute differently."""
+    for name, t in module.named_modules():
+        if isinstance(t, torch.nn.Embedding):
+            # padding_idx keeps one row's gradient at zero, max_norm renormalises rows in the
+            # forward, scale_grad_by_freq rescales gradients: loralab.nn.Embedding does none.
+            for option, default in _EMBEDDING_DEFAULTS.items():
+                value = getattr(t, option)
+                if value != default:
+                    raise ValueError(
+                        f"to_numpy: {name or 'the model'!r} is Embedding({option}={value}), which "
+                        f"loralab.nn.Embedding does not implement (only {option}={default})"
+                    )
+    for name, p in module.named_parameters():
+        if p.dtype not in _NUMPY_DTYPES:
+            raise TypeError(
+                f"to_numpy: parameter {name!r} has dtype {p.dtype}; loralab computes in float32 "
+                "or float64: convert the model first with model.float() or model.double()"
+            )
+
+
 def to_numpy(module: torch.nn.Module) -> nn.Module:
     """Convert a torch model built from the layers `to_torch` produces back to loralab.
 
@@ -376,10 +402,14 @@ def to_numpy(module: torch.nn.Module) -> nn.Module:
     Raises
     ------
     TypeError
-        For a torch layer with no converter (the message says how to register one).
+        For a torch layer with no converter (the message says how to register one), or a
+        parameter that is not float32 or float64 (bfloat16, float16: NumPy has no bfloat16).
+    ValueError
+        For an ``Embedding`` with ``padding_idx``, ``max_norm`` or ``scale_grad_by_freq``.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"to_numpy: expected a torch.nn.Module, got {type(module).__name__}")
+    _check_convertible(module)
     memo: dict[int, nn.Module] = {}
 
     def convert(t: torch.nn.Module) -> nn.Module:
