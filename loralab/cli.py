@@ -69,7 +69,12 @@ def _add_params_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument(
         "--kv-heads", type=int, metavar="N", help="key/value heads (default: --heads)"
     )
-    model.add_argument("--vocab", type=int, metavar="N", help="vocabulary size")
+    model.add_argument(
+        "--vocab",
+        type=int,
+        metavar="N",
+        help="vocabulary size (without it, totals exclude the embeddings)",
+    )
     model.add_argument("--gated-mlp", action="store_true", help="SwiGLU MLP with a gate matrix")
     model.add_argument("--tied-embeddings", action="store_true", help="output head = embedding")
     lora = p.add_argument_group("LoRA and training")
@@ -91,14 +96,14 @@ _SHAPE_FLAGS = {
     "layers": "--layers",
     "d_ff": "--d-ff",
     "heads": "--heads",
-    "vocab": "--vocab",
 }
 
 
 def _shape_from_args(args: argparse.Namespace) -> counting.TransformerShape:
     given = [flag for dest, flag in _SHAPE_FLAGS.items() if getattr(args, dest) is not None]
-    if args.kv_heads is not None:
-        given.append("--kv-heads")
+    given += [
+        f for f, v in (("--kv-heads", args.kv_heads), ("--vocab", args.vocab)) if v is not None
+    ]
     if args.preset is not None:
         if given:
             raise UsageError(
@@ -122,7 +127,7 @@ def _shape_from_args(args: argparse.Namespace) -> counting.TransformerShape:
             d_ff=args.d_ff,
             n_heads=args.heads,
             n_kv_heads=args.kv_heads,
-            vocab_size=args.vocab,
+            vocab_size=0 if args.vocab is None else args.vocab,
             gated_mlp=args.gated_mlp,
             tied_embeddings=args.tied_embeddings,
         )
@@ -169,9 +174,12 @@ def _print_report(shape: counting.TransformerShape, est: counting.MemoryEstimate
     print(f"loralab params: {shape.name}")
     print(
         f"  shape:  d_model {shape.d_model:,}, {shape.n_layers} layers, d_ff {shape.d_ff:,}, "
-        f"{shape.n_heads} heads ({shape.n_kv_heads} kv), vocab {shape.vocab_size:,}, "
-        f"{'gated' if shape.gated_mlp else 'plain'} MLP"
+        f"{shape.n_heads} heads ({shape.n_kv_heads} kv), "
+        + (f"vocab {shape.vocab_size:,}, " if shape.vocab_size else "vocab not given, ")
+        + f"{'gated' if shape.gated_mlp else 'plain'} MLP"
     )
+    if not shape.vocab_size:
+        print("  note:   no --vocab, so the totals exclude the embeddings (and the output head)")
     if shape.source:
         print(f"  source: {shape.source}")
     print(
@@ -245,7 +253,8 @@ def _run_params(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"loralab params: error: {e}") from None
     if args.json:
-        print(json.dumps({"model": shape.name, **est.to_dict()}, indent=2))
+        report = {"model": shape.name, **est.to_dict(), "embeddings_included": shape.vocab_size > 0}
+        print(json.dumps(report, indent=2))
     else:
         _print_report(shape, est)
     return 0
@@ -258,14 +267,18 @@ def _add_grade_parser(subparsers) -> argparse.ArgumentParser:
         description="Execute exercise notebooks and score each exercise (exit 1 when any fails).",
     )
     parser.add_argument("notebooks", nargs="+", help="student notebook(s) (.ipynb)")
-    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    parser.add_argument("--timeout", default="120", help="seconds per cell (default 120)")
+    parser.add_argument(
+        "--time-limit", help="seconds per call of a student's function (default: the checks' 5)"
+    )
     return parser
 
 
 def _run_grade(args: argparse.Namespace) -> int:
     from loralab.exercises.grade import main as grade_main  # nbclient only when grading
 
-    return grade_main([*args.notebooks, "--timeout", str(args.timeout)])
+    limit = [] if args.time_limit is None else [f"--time-limit={args.time_limit}"]
+    return grade_main([*args.notebooks, f"--timeout={args.timeout}", *limit])
 
 
 # ---------------------------------------------------------------------------------------------

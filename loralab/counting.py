@@ -228,11 +228,16 @@ def lora_params_by_target(
     ----------
     shape : TransformerShape
     r : int
-        LoRA rank, > 0.
+        LoRA rank, 0 < r <= d_model (a larger r cannot raise the rank of ΔW).
     targets : iterable of str or str
         Names among `TransformerShape.targets` (``"q,v"`` also works).
     """
     r = _positive_int("r", r)
+    if r > shape.d_model:
+        raise ValueError(
+            f"r={r} exceeds d_model={shape.d_model}: ΔW = B A of a (out, in) weight has rank at "
+            "most min(out, in) <= d_model, so a larger r only adds parameters"
+        )
     shapes = shape.linear_shapes()
     return {
         t: shape.n_layers * lora_param_count(*shapes[t], r) for t in _check_targets(shape, targets)

@@ -136,7 +136,12 @@ def test_list_presets_json(capsys):
             "valid targets for gpt2: q, k, v, o, up, down",
         ),
         (["--preset", "gpt2", "--targets", "gate"], "gate needs a gated MLP"),
-        (["--d-model", "8", "--layers", "2"], "missing --d-ff, --heads, --vocab"),
+        (["--d-model", "8", "--layers", "2"], "missing --d-ff, --heads"),
+        (["--preset", "gpt2", "--r", "769"], "r=769 exceeds d_model=768"),
+        (
+            ["--d-model", "8", "--layers", "1", "--d-ff", "16", "--heads", "2", "--r", "9"],
+            "r=9 exceeds d_model=8",
+        ),
         ([], "give --preset NAME or a full shape"),
         (["--preset", "gpt2", "--heads", "4"], "not both"),
         (["--preset", "gpt2", "--dtype", "int8"], "invalid choice: 'int8'"),
@@ -180,3 +185,37 @@ def test_python_dash_m_loralab():
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["total_params"] == counting.get_preset("gpt2").num_params()
+
+
+SHAPE = ["--d-model", "8", "--layers", "2", "--d-ff", "32", "--heads", "2", "--kv-heads", "1"]
+
+
+def test_explicit_shape_without_vocab_excludes_embeddings(capsys):
+    out = run_json(capsys, *SHAPE, "--r", "2", "--targets", "q,v")
+    with_vocab = run_json(capsys, *SHAPE, "--vocab", "10", "--r", "2", "--targets", "q,v")
+    assert out["trainable_params"] == with_vocab["trainable_params"]
+    shape = counting.TransformerShape(d_model=8, n_layers=2, d_ff=32, n_heads=2, n_kv_heads=1)
+    assert out["total_params"] == shape.num_params()
+    assert with_vocab["total_params"] - out["total_params"] == 2 * 10 * 8  # embedding + head
+    assert out["embeddings_included"] is False
+    assert with_vocab["embeddings_included"] is True
+
+
+def test_human_output_says_embeddings_are_excluded_without_vocab(capsys):
+    assert main(["params", *SHAPE, "--r", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab not given" in out
+    assert "totals exclude the embeddings" in out
+    assert main(["params", *SHAPE, "--vocab", "10", "--r", "2"]) == 0
+    assert "exclude the embeddings" not in capsys.readouterr().out
+
+
+def test_rank_equal_to_d_model_is_allowed(capsys):
+    out = run_json(capsys, *SHAPE, "--r", "8", "--targets", "q")
+    assert out["trainable_params"] == 2 * 8 * (8 + 8)
+
+
+def test_counting_refuses_a_rank_above_d_model():
+    shape = counting.get_preset("gpt2")
+    with pytest.raises(ValueError, match="r=769 exceeds d_model=768"):
+        counting.lora_params_for_model(shape, 769)

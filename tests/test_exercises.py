@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -427,3 +432,108 @@ def test_an_answer_too_odd_to_compare_is_still_a_verdict(capsys):
     out = capsys.readouterr().out
     assert out.startswith("Not yet")
     assert "could not use what your function returned (RuntimeError: no array here)" in out
+
+
+# ------------------------------------------------------------ functions that hang, exit or NaN
+
+
+def _hangs(W0, A, B, scaling):
+    while True:
+        pass
+
+
+def test_a_function_that_never_returns_is_stopped_with_a_message(capsys):
+    start = time.perf_counter()
+    assert ex.check_merge(_hangs, time_limit=0.3) is False
+    assert time.perf_counter() - start < 5
+    out = capsys.readouterr().out
+    assert "`_hangs` did not return within 0.3 s" in out
+    assert "time_limit=" in out  # says how to allow more time
+
+
+def test_a_sleeping_function_is_stopped_too(capsys):
+    def merge(W0, A, B, scaling):
+        time.sleep(60)
+
+    start = time.perf_counter()
+    assert ex.check_merge(merge, time_limit=0.2) is False
+    assert time.perf_counter() - start < 5
+    assert "did not return within 0.2 s" in capsys.readouterr().out
+
+
+def test_the_time_limit_has_a_default_of_a_few_seconds():
+    assert 1 <= ex.TIME_LIMIT <= 10
+    assert inspect.signature(ex.check_merge).parameters["time_limit"].default is None
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_a_bad_time_limit_is_refused_by_name(limit):
+    with pytest.raises((ValueError, TypeError), match="time_limit must be"):
+        ex.check_merge(S.merge, time_limit=limit)
+
+
+def test_the_time_limit_leaves_no_alarm_or_handler_behind(capsys):
+    def handler(signum, frame):
+        raise AssertionError("the outer alarm fired")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        assert ex.check_merge(_hangs, time_limit=0.2) is False
+        assert ex.check_merge(S.merge, S.unmerge, time_limit=0.2) is True
+        assert signal.getsignal(signal.SIGALRM) is handler
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_an_outer_alarm_is_kept(capsys):
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        assert ex.check_merge(S.merge, S.unmerge, time_limit=2) is True
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 20 < remaining <= 30
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert fired == []
+
+
+def test_off_the_main_thread_the_check_still_runs(capsys):
+    results = []
+    worker = threading.Thread(target=lambda: results.append(ex.check_merge(S.merge, S.unmerge)))
+    worker.start()
+    worker.join(30)
+    assert results == [True]
+
+
+@pytest.mark.parametrize("call", [sys.exit, lambda: sys.exit("bye"), exit, quit])
+def test_sys_exit_in_student_code_is_caught_and_explained(call, capsys):
+    def merge(W0, A, B, scaling):
+        call()
+
+    assert ex.check_merge(merge) is False
+    out = capsys.readouterr().out
+    assert out.startswith("Not yet")
+    assert "`merge` called exit" in out
+    assert "return" in out
+
+
+def test_nan_from_a_low_rank_approx_gets_a_message_not_a_linalg_error(capsys):
+    assert ex.check_low_rank_approx(lambda W, r: np.full(W.shape, np.nan)) is False
+    out = capsys.readouterr().out
+    assert "LinAlgError" not in out and "could not use" not in out
+    assert "W_r contains nan at index (0, 0)" in out
+    assert "NaN (not a number)" in out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_results_are_explained_in_every_array_check(bad, capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return np.full((*x.shape[:-1], W0.shape[0]), bad)
+
+    assert ex.check_lora_forward(lora_forward) is False
+    out = capsys.readouterr().out
+    assert f"y contains {bad} at index (0, 0)" in out
+    assert ("NaN (not a number)" if np.isnan(bad) else "inf (an overflow") in out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
 
+from loralab.cli import main as cli_main
 from loralab.exercises import EXERCISES, MISTAKES
 from loralab.exercises.grade import exercise_cells, fill_notebook, grade_notebook, main
 
@@ -82,3 +84,96 @@ def test_grade_missing_notebook_exits_2(tmp_path, capsys):
 def test_fill_notebook_names_a_missing_solution():
     with pytest.raises(KeyError, match="lora_forward"):
         fill_notebook(NOTEBOOKS[0], {})
+
+
+def test_one_hanging_or_exiting_exercise_leaves_the_others_graded(tmp_path):
+    sources = _solution_sources()
+    sources["merge"] = "def merge(W0, A, B, scaling):\n    import sys\n    sys.exit()"
+    sources["sgd_step"] = (
+        "def sgd_step(params, grads, trainable, lr):\n    while True:\n        pass"
+    )
+    student = tmp_path / "04_merge_and_optimizer.ipynb"
+    fill_notebook(NOTEBOOKS[3], sources, student)
+    start = time.perf_counter()
+    report = grade_notebook(student, timeout=60, time_limit=0.5)
+    assert time.perf_counter() - start < 50
+    assert [(r.key, r.passed) for r in report.results] == [
+        ("merge", False),
+        ("sgd_step", False),
+        ("adam_step", True),
+    ]
+    assert "`merge` called exit" in report.results[0].message
+    assert "did not return within 0.5 s" in report.results[1].message
+    assert report.cell_errors == []
+
+
+def test_a_cell_that_never_finishes_is_interrupted_and_the_rest_is_graded(tmp_path):
+    sources = _solution_sources()
+    sources["sgd_step"] = "while True:\n    pass"  # at top level: the cell itself never ends
+    student = tmp_path / "04_merge_and_optimizer.ipynb"
+    fill_notebook(NOTEBOOKS[3], sources, student)
+    report = grade_notebook(student, timeout=3)
+    assert [(r.key, r.passed) for r in report.results] == [
+        ("merge", True),
+        ("sgd_step", False),
+        ("adam_step", True),
+    ]
+    assert "sgd_step is not defined" in report.results[1].message
+    assert any("3 s" in e for e in report.cell_errors), report.cell_errors
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("print('hello')\n", "not JSON"),
+        ('{"cells": [', "not JSON"),
+        ("[1, 2, 3]", "no cells"),
+        ('{"metadata": {}}', "no cells"),
+        ('{"cells": 5, "nbformat": 4, "nbformat_minor": 5, "metadata": {}}', "no cells"),
+        (b"\xff\xfe\x00binary", "not JSON"),
+    ],
+)
+@pytest.mark.parametrize("via_cli", [False, True])
+def test_grade_refuses_a_file_that_is_not_a_notebook(tmp_path, capsys, content, why, via_cli):
+    path = tmp_path / "homework.ipynb"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    argv = [str(path)]
+    assert (cli_main(["grade", *argv]) if via_cli else main(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("loralab grade: ")
+    assert str(path) in lines[0] and why in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_grade_checks_every_file_before_running_any(tmp_path, capsys):
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{}", encoding="utf-8")
+    assert main([str(NOTEBOOKS[0]), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the good notebook was not graded first
+    assert "bad.ipynb" in captured.err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "ten"])
+@pytest.mark.parametrize("via_cli", [False, True])
+def test_grade_timeout_must_be_positive(capsys, timeout, via_cli):
+    argv = [str(NOTEBOOKS[0]), f"--timeout={timeout}"]
+    assert (cli_main(["grade", *argv]) if via_cli else main(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert "--timeout" in lines[0] and timeout in lines[0]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "nan", "x"])
+def test_grade_time_limit_must_be_positive(capsys, limit):
+    assert main([str(NOTEBOOKS[0]), f"--time-limit={limit}"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--time-limit" in lines[0]

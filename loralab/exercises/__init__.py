@@ -1,8 +1,10 @@
 """Classroom exercises: implement a piece of LoRA, call its check, and read what is wrong.
 
-Each ``check_x(student_fn, *, strict=False)`` runs the student's function on fixed float64 inputs
-(odd shapes, a batch dimension, nonzero B), prints a verdict that names what differs and any known
-mistake it matches, and returns True or False; ``strict=True`` raises ``AssertionError`` instead.
+Each ``check_x(student_fn, *, strict=False, time_limit=None)`` runs the student's function on fixed
+float64 inputs (odd shapes, a batch dimension, nonzero B), prints a verdict that names what differs
+and any known mistake it matches, and returns True or False; ``strict=True`` raises
+``AssertionError`` instead. A call that runs longer than ``time_limit`` seconds (default
+`TIME_LIMIT`) is stopped and reported, as is a call of ``sys.exit()``.
 The exercise notebooks are in ``tutorials/exercises/``; ``loralab grade NOTEBOOK`` grades one.
 
 >>> import numpy as np
@@ -22,6 +24,7 @@ from loralab.exercises._checks import (
     check_param_count,
     check_subspace_similarity,
 )
+from loralab.exercises._feedback import TIME_LIMIT
 from loralab.exercises._mistakes import MISTAKES, Mistake
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "MISTAKES",
     "Exercise",
     "Mistake",
+    "TIME_LIMIT",
     "check_lora_backward",
     "check_lora_forward",
     "check_low_rank_approx",

@@ -1,7 +1,9 @@
 """The checks: run a student's function on fixed float64 inputs and explain any difference.
 
-Every check has the form ``check_x(student_fn, *, strict=False) -> bool``. It prints a verdict and returns
-True or False; with ``strict=True`` a wrong answer raises ``AssertionError`` carrying the same message.
+Every check has the form ``check_x(student_fn, *, strict=False, time_limit=None) -> bool``. It prints a
+verdict and returns True or False; with ``strict=True`` a wrong answer raises ``AssertionError`` carrying
+the same message. Each call of the student's function may run ``time_limit`` seconds (None: the default
+`TIME_LIMIT`, 5 s) before the check stops it and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from loralab.exercises import _mistakes as mis
 from loralab.exercises import _reference as ref
 from loralab.exercises._feedback import (
     Failure,
+    as_array,
     call_student,
     close,
     compare,
@@ -43,7 +46,9 @@ def _name(fn: Callable, default: str) -> str:
 # ----------------------------------------------------------------------------------- forward
 
 
-def check_lora_forward(student_fn: Callable, *, strict: bool = False) -> bool:
+def check_lora_forward(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
     """Check ``lora_forward(x, W0, A, B, scaling) -> y``.
 
     y = x W0^T + scaling * (x A^T) B^T with x of shape (..., in), W0 (out, in), A (r, in),
@@ -59,7 +64,10 @@ def check_lora_forward(student_fn: Callable, *, strict: bool = False) -> bool:
     config = "alpha" in names and "r" in names
     key = "lora_forward_from_config" if config else "lora_forward"
     return run_check(
-        key, lambda: _forward(student_fn, _name(student_fn, key), config), strict=strict
+        key,
+        lambda: _forward(student_fn, _name(student_fn, key), config),
+        strict=strict,
+        time_limit=time_limit,
     )
 
 
@@ -118,7 +126,9 @@ def _square_probe(fn, name, config) -> str | None:
 # ----------------------------------------------------------------------------------- backward
 
 
-def check_lora_backward(student_fn: Callable, *, strict: bool = False) -> bool:
+def check_lora_backward(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
     """Check ``lora_backward(dy, x, W0, A, B, scaling) -> (dx, dA, dB)``.
 
     For y = x W0^T + scaling * x A^T B^T and upstream gradient dy (..., out), summed over all
@@ -133,6 +143,7 @@ def check_lora_backward(student_fn: Callable, *, strict: bool = False) -> bool:
         "lora_backward",
         lambda: _backward(student_fn, _name(student_fn, "lora_backward")),
         strict=strict,
+        time_limit=time_limit,
     )
 
 
@@ -215,7 +226,11 @@ _MODEL_SHAPES = {
 
 
 def check_param_count(
-    student_fn: Callable, student_model_fn: Callable | None = None, *, strict: bool = False
+    student_fn: Callable,
+    student_model_fn: Callable | None = None,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
 ) -> bool:
     """Check ``lora_param_count(d, k, r) -> int`` and, if given, the whole-model count.
 
@@ -230,7 +245,10 @@ def check_param_count(
     without the LoRA parameters.
     """
     return run_check(
-        "param_count", lambda: _param_count(student_fn, student_model_fn), strict=strict
+        "param_count",
+        lambda: _param_count(student_fn, student_model_fn),
+        strict=strict,
+        time_limit=time_limit,
     )
 
 
@@ -255,7 +273,8 @@ def _param_count(fn, model_fn) -> str:
             note = mistake_note(mistake) if mistake else ""
             raise Failure(f"`{name}({d}, {k}, {r})` returned {got}, expected {expected}.{note}")
     d = k = 4096
-    n = fn(d, k, 8)
+    case = describe(d=d, k=k, r=8)
+    n = _as_int(call_student(fn, name, (d, k, 8), ("d", "k", "r"), case), "the count", case)
     detail = f"A {d} x {k} matrix with r = 8 trains {n:,} numbers instead of {d * k:,} ({n / (d * k):.2%})."
     if model_fn is None:
         return detail + " Pass `lora_model_param_count` as the second argument to check it too."
@@ -286,7 +305,9 @@ def _param_count(fn, model_fn) -> str:
 # --------------------------------------------------------------------------------- low rank
 
 
-def check_low_rank_approx(student_fn: Callable, *, strict: bool = False) -> bool:
+def check_low_rank_approx(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
     """Check ``low_rank_approx(W, r) -> W_r``, the best rank-r approximation via the SVD.
 
     W = U diag(sigma) V^T; W_r = U[:, :r] diag(sigma[:r]) V[:, :r]^T has W's shape (m, n), rank r, and
@@ -299,6 +320,7 @@ def check_low_rank_approx(student_fn: Callable, *, strict: bool = False) -> bool
         "low_rank_approx",
         lambda: _low_rank(student_fn, _name(student_fn, "low_rank_approx")),
         strict=strict,
+        time_limit=time_limit,
     )
 
 
@@ -315,7 +337,7 @@ def _low_rank(fn, name) -> str:
         problem = difference(got, expected, what="W_r", variants=mis.low_rank(W, r), case=case)
         if problem:
             arr = np.asarray(got, dtype=float)
-            if arr.shape == W.shape:
+            if arr.shape == W.shape and np.all(np.isfinite(arr)):
                 err2 = float(np.sum((W - arr) ** 2))
                 best = float(np.sum(np.square(sigma[r:])))
                 rank = int(np.linalg.matrix_rank(arr))
@@ -335,7 +357,11 @@ def _low_rank(fn, name) -> str:
 
 
 def check_merge(
-    student_merge: Callable, student_unmerge: Callable | None = None, *, strict: bool = False
+    student_merge: Callable,
+    student_unmerge: Callable | None = None,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
 ) -> bool:
     """Check ``merge(W0, A, B, scaling) -> W`` and, if given, ``unmerge(W, A, B, scaling) -> W0``.
 
@@ -345,7 +371,16 @@ def check_merge(
     Recognised mistakes: forgot the scaling; used alpha instead of alpha / r; ΔW transposed; wrong
     sign; changed W0 in place.
     """
-    return run_check("merge", lambda: _merge(student_merge, student_unmerge), strict=strict)
+    return run_check(
+        "merge",
+        lambda: _merge(student_merge, student_unmerge),
+        strict=strict,
+        time_limit=time_limit,
+    )
+
+
+_MERGE_ARGS = ("W0", "A", "B", "scaling")
+_UNMERGE_ARGS = ("W", "A", "B", "scaling")
 
 
 def _merge(merge_fn, unmerge_fn) -> str:
@@ -357,9 +392,7 @@ def _merge(merge_fn, unmerge_fn) -> str:
         W0, A, B = inp["W0"], inp["A"], inp["B"]
         case = describe(W0=W0, A=A, B=B, scaling=scaling)
         try:
-            W = call_student(
-                merge_fn, mname, (W0, A, B, scaling), ("W0", "A", "B", "scaling"), case
-            )
+            W = call_student(merge_fn, mname, (W0, A, B, scaling), _MERGE_ARGS, case)
         except Failure as failure:
             if failure.raised is None or isinstance(failure.raised, NotImplementedError):
                 raise
@@ -376,9 +409,11 @@ def _merge(merge_fn, unmerge_fn) -> str:
             continue
         W = ref.merge(W0, A, B, scaling)
         case = describe(W=W, A=A, B=B, scaling=scaling)
-        got = call_student(unmerge_fn, uname, (W, A, B, scaling), ("W", "A", "B", "scaling"), case)
+        got = call_student(unmerge_fn, uname, (W, A, B, scaling), _UNMERGE_ARGS, case)
         compare(got, W0, what="unmerge's W0", case=case, variants=mis.unmerge(W, A, B, scaling))
-        back = np.asarray(unmerge_fn(merge_fn(W0, A, B, scaling), A, B, scaling))
+        merged = call_student(merge_fn, mname, (W0, A, B, scaling), _MERGE_ARGS, case)
+        back = call_student(unmerge_fn, uname, (merged, A, B, scaling), _UNMERGE_ARGS, case)
+        back = as_array(back, "unmerge(merge(W0))", W0.shape, case)
         worst = max(worst, float(np.max(np.abs(back - W0))))
     if unmerge_fn is None:
         return "Pass `unmerge` as the second argument to check it too."
@@ -390,8 +425,10 @@ def _merge_probe(merge_fn) -> str | None:
     inp = ref.lora_inputs((1,), 6, 6, 3, 33)
     args = (inp["W0"], inp["A"], inp["B"], 5.0 / 3)
     try:
-        arr = np.asarray(merge_fn(*args), dtype=float)
-    except Exception:
+        arr = np.asarray(
+            call_student(merge_fn, _name(merge_fn, "merge"), args, _MERGE_ARGS, ""), dtype=float
+        )
+    except (Failure, TypeError, ValueError):
         return None
     mistake = match_mistake(arr, mis.merge(*args))
     if mistake is None:
@@ -405,7 +442,9 @@ def _merge_probe(merge_fn) -> str | None:
 # -------------------------------------------------------------------------------- optimizers
 
 
-def check_optimizer_step(student_fn: Callable, *, strict: bool = False) -> bool:
+def check_optimizer_step(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
     """Check one optimizer step that updates only the trainable parameters.
 
     Which optimizer is told by the parameter names. ``sgd_step(params, grads, trainable, lr)``
@@ -427,6 +466,7 @@ def check_optimizer_step(student_fn: Callable, *, strict: bool = False) -> bool:
         key,
         lambda: _optimizer(student_fn, _name(student_fn, key), key == "adam_step"),
         strict=strict,
+        time_limit=time_limit,
     )
 
 
@@ -511,7 +551,9 @@ def _unpack(result, adam, name, params, trainable, case):
 # ------------------------------------------------------------------------ subspace similarity
 
 
-def check_subspace_similarity(student_fn: Callable, *, strict: bool = False) -> bool:
+def check_subspace_similarity(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
     """Check ``subspace_similarity(U1, U2, i, j) -> float`` (LoRA paper, Section 7.2).
 
     U1 (d, r1) and U2 (d, r2) have orthonormal columns ordered by importance (e.g. the right-singular
@@ -525,6 +567,7 @@ def check_subspace_similarity(student_fn: Callable, *, strict: bool = False) -> 
         "subspace_similarity",
         lambda: _subspace(student_fn, _name(student_fn, "subspace_similarity")),
         strict=strict,
+        time_limit=time_limit,
     )
 
 

@@ -2,14 +2,25 @@
 
 A check body raises `Failure` with the whole message; `run_check` prints it (or the success
 note), returns True/False, and raises ``AssertionError`` with the same text when ``strict=True``.
+
+Every call of a student's function goes through `call_student`, which gives it at most
+``time_limit`` seconds (an endless loop becomes a verdict, not a hung notebook) and turns an
+exception, a call of ``sys.exit()`` or an input changed in place into a message.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
+import signal
+import sysconfig
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -18,6 +29,11 @@ from loralab.exercises._mistakes import Mistake
 
 RTOL = 1e-8
 ATOL = 1e-10
+
+#: Default seconds one call of a student's function may run before the check stops it.
+TIME_LIMIT = 5.0
+# The limit of the check now running (set by `run_check`, read by `call_student`).
+_time_limit: ContextVar[float] = ContextVar("loralab_exercise_time_limit", default=TIME_LIMIT)
 
 
 class Failure(Exception):
@@ -51,10 +67,15 @@ def positional_names(fn: Callable) -> list[str] | None:
     return [p.name for p in params if p.kind in kinds]
 
 
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
 def _where(exc: BaseException) -> str:
     """The last line of the student's own code in the traceback (not numpy internals)."""
     frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "site-packages" not in f.filename and not f.filename.startswith((_STDLIB, "<frozen"))
     ]
     frames = [f for f in frames if not f.filename.endswith(("_feedback.py", "_checks.py"))]
     if not frames:
@@ -64,11 +85,86 @@ def _where(exc: BaseException) -> str:
     return f"\n  It happened in `{frame.name}`, line {frame.lineno}{line}."
 
 
-def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[str], case: str):
-    """Call ``fn(*args)``; an exception or an input changed in place becomes a `Failure`."""
-    before = [copy.deepcopy(a) for a in args]
+def check_time_limit(time_limit: object) -> float:
+    """``time_limit`` as seconds (None means `TIME_LIMIT`); a positive finite number, else an error."""
+    if time_limit is None:
+        return TIME_LIMIT
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float, np.number)):
+        raise TypeError(
+            f"time_limit must be a positive number of seconds, got {type(time_limit).__name__} "
+            f"{time_limit!r}"
+        )
+    seconds = float(time_limit)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    return seconds
+
+
+class _TimeUp(BaseException):
+    """Raised inside a student's function when its time is up.
+
+    A BaseException, so that an ``except Exception`` in the student's code does not swallow it.
+    """
+
+
+def _on_alarm(signum, frame):
+    raise _TimeUp
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise `_TimeUp` in the body after ``seconds`` (SIGALRM; the main thread on POSIX only).
+
+    Elsewhere (another thread, Windows) there is no way to stop a Python function from outside
+    short of a process, so the body runs without a limit. An alarm already set by the caller
+    (pytest-timeout, say) is put back afterwards with its remaining time, as is its handler.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
-        out = fn(*args)
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, old_handler)
+            if outer > 0:
+                left = outer - (time.monotonic() - start)
+                signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+
+
+def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[str], case: str):
+    """Call ``fn(*args)`` for at most the check's time limit.
+
+    An exception, a call of ``sys.exit()``, running out of time or an input changed in place
+    becomes a `Failure` whose message says which.
+    """
+    before = [copy.deepcopy(a) for a in args]
+    seconds = _time_limit.get()
+    try:
+        with _alarm(seconds):
+            out = fn(*args)
+    except _TimeUp as exc:
+        raise Failure(
+            f"`{name}` did not return within {seconds:g} s, so the check stopped it.{_where(exc)}\n"
+            "  Look for a loop that never ends (a `while` whose condition stays true). If it is "
+            "only slow, give it more time: call the check with `time_limit=60` (seconds), or "
+            "`loralab grade --time-limit 60`."
+            f"\n  {case}"
+        ) from None
+    except SystemExit as exc:
+        raise Failure(
+            f"Your `{name}` called exit (`sys.exit()`, `exit()` or `quit()`).{_where(exc)}\n"
+            "  That would stop the whole program (in a notebook: the kernel). A function hands "
+            "back its result with `return`; to report a problem, `raise` an exception."
+            f"\n  {case}"
+        ) from None
     except NotImplementedError as exc:
         raise Failure(
             f"`{name}` is not implemented yet: replace the line `raise NotImplementedError` with "
@@ -149,6 +245,16 @@ def compare(
         raise Failure(f"{problem}\n  {case}")
 
 
+_NAN_HINT = (
+    "NaN (not a number) comes from 0/0, inf - inf, the square root or log of a negative "
+    "number, or an array made with np.empty and never filled."
+)
+_INF_HINT = (
+    "inf (an overflow or a division by zero) comes from dividing by a number that is zero, or "
+    "from values that grow without bound, e.g. a power or exp of a large number."
+)
+
+
 def difference(
     got,
     expected: np.ndarray,
@@ -172,7 +278,8 @@ def difference(
         return None
     if not np.all(np.isfinite(arr)):
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        msg = f"{what} contains {arr[bad]} at index {bad} (expected {expected[bad]:.6g})."
+        msg = f"{what} contains {arr[bad]} at index {bad} (expected {expected[bad]:.6g}). "
+        msg += _NAN_HINT if np.isnan(arr[bad]) else _INF_HINT
     else:
         err = np.abs(arr - expected)
         at = np.unravel_index(int(np.argmax(err)), err.shape)
@@ -186,12 +293,16 @@ def difference(
     return msg + (mistake_note(mistake) if mistake else "")
 
 
-def run_check(key: str, body: Callable[[], str], *, strict: bool) -> bool:
+def run_check(
+    key: str, body: Callable[[], str], *, strict: bool, time_limit: float | None = None
+) -> bool:
     """Run a check body; print the verdict; return True/False or raise in strict mode.
 
-    ``body`` returns an extra line for the success message or raises `Failure`.
+    ``body`` returns an extra line for the success message or raises `Failure`. Each call of
+    the student's function in it may take ``time_limit`` seconds (None: `TIME_LIMIT`).
     """
     exercise = EXERCISES[key]
+    token = _time_limit.set(check_time_limit(time_limit))
     try:
         detail = body()
     except Exception as exc:
@@ -208,6 +319,8 @@ def run_check(key: str, body: Callable[[], str], *, strict: bool) -> bool:
         if strict:
             raise AssertionError(message) from failure.raised
         return False
+    finally:
+        _time_limit.reset(token)
     message = f"Correct: {exercise.title}. {exercise.proved}"
     if detail:
         message += f"\n  {detail}"

@@ -9,8 +9,13 @@ the student writes there::
 
     {"tags": ["exercise"], "loralab": {"exercise": "merge", "functions": ["merge", "unmerge"]}}
 
-Usage: ``loralab grade NOTEBOOK...`` (this module's `main`); exit code 0 when every exercise
-passes, 1 when any fails, 2 when a notebook cannot be read.
+A student's function that never returns is stopped after ``time_limit`` seconds per call, a call of
+``sys.exit()`` is caught, and a cell that runs past ``timeout`` is interrupted: each makes that one
+exercise fail with a message saying so, and the others are still graded.
+
+Usage: ``loralab grade NOTEBOOK... [--timeout S] [--time-limit S]`` (this module's `main`); exit
+code 0 when every exercise passes, 1 when any fails, 2 when a notebook cannot be read (missing,
+not a notebook, no exercises) or an option is wrong: one line on stderr, and nothing is graded.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ from pathlib import Path
 from loralab.exercises._catalogue import EXERCISES
 from loralab.fileio import atomic_write
 
-_MARKER = "LORALAB-GRADE-RESULTS:"
+_MARKER = "LORALAB-GRADE-RESULT:"
 
 
 @dataclass
@@ -116,34 +122,77 @@ def _exercise_keys(nb, path: Path) -> list[str]:
     return keys or [k for k, e in EXERCISES.items() if e.notebook == path.name]
 
 
-def run_in_kernel(keys: list[str], namespace: dict) -> None:
-    """Run each exercise's check on the functions in ``namespace``; print the results as JSON.
+def run_in_kernel(keys: list[str], namespace: dict, time_limit: float | None = None) -> None:
+    """Run each exercise's check on the functions in ``namespace``; print each result as JSON.
 
-    Called by the extra cell that `grade_notebook` appends, inside the student's kernel.
+    Called by the extra cell that `grade_notebook` appends, inside the student's kernel. One line
+    per exercise, printed as soon as its check ends, so the results before a crash are kept.
     """
     from loralab import exercises
 
-    results = []
     for key in keys:
         ex = EXERCISES[key]
         fns = [namespace.get(name) for name in ex.functions]
         missing = [n for n, fn in zip(ex.functions, fns, strict=True) if not callable(fn)]
         if missing:
             msg = f"{', '.join(missing)} is not defined: the cell that defines it is missing or failed."
-            results.append({"key": key, "passed": False, "message": msg})
-            continue
-        out = io.StringIO()
-        with redirect_stdout(out):
-            try:
-                passed = bool(getattr(exercises, ex.check)(*fns))
-            except Exception as exc:  # a check must never stop the grading of the others
-                passed = False
-                print(f"The check itself failed: {type(exc).__name__}: {exc}")
-        results.append({"key": key, "passed": passed, "message": out.getvalue().strip()})
-    print(_MARKER + json.dumps(results))
+            row = {"key": key, "passed": False, "message": msg}
+        else:
+            out = io.StringIO()
+            with redirect_stdout(out):
+                try:
+                    passed = bool(getattr(exercises, ex.check)(*fns, time_limit=time_limit))
+                except (Exception, SystemExit) as exc:  # never stop the grading of the others
+                    passed = False
+                    print(f"The check itself failed: {type(exc).__name__}: {exc}")
+            row = {"key": key, "passed": passed, "message": out.getvalue().strip()}
+        print(_MARKER + json.dumps(row), flush=True)
 
 
-def grade_notebook(path, *, timeout: int = 120) -> GradeReport:
+class NotebookError(ValueError):
+    """A file that `grade_notebook` cannot grade; the message names the file and why."""
+
+
+def read_notebook(path):
+    """The notebook at ``path`` (nbformat v4), or `NotebookError` saying why it is not one."""
+    import nbformat
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotebookError(f"no such notebook: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotebookError(f"{path} is not a notebook: not JSON ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise NotebookError(f"cannot read {path}: {_first_line(exc)}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("cells"), list):
+        raise NotebookError(f"{path} is not a notebook: JSON with no cells list")
+    try:
+        nb = nbformat.reads(json.dumps(raw), as_version=4)
+    except Exception as exc:  # nbformat's errors have no common base
+        raise NotebookError(
+            f"{path} is not a notebook nbformat can read: {_first_line(exc)}"
+        ) from None
+    if not _exercise_keys(nb, path):
+        raise NotebookError(f"{path} holds no exercises")
+    return nb
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def grade_notebook(path, *, timeout: int = 120, time_limit: float | None = None) -> GradeReport:
     """Execute the notebook at ``path`` and check every exercise it contains.
 
     Parameters
@@ -151,47 +200,67 @@ def grade_notebook(path, *, timeout: int = 120) -> GradeReport:
     path : str or Path
         A student's copy of one of the notebooks in ``tutorials/exercises/``.
     timeout : int
-        Seconds allowed per cell.
+        Seconds allowed per cell; a cell that runs longer is interrupted and the rest still runs.
+    time_limit : float or None
+        Seconds allowed per call of a student's function during grading (None: the checks'
+        default, `loralab.exercises.TIME_LIMIT`).
 
     Returns
     -------
     GradeReport
         One `ExerciseResult` per exercise, and a note for each cell that raised.
+
+    Raises
+    ------
+    NotebookError
+        ``path`` is missing, is not a notebook, or holds no exercises.
     """
     import nbformat
     from nbclient import NotebookClient
 
+    cell_seconds = math.ceil(_positive("timeout", timeout))
+    if time_limit is not None:
+        time_limit = _positive("time_limit", time_limit)
     path = Path(path)
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     keys = _exercise_keys(nb, path)
     nb.cells.append(
         nbformat.v4.new_code_cell(
             "from loralab.exercises.grade import run_in_kernel as _loralab_grade\n"
-            f"_loralab_grade({keys!r}, globals())"
+            f"_loralab_grade({keys!r}, globals(), {time_limit!r})"
         )
     )
+    stopped = f"the cell ran longer than --timeout {cell_seconds} s and was stopped"
     client = NotebookClient(
         nb,
-        timeout=timeout,
+        timeout=cell_seconds,
         kernel_name="python3",
         allow_errors=True,
+        interrupt_on_timeout=True,
+        error_on_timeout={"ename": "Timeout", "evalue": stopped, "traceback": []},
         resources={"metadata": {"path": str(path.parent.resolve())}},
     )
     report = GradeReport(notebook=str(path), executed=nb)
     try:
         client.execute()
-    except Exception as exc:  # timeouts and dead kernels: grade what ran
+    except Exception as exc:  # dead kernels: grade what ran
         report.cell_errors.append(f"execution stopped: {type(exc).__name__}: {exc}")
     for index, cell in enumerate(nb.cells[:-1]):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
+                why = stopped if output["ename"] == "KeyboardInterrupt" else None
                 report.cell_errors.append(
-                    f"cell {index} raised {output['ename']}: {output['evalue']}"
+                    f"cell {index} {why}"
+                    if why
+                    else f"cell {index} raised {output['ename']}: {output['evalue']}"
                 )
     found = _parse_results(nb.cells[-1])
     for key in keys:
         if key in found:
             report.results.append(ExerciseResult(key, *found[key]))
+        elif found:
+            why = "not graded: its check did not finish (the kernel stopped or the grading timed out)."
+            report.results.append(ExerciseResult(key, False, why))
         else:
             report.results.append(
                 ExerciseResult(key, False, "not graded: the notebook did not run.")
@@ -200,38 +269,74 @@ def grade_notebook(path, *, timeout: int = 120) -> GradeReport:
 
 
 def _parse_results(cell) -> dict[str, tuple[bool, str]]:
+    found = {}
     for output in cell.get("outputs", []):
         for line in output.get("text", "").splitlines():
             if line.startswith(_MARKER):
-                rows = json.loads(line[len(_MARKER) :])
-                return {r["key"]: (r["passed"], r["message"]) for r in rows}
-    return {}
+                row = json.loads(line[len(_MARKER) :])
+                found[row["key"]] = (row["passed"], row["message"])
+    return found
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage and sys.exit
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _seconds(kind):
+    """An argparse type: a positive number of seconds (``kind`` int or float), one-line errors."""
+
+    def parse(text: str):
+        try:
+            return kind(_positive("seconds", kind(text)))
+        except ValueError:
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(
+                f"must be a positive {what} of seconds, got {text!r}"
+            ) from None
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``loralab grade NOTEBOOK... [--timeout S]``: print a score per exercise.
+    """``loralab grade NOTEBOOK... [--timeout S] [--time-limit S]``: print a score per exercise.
 
-    Returns 0 when every exercise of every notebook passes, 1 when any fails, 2 when a notebook
-    is missing or holds no exercises.
+    Every notebook is read first; returns 2 (one line on stderr, nothing graded) when one is
+    missing, is not a notebook or holds no exercises, or when an option is wrong. Otherwise
+    returns 0 when every exercise of every notebook passes, 1 when any fails.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="loralab grade", description="Run exercise notebooks and score each exercise."
     )
     parser.add_argument("notebooks", nargs="+", type=Path, help="student notebook(s) (.ipynb)")
-    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
-    args = parser.parse_args(argv)
-    for path in args.notebooks:
-        if not path.is_file():
-            print(f"loralab grade: no such notebook: {path}", file=sys.stderr)
-            return 2
+    parser.add_argument(
+        "--timeout", type=_seconds(int), default=120, help="seconds per cell (default 120)"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=_seconds(float),
+        default=None,
+        help="seconds per call of a student's function (default: the checks' 5)",
+    )
+    try:
+        args = parser.parse_args(argv)
+        for path in args.notebooks:
+            read_notebook(path)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except NotebookError as exc:
+        print(f"loralab grade: {exc}", file=sys.stderr)
+        return 2
     code = 0
     score = total = 0
     for path in args.notebooks:
-        report = grade_notebook(path, timeout=args.timeout)
+        report = grade_notebook(path, timeout=args.timeout, time_limit=args.time_limit)
         print(report.format())
-        if report.total == 0:
-            print(f"loralab grade: {path} holds no exercises", file=sys.stderr)
-            return 2
         score, total = score + report.score, total + report.total
         code = code or (0 if report.passed else 1)
     if len(args.notebooks) > 1:
