@@ -393,6 +393,54 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# loralab ddp (the work is in loralab.torch.distributed, imported only when the command runs)
+
+
+def _add_ddp_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "ddp",
+        help="data-parallel fine-tuning on torch.distributed: what LoRA saves in communication",
+        description=(
+            "Fine-tune a shipped model with LoRA and fully, data-parallel over N processes on "
+            "this machine (DistributedDataParallel; gloo on CPU, NCCL on GPUs), and on one "
+            "process on the whole batch; print the largest parameter difference between the two, "
+            "the bytes all-reduced per step (LoRA and full, counted by a DDP communication hook), "
+            "their ratio against trainable / total parameters, and the time per step."
+        ),
+    )
+    p.add_argument("--nproc", type=int, default=2, help="processes (default: 2)")
+    p.add_argument("--model", choices=("mlp", "gpt"), default="mlp", help="default: mlp")
+    p.add_argument(
+        "--full", action="store_true", help="compare full fine-tuning (not LoRA) with one process"
+    )
+    p.add_argument("--steps", type=int, default=5, help="Adam steps (default: 5)")
+    p.add_argument("--batch", type=int, default=16, help="global batch (default: 16)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds before the processes are stopped"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _run_ddp(args: argparse.Namespace) -> int:
+    try:
+        from loralab.torch import distributed
+    except ImportError as e:
+        raise UsageError(f"loralab ddp: error: {e}") from None
+    try:
+        return distributed.run_cli(args)
+    except ValueError as e:
+        raise UsageError(f"loralab ddp: error: {e}") from None
+    except (distributed.RankError, distributed.DistributedTimeout) as e:
+        print(f"loralab ddp: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("loralab ddp: interrupted; every process was stopped", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry: name -> (add parser, run). `demo`, `bench` and `grade` are added here as they land.
 
 SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
@@ -400,6 +448,7 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": (_add_demo_parser, _run_demo),
     "bench": (_add_bench_parser, _run_bench),
     "grade": (_add_grade_parser, _run_grade),
+    "ddp": (_add_ddp_parser, _run_ddp),
 }
 
 

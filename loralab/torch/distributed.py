@@ -112,8 +112,9 @@ class RunConfig:
         of N ranks takes a contiguous shard of ``global_batch / N``, so N must divide it.
     context : int
         Characters per window (GPT only).
-    lr : float
-        Adam's learning rate.
+    lr : float, optional
+        Adam's learning rate; None: 1e-2 for LoRA, 1e-3 for full fine-tuning (which moves every
+        weight, so takes smaller steps).
     seed : int
         The adapters' initial values and the batches (a ``numpy.random.Generator``).
     dtype : {"float64", "float32"}
@@ -133,7 +134,7 @@ class RunConfig:
     steps: int = 5
     global_batch: int = 16
     context: int = 32
-    lr: float = 1e-2
+    lr: float | None = None
     seed: int = 0
     dtype: str = "float64"
     bucket_cap_mb: float = 25.0
@@ -153,6 +154,8 @@ class RunConfig:
                 raise ValueError(f"RunConfig: {name} must be a positive integer, got {value!r}")
         for name in ("alpha", "lr", "bucket_cap_mb"):
             value = getattr(self, name)
+            if value is None and name == "lr":
+                continue
             if isinstance(value, bool) or not np.isfinite(value) or value <= 0:
                 raise ValueError(
                     f"RunConfig: {name} must be a positive finite number, got {value!r}"
@@ -161,6 +164,13 @@ class RunConfig:
             raise ValueError(f"RunConfig: dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.fault not in _FAULTS:
             raise ValueError(f"RunConfig: fault must be one of {_FAULTS}, got {self.fault!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or its default for the mode."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.full else 1e-2
 
     @property
     def mode(self) -> str:
@@ -320,7 +330,7 @@ def train_rank(
             bucket_cap_mb=run.bucket_cap_mb,
         )
         net.register_comm_hook(counter, counting_allreduce_hook)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=run.lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
     b = run.global_batch // world_size
     seconds, losses = [], []
     for x, y in global_batches(run):
@@ -401,6 +411,15 @@ class DDPResult:
                 f"DDPResult: all-reduce bytes differ between steps: {self.allreduce_bytes}"
             )
         return counts.pop()
+
+    def trained_model(self) -> torch.nn.Module:
+        """The run's twin (on the CPU) holding the trained parameters: ready for `save_adapter`."""
+        model = build_model(self.run)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.params:
+                    p.copy_(torch.as_tensor(self.params[name]))
+        return model
 
     def max_param_diff(self, other: dict[str, np.ndarray]) -> float:
         """Largest |difference| between these parameters and ``other`` (same names required)."""
