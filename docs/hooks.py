@@ -1,8 +1,11 @@
 """mkdocs hooks for the loralab site: the parts of the site that follow what exists at build time.
 
-- **Tutorials**: one page per notebook under ``tutorials/``, rendered from the executed copy that
-  ``scripts/execute_notebooks.py`` wrote to ``docs/tutorials/``. A notebook without a current
-  executed copy is reported with a warning (so ``mkdocs build --strict`` fails) and left out.
+- **Tutorials**: one page per notebook under ``tutorials/``, rendered from its executed copy in
+  ``docs/tutorials/`` (a cache, ignored by git). A copy that is missing, or older than its
+  notebook (by a digest of the source cells), is made first by executing the notebook with
+  ``scripts/execute_notebooks.py``'s code, so ``mkdocs build --strict`` on a fresh clone builds the
+  whole site; a current copy is reused. A notebook that fails to execute is reported with a
+  warning (so a strict build fails) and left out.
 - **API reference**: one mkdocstrings page per public module in ``API_MODULES`` that exists.
 - **Benchmarks**: ``docs/benchmarks/results.md`` (written by ``loralab bench``) is inlined into
   ``benchmarks.md`` with its figures; a note says how to produce it when it is missing.
@@ -83,32 +86,51 @@ def notebook_title(nb_path: Path) -> str:
     return nb_path.stem.replace("_", " ")
 
 
-def _tutorials(docs_dir: Path) -> list[dict]:
-    ex = _load_execute_script()
-    out_dir = docs_dir / "tutorials"
-    found = []
-    for src in ex.find_notebooks(ex.SOURCE_DIR):
-        dest = ex.output_path(src, ex.SOURCE_DIR, out_dir)
-        shown = src.relative_to(ROOT).as_posix()
-        if not dest.is_file():
-            log.warning(
-                f"{shown} has no executed copy in docs/tutorials/: "
-                "run `python scripts/execute_notebooks.py` before building the docs"
-            )
-            continue
+def executed_copy(src: Path, dest: Path, ex) -> dict | None:
+    """The recorded metadata of ``src``'s executed copy ``dest``, executing ``src`` first if needed.
+
+    The copy is reused when it records the digest of ``src``'s current cells; otherwise (missing or
+    stale) ``src`` is executed and the copy written. Returns None, after a warning, when the
+    notebook fails to execute.
+    """
+    shown = src.relative_to(ROOT).as_posix() if src.is_relative_to(ROOT) else src.name
+    recorded: dict = {}
+    if dest.is_file():
         with open(dest, encoding="utf-8") as f:
             recorded = json.load(f).get("metadata", {}).get(ex.METADATA_KEY, {})
-        if recorded.get("source_sha256") != ex.source_digest(src):
-            log.warning(
-                f"the executed copy of {shown} is older than the notebook: "
-                "run `python scripts/execute_notebooks.py` again"
-            )
+    if recorded.get("source_sha256") == ex.source_digest(src):
+        return recorded
+    why = "is older than the notebook" if dest.is_file() else "is missing"
+    log.info(f"the executed copy of {shown} {why}: executing it")
+    try:
+        seconds = ex.execute_notebook(src, dest)
+    except Exception as exc:  # report it and build the rest of the site
+        dest.unlink(missing_ok=True)
+        log.warning(f"{shown} failed to execute: {type(exc).__name__}: {exc}")
+        return None
+    log.info(f"executed {shown} in {seconds:.1f} s")
+    with open(dest, encoding="utf-8") as f:
+        return json.load(f)["metadata"][ex.METADATA_KEY]
+
+
+def _tutorials(docs_dir: Path, source_dir: Path | None = None) -> list[dict]:
+    ex = _load_execute_script()
+    source_dir = source_dir or ex.SOURCE_DIR
+    out_dir = docs_dir / "tutorials"
+    found = []
+    for src in ex.find_notebooks(source_dir):
+        dest = ex.output_path(src, source_dir, out_dir)
+        recorded = executed_copy(src, dest, ex)
+        if recorded is None:
+            continue
         found.append(
             {
                 "uri": dest.relative_to(docs_dir).as_posix(),
                 "title": notebook_title(src),
-                "group": src.parent.relative_to(ex.SOURCE_DIR).as_posix(),
-                "source": shown,
+                "group": src.parent.relative_to(source_dir).as_posix(),
+                "source": src.relative_to(ROOT).as_posix()
+                if src.is_relative_to(ROOT)
+                else src.name,
                 "seconds": recorded.get("execution_seconds"),
             }
         )
@@ -159,7 +181,8 @@ def _tutorials_index(tutorials: list[dict]) -> str:
         "a cell; every page has a link to download the executed notebook.",
         "",
         'Run them yourself after `pip install -e ".[all]"`: open the folder in Jupyter, or execute',
-        "all of them the way the docs build does with `python scripts/execute_notebooks.py`.",
+        "all of them with `python scripts/execute_notebooks.py`. The docs build executes any notebook",
+        "whose executed copy is missing or older than the notebook, and reuses the others.",
         "",
     ]
     if not tutorials:

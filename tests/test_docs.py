@@ -204,8 +204,22 @@ def _build_and_check(work: Path) -> dict:
         for r in results
     ]
 
+    # A fresh clone has no executed copies, and an edited notebook has a stale one: the build must
+    # make both itself. Remove the copy of the quickest notebook and make the next one's stale.
+    quickest = sorted((r for r in results if r.error is None), key=lambda r: r.seconds)[:2]
+    for i, r in enumerate(quickest):
+        dest = execute_notebooks.output_path(r.source)
+        if i == 0:
+            dest.unlink()
+        else:
+            nb = json.loads(dest.read_text(encoding="utf-8"))
+            nb["metadata"][execute_notebooks.METADATA_KEY]["source_sha256"] = "stale"
+            dest.write_text(json.dumps(nb), encoding="utf-8")
+    report["rebuilt_by_hook"] = [r.source.relative_to(ROOT).as_posix() for r in quickest]
+
     site = work / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    # no -q: with -q, mkdocs hides warnings from --strict's count and exits 0 (a mkdocs quirk)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
@@ -397,6 +411,39 @@ def test_execute_script_runs_each_notebook_in_its_folder_with_this_python(tmp_pa
 
 
 @pytest.mark.notebook
+def test_hook_executes_missing_and_stale_notebooks_and_reuses_current_ones(tmp_path, caplog):
+    src, docs = tmp_path / "tutorials", tmp_path / "docs"
+    _write_notebook(src / "a.ipynb", "print('first')")
+    _write_notebook(src / "sub" / "b.ipynb", "print('b')")
+    _write_notebook(src / "broken.ipynb", "raise ValueError('planted failure')")
+
+    def output(rel):
+        nb = json.loads((docs / "tutorials" / rel).read_text())
+        text = nb["cells"][0]["outputs"][0]["text"]
+        return "".join(text) if isinstance(text, list) else text
+
+    with caplog.at_level("INFO", logger="mkdocs.hooks.loralab"):
+        found = hooks._tutorials(docs, src)  # nothing executed yet: a fresh clone
+    assert [t["uri"] for t in found] == ["tutorials/a.ipynb", "tutorials/sub/b.ipynb"]
+    assert output("a.ipynb") == "first\n" and output("sub/b.ipynb") == "b\n"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "broken.ipynb failed to execute" in warnings[0]
+    assert "planted failure" in warnings[0]
+    assert not (docs / "tutorials" / "broken.ipynb").exists()
+
+    b_copy = docs / "tutorials" / "sub" / "b.ipynb"
+    b_before = b_copy.stat().st_mtime_ns
+    _write_notebook(src / "a.ipynb", "print('second')")  # a.ipynb's copy is now stale
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mkdocs.hooks.loralab"):
+        hooks._tutorials(docs, src)
+    assert output("a.ipynb") == "second\n"  # re-executed
+    assert b_copy.stat().st_mtime_ns == b_before  # current: reused, not executed again
+    executed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("executed ")]
+    assert len(executed) == 1 and "a.ipynb" in executed[0]
+
+
+@pytest.mark.notebook
 def test_execute_script_exits_1_and_names_the_failing_notebook(tmp_path, capsys):
     src, out = tmp_path / "tutorials", tmp_path / "out"
     _write_notebook(src / "good.ipynb", "x = 1")
@@ -493,6 +540,17 @@ def test_site_builds_strictly_with_every_tutorial_in_the_nav(built):
         site_nb = Path(built["build"]["site"]) / Path(page).parent / Path(nb["executed"]).name
         assert site_nb.is_file(), f"no downloadable notebook next to {page}"
     assert "index.html" in pages and "api/index.html" in pages
+
+
+def test_strict_build_executes_missing_and_stale_notebooks_itself(built):
+    log = built["build"]["log"]
+    assert len(built["rebuilt_by_hook"]) == 2
+    for source in built["rebuilt_by_hook"]:
+        src = ROOT / source
+        assert f"executed {source}" in log, f"the build did not execute {source}"
+        dest = execute_notebooks.output_path(src)
+        recorded = json.loads(dest.read_text(encoding="utf-8"))["metadata"]["loralab"]
+        assert recorded["source_sha256"] == execute_notebooks.source_digest(src)
 
 
 def test_search_index_exists(built):
