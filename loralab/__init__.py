@@ -7,8 +7,8 @@ the fused LoRA op with a hand-derived backward (`loralab.lora.functional`), opti
 """
 
 from loralab import functional, lora, nn, optim
-from loralab.gradcheck import GradcheckError, gradcheck, numerical_grad
-from loralab.tensor import Context, Function, Tensor, enable_grad, is_grad_enabled, no_grad
+from loralab._gradcheck import GradcheckError, gradcheck, numerical_grad
+from loralab.tensor import Context, Function, Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
@@ -17,7 +17,6 @@ __all__ = [
     "Function",
     "Context",
     "no_grad",
-    "enable_grad",
     "is_grad_enabled",
     "gradcheck",
     "numerical_grad",

@@ -45,7 +45,7 @@ def _check_last_dim(name: str, x: Any, expected: int, what: str) -> None:
 
 
 # ----- linear ---------------------------------------------------------------------------------------
-class Linear(Function):
+class LinearFn(Function):
     """y = x W^T + b. Backward: dx = dy W, dW = dy^T x, db = sum dy (each only when needed)."""
 
     @staticmethod
@@ -93,7 +93,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
         raise ValueError(
             f"{what}: expected bias of shape ({w_shape[0]},), got {np.shape(_data(bias))}"
         )
-    return Linear.apply(as_tensor(x), weight, bias)
+    return LinearFn.apply(as_tensor(x), weight, bias)
 
 
 # ----- the fused LoRA op -------------------------------------------------------------------------------
@@ -144,14 +144,19 @@ def lora_linear(
     -------
     Tensor of shape (..., out)
     """
-    out, in_ = np.shape(_data(W0))
-    r = np.shape(_data(A))[0]
+    w_shape, a_shape = np.shape(_data(W0)), np.shape(_data(A))
+    if len(w_shape) != 2:
+        raise ValueError(f"lora_linear: expected W0 of shape (out, in), got {w_shape}")
+    out, in_ = w_shape
+    if len(a_shape) != 2 or a_shape[1] != in_:
+        raise ValueError(f"lora_linear(in={in_}, out={out}): expected A of shape (r, {in_}), got {a_shape}")
+    r = a_shape[0]
     what = f"lora_linear(in={in_}, out={out}, r={r})"
     _check_last_dim("x", x, in_, what)
-    if np.shape(_data(A)) != (r, in_):
-        raise ValueError(f"{what}: expected A of shape ({r}, {in_}), got {np.shape(_data(A))}")
     if np.shape(_data(B)) != (out, r):
         raise ValueError(f"{what}: expected B of shape ({out}, {r}), got {np.shape(_data(B))}")
+    if b is not None and np.shape(_data(b)) != (out,):
+        raise ValueError(f"{what}: expected b of shape ({out},), got {np.shape(_data(b))}")
     if dropout_mask is not None and dropout_mask.shape != np.shape(_data(x)):
         raise ValueError(
             f"{what}: expected dropout_mask of shape {np.shape(_data(x))}, got {dropout_mask.shape}"
@@ -165,7 +170,7 @@ def relu(x: Any) -> Tensor:
     return as_tensor(x).relu()
 
 
-class GELU(Function):
+class GELUFn(Function):
     """GELU, tanh approximation: y = x h with h = 0.5 (1 + tanh z), z = k (x + c x^3),
     k = sqrt(2/pi), c = 0.044715.
 
@@ -206,10 +211,10 @@ class GELU(Function):
 
 def gelu(x: Any) -> Tensor:
     """GELU with the tanh approximation, equal to PyTorch's ``gelu(x, approximate="tanh")``."""
-    return GELU.apply(as_tensor(x))
+    return GELUFn.apply(as_tensor(x))
 
 
-class Softmax(Function):
+class SoftmaxFn(Function):
     @staticmethod
     def forward(ctx, x, axis):
         e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -225,10 +230,10 @@ class Softmax(Function):
 
 def softmax(x: Any, axis: int = -1) -> Tensor:
     """exp(x) / sum(exp(x)) along ``axis``, computed stably (the max is subtracted first)."""
-    return Softmax.apply(as_tensor(x), axis=axis)
+    return SoftmaxFn.apply(as_tensor(x), axis=axis)
 
 
-class LogSoftmax(Function):
+class LogSoftmaxFn(Function):
     @staticmethod
     def forward(ctx, x, axis):
         shifted = x - x.max(axis=axis, keepdims=True)
@@ -244,11 +249,11 @@ class LogSoftmax(Function):
 
 def log_softmax(x: Any, axis: int = -1) -> Tensor:
     """log(softmax(x)) along ``axis``, computed stably as x - max - log(sum(exp(x - max)))."""
-    return LogSoftmax.apply(as_tensor(x), axis=axis)
+    return LogSoftmaxFn.apply(as_tensor(x), axis=axis)
 
 
 # ----- losses -------------------------------------------------------------------------------------
-class CrossEntropy(Function):
+class CrossEntropyFn(Function):
     """Mean over positions of -log softmax(logits)[target]; backward (softmax - onehot) / N."""
 
     @staticmethod
@@ -297,10 +302,10 @@ def cross_entropy(logits: Any, targets: Any) -> Tensor:
     if t.size and (t.min() < 0 or t.max() >= z_shape[-1]):
         bad = t.min() if t.min() < 0 else t.max()
         raise ValueError(f"cross_entropy: target {bad} outside [0, {z_shape[-1]})")
-    return CrossEntropy.apply(as_tensor(logits), t)
+    return CrossEntropyFn.apply(as_tensor(logits), t)
 
 
-class MSELoss(Function):
+class MSELossFn(Function):
     @staticmethod
     def forward(ctx, pred, target):
         diff = pred - target
@@ -319,11 +324,11 @@ def mse_loss(pred: Any, target: Any) -> Tensor:
     p_shape, t_shape = np.shape(_data(pred)), np.shape(_data(target))
     if p_shape != t_shape:
         raise ValueError(f"mse_loss: expected target of shape {p_shape}, got {t_shape}")
-    return MSELoss.apply(as_tensor(pred), target)
+    return MSELossFn.apply(as_tensor(pred), target)
 
 
 # ----- normalisation and lookup --------------------------------------------------------------------
-class LayerNorm(Function):
+class LayerNormFn(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance, as PyTorch).
 
     With xhat the normalised input and sigma = sqrt(var + eps), the backward is
@@ -378,10 +383,10 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
             if len(d) != 1:
                 raise ValueError(f"layer_norm: expected {name} of shape (d,), got {d}")
             _check_last_dim("x", x, d[0], f"layer_norm({name} of shape {d})")
-    return LayerNorm.apply(as_tensor(x), weight, bias, eps=eps)
+    return LayerNormFn.apply(as_tensor(x), weight, bias, eps=eps)
 
 
-class Embedding(Function):
+class EmbeddingFn(Function):
     @staticmethod
     def forward(ctx, indices, weight):
         ctx.save_for_backward(indices, weight.shape, weight.dtype)
@@ -419,7 +424,7 @@ def embedding(indices: Any, weight: Any) -> Tensor:
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         bad = idx.min() if idx.min() < 0 else idx.max()
         raise ValueError(f"embedding: index {bad} outside [0, {n})")
-    return Embedding.apply(idx, weight)
+    return EmbeddingFn.apply(idx, weight)
 
 
 # ----- dropout ------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Every op is a small `Function` whose ``forward`` and ``backward`` sit side by si
 whole chain rule of an op fits on one screen. ``Function.apply`` records the op in the graph only
 when some input requires a gradient: a frozen weight (``requires_grad=False``) costs nothing.
 
+A Function is named ``XFn`` (``AddFn``, ``MatMulFn``; ``LinearFn`` in `loralab.functional`) so
+that it is never mistaken for a module of the same idea (``loralab.nn.Linear``).
+
 ``Tensor.backward`` walks the graph in reverse topological order (found iteratively, so deep
 graphs never hit Python's recursion limit) and *accumulates* gradients, so a tensor used twice
 (``a + a``) receives the sum of both contributions.
@@ -22,17 +25,18 @@ __all__ = [
     "Function",
     "Context",
     "no_grad",
-    "enable_grad",
     "is_grad_enabled",
     "as_tensor",
 ]
 
-_GRAD_ENABLED = [True]  # a one-element list: a switch the no_grad context flips, not global state
+# Grad mode: whether `Function.apply` records the graph. One switch for the whole process, as in
+# PyTorch; only `no_grad` flips it, and it always restores the previous value.
+_grad_enabled = True
 
 
 def is_grad_enabled() -> bool:
     """Whether new operations are recorded for backpropagation."""
-    return _GRAD_ENABLED[0]
+    return _grad_enabled
 
 
 @contextlib.contextmanager
@@ -46,23 +50,12 @@ def no_grad() -> Iterator[None]:
     >>> y.requires_grad
     False
     """
-    previous = _GRAD_ENABLED[0]
-    _GRAD_ENABLED[0] = False
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
     try:
         yield
     finally:
-        _GRAD_ENABLED[0] = previous
-
-
-@contextlib.contextmanager
-def enable_grad() -> Iterator[None]:
-    """Context manager that turns graph recording back on inside a `no_grad` block."""
-    previous = _GRAD_ENABLED[0]
-    _GRAD_ENABLED[0] = True
-    try:
-        yield
-    finally:
-        _GRAD_ENABLED[0] = previous
+        _grad_enabled = previous
 
 
 class Context:
@@ -110,7 +103,7 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> Tensor:
         needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-        record = _GRAD_ENABLED[0] and any(needs)
+        record = _grad_enabled and any(needs)
         ctx = Context(needs)
         arrays = [t.data if isinstance(t, Tensor) else t for t in inputs]
         out = Tensor(cls.forward(ctx, *arrays, **kwargs))
@@ -169,7 +162,7 @@ class Tensor:
     def __init__(self, data: Any, requires_grad: bool = False):
         if isinstance(data, Tensor):
             data = data.data
-        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
+        self.data: np.ndarray = data if isinstance(data, np.ndarray) else np.asarray(data)
         if requires_grad and not np.issubdtype(self.data.dtype, np.floating):
             raise TypeError(
                 f"Tensor(requires_grad=True) needs floating point data, got dtype {self.data.dtype}"
@@ -196,11 +189,6 @@ class Tensor:
     @property
     def size(self) -> int:
         return self.data.size
-
-    @property
-    def is_leaf(self) -> bool:
-        """True for tensors made by the user (parameters, inputs), False for op results."""
-        return self._op is None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -263,7 +251,8 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            if node._op is None:  # a leaf: store (accumulate) its gradient
+            op, ctx = node._op, node._ctx
+            if op is None or ctx is None:  # a leaf (apply sets both or neither): store its gradient
                 if node.grad is not None:
                     node.grad = node.grad + g
                 elif g is grad or not (g.flags.owndata and g.flags.writeable):
@@ -273,7 +262,7 @@ class Tensor:
                 else:
                     node.grad = g
                 continue
-            parent_grads = node._op.backward(node._ctx, g)
+            parent_grads = op.backward(ctx, g)
             for parent, pg in zip(node._parents, parent_grads):
                 if pg is None or not isinstance(parent, Tensor) or not parent.requires_grad:
                     continue
@@ -288,82 +277,82 @@ class Tensor:
         return np.asarray(other, dtype=self.dtype)
 
     def __add__(self, other: Any) -> Tensor:
-        return Add.apply(self, self._lift(other))
+        return AddFn.apply(self, self._lift(other))
 
     def __radd__(self, other: Any) -> Tensor:
-        return Add.apply(self._lift(other), self)
+        return AddFn.apply(self._lift(other), self)
 
     def __sub__(self, other: Any) -> Tensor:
-        return Sub.apply(self, self._lift(other))
+        return SubFn.apply(self, self._lift(other))
 
     def __rsub__(self, other: Any) -> Tensor:
-        return Sub.apply(self._lift(other), self)
+        return SubFn.apply(self._lift(other), self)
 
     def __mul__(self, other: Any) -> Tensor:
-        return Mul.apply(self, self._lift(other))
+        return MulFn.apply(self, self._lift(other))
 
     def __rmul__(self, other: Any) -> Tensor:
-        return Mul.apply(self._lift(other), self)
+        return MulFn.apply(self._lift(other), self)
 
     def __truediv__(self, other: Any) -> Tensor:
-        return Div.apply(self, self._lift(other))
+        return DivFn.apply(self, self._lift(other))
 
     def __rtruediv__(self, other: Any) -> Tensor:
-        return Div.apply(self._lift(other), self)
+        return DivFn.apply(self._lift(other), self)
 
     def __neg__(self) -> Tensor:
-        return Neg.apply(self)
+        return NegFn.apply(self)
 
     def __pow__(self, exponent: float) -> Tensor:
         if isinstance(exponent, Tensor) or np.ndim(exponent) != 0:
             raise TypeError(f"Tensor ** exponent needs a scalar exponent, got {type(exponent)}")
-        return Pow.apply(self, exponent=float(exponent))
+        return PowFn.apply(self, exponent=float(exponent))
 
     def __matmul__(self, other: Any) -> Tensor:
-        return MatMul.apply(self, self._lift(other))
+        return MatMulFn.apply(self, self._lift(other))
 
     def __rmatmul__(self, other: Any) -> Tensor:
-        return MatMul.apply(self._lift(other), self)
+        return MatMulFn.apply(self._lift(other), self)
 
     def __getitem__(self, index: Any) -> Tensor:
-        return GetItem.apply(self, index=index)
+        return GetItemFn.apply(self, index=index)
 
     def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         """Sum over ``axis`` (all axes by default)."""
-        return Sum.apply(self, axis=axis, keepdims=keepdims)
+        return SumFn.apply(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         """Mean over ``axis`` (all axes by default)."""
-        return Mean.apply(self, axis=axis, keepdims=keepdims)
+        return MeanFn.apply(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape: Any) -> Tensor:
         """The same values in another shape (``-1`` allowed once)."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return Reshape.apply(self, shape=shape)
+        return ReshapeFn.apply(self, shape=shape)
 
     def transpose(self, *axes: int) -> Tensor:
         """Permute axes (reverse them when none are given), like ``np.transpose``."""
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
-        return Transpose.apply(self, axes=axes or None)
+        return TransposeFn.apply(self, axes=axes or None)
 
     @property
     def T(self) -> Tensor:
         """All axes reversed, as NumPy's ``.T``."""
-        return Transpose.apply(self, axes=None)
+        return TransposeFn.apply(self, axes=None)
 
     def exp(self) -> Tensor:
-        return Exp.apply(self)
+        return ExpFn.apply(self)
 
     def log(self) -> Tensor:
-        return Log.apply(self)
+        return LogFn.apply(self)
 
     def tanh(self) -> Tensor:
-        return Tanh.apply(self)
+        return TanhFn.apply(self)
 
     def relu(self) -> Tensor:
-        return ReLU.apply(self)
+        return ReLUFn.apply(self)
 
 
 def as_tensor(value: Any) -> Tensor:
@@ -395,7 +384,7 @@ def _reverse_topological(root: Tensor) -> list[Tensor]:
 
 
 # ----- elementwise arithmetic (broadcasting: gradients are summed back to each input's shape) -----
-class Add(Function):
+class AddFn(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(np.shape(a), np.shape(b))
@@ -411,7 +400,7 @@ class Add(Function):
         )
 
 
-class Sub(Function):
+class SubFn(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(np.shape(a), np.shape(b))
@@ -427,7 +416,7 @@ class Sub(Function):
         )
 
 
-class Mul(Function):
+class MulFn(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
@@ -441,7 +430,7 @@ class Mul(Function):
         return da, db
 
 
-class Div(Function):
+class DivFn(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
@@ -455,7 +444,7 @@ class Div(Function):
         return da, db
 
 
-class Neg(Function):
+class NegFn(Function):
     @staticmethod
     def forward(ctx, a):
         return -a
@@ -465,7 +454,7 @@ class Neg(Function):
         return (-grad,)
 
 
-class Pow(Function):
+class PowFn(Function):
     """``a ** p`` for a scalar exponent p: d/da = p a^(p-1)."""
 
     @staticmethod
@@ -479,7 +468,7 @@ class Pow(Function):
         return (grad * (p * a ** (p - 1)),)
 
 
-class MatMul(Function):
+class MatMulFn(Function):
     """``a @ b`` with NumPy's rules (batch dimensions broadcast; 1-D operands promoted).
 
     For 2-D operands, C = A B gives dA = dC B^T and dB = A^T dC; batch dimensions that were
@@ -494,24 +483,18 @@ class MatMul(Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved
+        # A 1-D operand is a matrix with one row (a) or one column (b), as NumPy promotes it;
+        # the gradient gets the matching axis back, and loses it again at the end.
         a2 = a[None, :] if a.ndim == 1 else a  # (k,) -> (1, k)
         b2 = b[:, None] if b.ndim == 1 else b  # (k,) -> (k, 1)
         g = grad
+        if b.ndim == 1:  # first, so that a scalar (vector @ vector) becomes (1,) then (1, 1)
+            g = np.expand_dims(g, -1)
         if a.ndim == 1:
             g = np.expand_dims(g, -2)
-        if b.ndim == 1:
-            g = np.expand_dims(g, -1)
-        da = db = None
-        if ctx.needs_input_grad[0]:
-            da = unbroadcast(
-                g @ np.swapaxes(b2, -1, -2), a2.shape if a.ndim > 1 else (1,) + a.shape
-            )
-            da = da.reshape(a.shape)
-        if ctx.needs_input_grad[1]:
-            db = unbroadcast(
-                np.swapaxes(a2, -1, -2) @ g, b2.shape if b.ndim > 1 else b.shape + (1,)
-            )
-            db = db.reshape(b.shape)
+        need_a, need_b = ctx.needs_input_grad
+        da = unbroadcast(g @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape) if need_a else None
+        db = unbroadcast(np.swapaxes(a2, -1, -2) @ g, b2.shape).reshape(b.shape) if need_b else None
         return da, db
 
 
@@ -526,7 +509,7 @@ def _expand_reduced(
     return np.broadcast_to(grad, shape)
 
 
-class Sum(Function):
+class SumFn(Function):
     @staticmethod
     def forward(ctx, a, axis, keepdims):
         ctx.save_for_backward(a.shape, axis, keepdims)
@@ -538,7 +521,7 @@ class Sum(Function):
         return (_expand_reduced(grad, shape, axis, keepdims),)
 
 
-class Mean(Function):
+class MeanFn(Function):
     @staticmethod
     def forward(ctx, a, axis, keepdims):
         out = np.asarray(a.mean(axis=axis, keepdims=keepdims))
@@ -551,7 +534,7 @@ class Mean(Function):
         return (_expand_reduced(grad / count, shape, axis, keepdims),)
 
 
-class Reshape(Function):
+class ReshapeFn(Function):
     @staticmethod
     def forward(ctx, a, shape):
         ctx.save_for_backward(a.shape)
@@ -563,7 +546,7 @@ class Reshape(Function):
         return (grad.reshape(shape),)
 
 
-class Transpose(Function):
+class TransposeFn(Function):
     @staticmethod
     def forward(ctx, a, axes):
         ctx.save_for_backward(axes)
@@ -577,11 +560,12 @@ class Transpose(Function):
 
 
 def _is_advanced(index: Any) -> bool:
+    """Whether ``index`` holds an integer or boolean array (NumPy's advanced indexing)."""
     parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, (list, np.ndarray, Tensor)) for p in parts)
+    return any(isinstance(p, (list, np.ndarray)) for p in parts)
 
 
-class GetItem(Function):
+class GetItemFn(Function):
     """``a[index]``; the backward scatters the gradient back, adding where an index repeats."""
 
     @staticmethod
@@ -605,7 +589,7 @@ class GetItem(Function):
 
 
 # ----- elementwise functions --------------------------------------------------------------------
-class Exp(Function):
+class ExpFn(Function):
     @staticmethod
     def forward(ctx, a):
         out = np.exp(a)
@@ -618,7 +602,7 @@ class Exp(Function):
         return (grad * out,)
 
 
-class Log(Function):
+class LogFn(Function):
     @staticmethod
     def forward(ctx, a):
         ctx.save_for_backward(a)
@@ -630,7 +614,7 @@ class Log(Function):
         return (grad / a,)
 
 
-class Tanh(Function):
+class TanhFn(Function):
     @staticmethod
     def forward(ctx, a):
         out = np.tanh(a)
@@ -643,7 +627,7 @@ class Tanh(Function):
         return (grad * (1 - out * out),)
 
 
-class ReLU(Function):
+class ReLUFn(Function):
     @staticmethod
     def forward(ctx, a):
         mask = a > 0

@@ -153,3 +153,12 @@ def test_values_match_pytorch():
     F.cross_entropy(F.gelu(F.layer_norm(x, w)), t).backward()
     np.testing.assert_allclose(x.grad, tx.grad.numpy(), rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(w.grad, tw.grad.numpy(), rtol=1e-11, atol=1e-14)
+
+
+def test_functions_are_named_apart_from_modules():
+    """``F.LinearFn`` is the op, ``nn.Linear`` the module: no Function shares a module's name."""
+    from loralab import Function
+
+    names = ["Linear", "GELU", "Softmax", "LogSoftmax", "CrossEntropy", "MSELoss", "LayerNorm"]
+    for name in [*names, "Embedding"]:
+        assert not hasattr(F, name) and issubclass(getattr(F, f"{name}Fn"), Function)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loralab import Tensor, gradcheck, no_grad
-from loralab.gradcheck import GradcheckError
+from loralab import GradcheckError, Tensor, gradcheck, no_grad
 from loralab.lora import count_parameters, inject_lora, lora_layers
 from loralab.models import (
     CHARS,

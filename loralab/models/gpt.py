@@ -252,7 +252,7 @@ class GPT(Module):
         x = self.tok_emb(idx) + self.pos_emb.weight[: idx.shape[1]]
         x = self.ln_f(self.blocks(x))
         if self.config["tied_head"]:
-            return F.Linear.apply(x, self.tok_emb.weight, None)
+            return F.LinearFn.apply(x, self.tok_emb.weight, None)
         return self.head(x)
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> Tensor:

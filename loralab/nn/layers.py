@@ -79,7 +79,7 @@ class Linear(Module):
     def forward(self, x: Any) -> Tensor:
         """x of shape (..., in_features) -> y of shape (..., out_features)."""
         x = check_input(f"Linear(in_features={self.in_features})", x, self.in_features)
-        return F.Linear.apply(x, self.weight, self.bias)
+        return F.LinearFn.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -144,7 +144,7 @@ class LayerNorm(Module):
 
     def forward(self, x: Any) -> Tensor:
         x = check_input(f"LayerNorm({self.normalized_shape})", x, self.normalized_shape)
-        return F.LayerNorm.apply(x, self.weight, self.bias, eps=self.eps)
+        return F.LayerNormFn.apply(x, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

@@ -1,4 +1,9 @@
-"""Central-difference gradient checks: the test every hand-written backward must pass."""
+"""Central-difference gradient checks: the test every hand-written backward must pass.
+
+Use them from the package: ``from loralab import gradcheck, numerical_grad, GradcheckError``.
+The module's name starts with an underscore so that ``loralab.gradcheck`` is one thing only,
+the function (a module of the same name would be shadowed by it).
+"""
 
 from __future__ import annotations
 
