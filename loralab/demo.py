@@ -8,7 +8,8 @@ method trains, its peak training memory, its step time, its accuracy and what it
 draws the learning curves, and, when PyTorch is installed, replays the adapted model against its
 PyTorch twin.
 
-The checkpoint is regenerated, bit for bit, by::
+The checkpoint, its pre-training and its loading live in `loralab.models.digits`; it is
+regenerated, bit for bit, by::
 
     python -m loralab.demo --regenerate-checkpoint
 """
@@ -24,36 +25,30 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from loralab import functional as F
 from loralab import optim
-from loralab.datasets import Dataset, load_digits, shift_digits, train_test_split
+from loralab.bench.memory import traced_peak
+from loralab.datasets import Dataset, load_digits, shift_digits
+from loralab.fileio import atomic_write
 from loralab.lora import count_parameters, inject_lora, save_adapter
-from loralab.nn import MLP, Module
-from loralab.training import batch_indices, evaluate, train_classifier
+from loralab.models.digits import (
+    DIGITS_SIZES,
+    digits_split,
+    load_digits_mlp,
+    regenerate_digits_checkpoint,
+)
+from loralab.nn import MLP
+from loralab.training import batch_indices, evaluate, train_classifier, train_step
 
-__all__ = [
-    "DemoConfig",
-    "DemoError",
-    "MethodResult",
-    "run_demo",
-    "pretrain",
-    "load_pretrained",
-    "CHECKPOINT",
-    "SIZES",
-]
+__all__ = ["DemoConfig", "DemoError", "DemoResult", "MethodResult", "run_demo", "format_table"]
 
-SIZES = (64, 256, 256, 10)  # 8x8 pixels -> two hidden layers -> 10 digits
-LINEARS = ("0", "2", "4")  # the Linear layers of MLP(SIZES), as torch.nn.Sequential names them
+# The Linear layers of MLP(DIGITS_SIZES), as torch.nn.Sequential names them; the last is the head.
+LINEARS = ("0", "2", "4")
 HEAD = "4"
-CHECKPOINT = "checkpoints/digits_mlp.safetensors"  # inside the package's data folder
-PRETRAIN_SEED = 0  # the split, the initial weights and the batches of the pre-training
-PRETRAIN_STEPS = 1500
-PRETRAIN_LR = 2e-3
 BATCH = 64
 
 
@@ -124,88 +119,7 @@ class DemoResult:
     notes: list[str]
 
 
-# ----- the pre-trained model ----------------------------------------------------------------------
-def _split(data: Dataset) -> tuple[Dataset, Dataset]:
-    """The fixed split of pre-training: the demo's test images were never trained on."""
-    return train_test_split(data, 0.25, seed=PRETRAIN_SEED)
-
-
-def pretrain(*, progress: bool = False) -> tuple[MLP, float]:
-    """Train MLP(SIZES) on the original digits, deterministically (seed ``PRETRAIN_SEED``).
-
-    Returns the model and its test accuracy.
-    """
-    train, test = _split(load_digits())
-    model = MLP(SIZES, seed=PRETRAIN_SEED)
-    train_classifier(
-        model,
-        train,
-        steps=PRETRAIN_STEPS,
-        lr=PRETRAIN_LR,
-        batch_size=BATCH,
-        seed=PRETRAIN_SEED,
-        progress=progress,
-        desc="pre-training",
-        leave=True,
-    )
-    return model, evaluate(model, test)[1]
-
-
-def _checkpoint_path() -> Path:
-    return Path(str(resources.files("loralab.data").joinpath(CHECKPOINT)))
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temporary name)``, then rename it to ``path``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_safetensors(path: Path, state: dict[str, np.ndarray], metadata=None) -> None:
-    from safetensors.numpy import save_file
-
-    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-
-
-def save_checkpoint(model: MLP, path: Path, metadata: dict[str, str]) -> None:
-    """Write the model's weights as safetensors, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(path, model.state_dict(), metadata)
-
-
-def load_pretrained(path: Path | None = None) -> tuple[MLP, bool]:
-    """The pre-trained MLP from the shipped checkpoint; pre-trained here if it is missing.
-
-    Returns the model and whether it came from the checkpoint.
-    """
-    from safetensors.numpy import load_file
-
-    path = path or _checkpoint_path()
-    model = MLP(SIZES, seed=PRETRAIN_SEED)
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model, True
-    return pretrain()[0], False
-
-
 # ----- adapting -----------------------------------------------------------------------------------
-def _traced_peak(make: Callable[[], tuple[Module, Callable[[], None]]]) -> int:
-    from loralab.bench import traced_peak
-
-    def build():
-        model, step = make()
-        return step, list(model.parameters())
-
-    return traced_peak(build, steps=3)
-
-
 @dataclass(frozen=True)
 class _Method:
     name: str
@@ -245,20 +159,21 @@ def _save(method: _Method, model: MLP, out: Path) -> Path:
         return (
             Path(save_adapter(model, out / f"adapter_r{method.rank}")) / "adapter_model.safetensors"
         )
+    from safetensors.numpy import save_file
+
     if method.name == "head only":
         path = out / "head.safetensors"
         state = {k: v for k, v in model.state_dict().items() if k.startswith(f"{HEAD}.")}
     else:
         path = out / "full_finetuned.safetensors"
         state = model.state_dict()
-    _write_safetensors(path, state)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
 def _adapt(
     method: _Method, config: DemoConfig, train: Dataset, test: Dataset, progress: bool
 ) -> tuple[MethodResult, MLP]:
-    base, _ = load_pretrained()
+    base, _ = load_digits_mlp()
     model = method.prepare(base, config.seed)
     trainable, total = count_parameters(model)
     history = train_classifier(
@@ -275,24 +190,18 @@ def _adapt(
         leave=True,
     )
 
-    def make_for_memory():
-        m = method.prepare(load_pretrained()[0], config.seed)
+    def build_for_memory() -> tuple[Callable[[], object], list]:
+        m = method.prepare(load_digits_mlp()[0], config.seed)
         opt = optim.Adam([p for p in m.parameters() if p.requires_grad], lr=method.lr)
         x, y = train.x[:BATCH], train.y[:BATCH]
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-
-        return m, step
+        return lambda: train_step(opt, lambda: F.cross_entropy(m(x), y)), list(m.parameters())
 
     saved = _save(method, model, config.out)
     result = MethodResult(
         method=method.name,
         trainable=trainable,
         total=total,
-        peak_bytes=_traced_peak(make_for_memory),
+        peak_bytes=traced_peak(build_for_memory, steps=3),
         step_seconds=statistics.median(history.step_seconds),
         accuracy=history.eval_accuracy[-1],
         saved_bytes=saved.stat().st_size,
@@ -372,7 +281,7 @@ def _figure(result: DemoResult, shift: str, path: Path) -> Path | None:
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     try:
-        _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
     return path
@@ -469,15 +378,15 @@ def _one_blas_thread():
 
 def _run(config: DemoConfig, log: Callable[[str], None], progress: bool) -> DemoResult:
     notes = []
-    train0, test0 = _split(load_digits())
+    train0, test0 = digits_split(load_digits())
     train, test = shift_digits(train0, config.shift), shift_digits(test0, config.shift)
-    base, from_checkpoint = load_pretrained()
+    base, from_checkpoint = load_digits_mlp()
     if not from_checkpoint:
         notes.append("the shipped checkpoint is missing: pre-trained the model here")
     base_acc, shifted_acc = evaluate(base, test0)[1], evaluate(base, test)[1]
     _, total = count_parameters(base)
     log(
-        f"Pre-trained MLP {list(SIZES)} ({total:,} parameters, "
+        f"Pre-trained MLP {list(DIGITS_SIZES)} ({total:,} parameters, "
         f"{'shipped checkpoint' if from_checkpoint else 'pre-trained just now'}): "
         f"{base_acc:.1%} on the digits' test split, {shifted_acc:.1%} on the same digits "
         f"{config.shift}: the shifted task."
@@ -512,35 +421,26 @@ def _run(config: DemoConfig, log: Callable[[str], None], progress: bool) -> Demo
     return result
 
 
-# ----- python -m loralab.demo --regenerate-checkpoint ----------------------------------------------
+# ----- python -m loralab.demo [--regenerate-checkpoint] ------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    """Regenerate the shipped checkpoint (``--regenerate-checkpoint``) or run the demo."""
+    """Regenerate the shipped checkpoint (``--regenerate-checkpoint``) or run the default demo."""
     parser = argparse.ArgumentParser(prog="python -m loralab.demo", description=__doc__)
     parser.add_argument(
         "--regenerate-checkpoint",
         action="store_true",
-        help=f"pre-train MLP{list(SIZES)} on the digits and write the shipped checkpoint",
+        help=f"pre-train MLP{list(DIGITS_SIZES)} on the digits and write the shipped checkpoint",
     )
     parser.add_argument("--path", type=Path, help="where to write it (default: inside the package)")
     args = parser.parse_args(argv)
-    if not args.regenerate_checkpoint:
-        from loralab.cli import main as cli_main
-
-        return cli_main(["demo"])
-    path = args.path or _checkpoint_path()
-    model, acc = pretrain(progress=True)
-    metadata = {
-        "model": f"loralab.nn.MLP({list(SIZES)}, activation='relu')",
-        "data": "loralab.datasets.load_digits(), train_test_split(0.25, seed=0), train part",
-        "training": (
-            f"loralab.training.train_classifier: Adam lr={PRETRAIN_LR}, {PRETRAIN_STEPS} steps "
-            f"of batch {BATCH}, seed {PRETRAIN_SEED}"
-        ),
-        "test_accuracy": f"{acc:.4f}",
-        "regenerate": "python -m loralab.demo --regenerate-checkpoint",
-    }
-    save_checkpoint(model, path, metadata)
-    print(f"wrote {path} (test accuracy {acc:.1%})")
+    if args.regenerate_checkpoint:
+        path, accuracy = regenerate_digits_checkpoint(args.path)
+        print(f"wrote {path} (test accuracy {accuracy:.1%})")
+        return 0
+    try:
+        run_demo(DemoConfig())
+    except DemoError as e:
+        print(f"python -m loralab.demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,13 +7,14 @@ import numpy as np
 from loralab import demo
 from loralab.cli import main
 from loralab.datasets import load_digits, shift_digits
+from loralab.models.digits import digits_checkpoint_path, digits_split, load_digits_mlp
 from loralab.training import evaluate
 
 
 def test_checkpoint_ships_and_loads():
-    model, from_checkpoint = demo.load_pretrained()
+    model, from_checkpoint = load_digits_mlp()
     assert from_checkpoint
-    train, test = demo._split(load_digits())
+    train, test = digits_split(load_digits())
     assert evaluate(model, test)[1] > 0.95
     assert evaluate(model, shift_digits(test, "rotate90"))[1] < 0.3  # the shift hurts
 
@@ -96,9 +97,9 @@ def test_regenerated_checkpoint_matches_the_shipped_one(tmp_path):
 
     path = tmp_path / "ckpt.safetensors"
     assert demo.main(["--regenerate-checkpoint", "--path", str(path)]) == 0
-    shipped = load_file(str(demo._checkpoint_path()))
+    shipped = load_file(str(digits_checkpoint_path()))
     fresh = load_file(str(path))
-    with safe_open(str(path), "np") as f, safe_open(str(demo._checkpoint_path()), "np") as g:
+    with safe_open(str(path), "np") as f, safe_open(str(digits_checkpoint_path()), "np") as g:
         fresh_meta, shipped_meta = f.metadata(), g.metadata()
     assert shipped_meta["regenerate"] == "python -m loralab.demo --regenerate-checkpoint"
     assert float(shipped_meta["test_accuracy"]) > 0.95

@@ -1,0 +1,62 @@
+"""The suite's two figures (matplotlib, optional): overhead against width, and every ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loralab.bench.config import Results
+from loralab.fileio import atomic_write
+
+__all__ = ["write_figures"]
+
+
+def write_figures(res: Results, directory: Path) -> list[str]:
+    """PNG figures in ``directory`` (next to the results); [] and a note without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        res.notes.append("matplotlib is not installed: no figures were drawn.")
+        return []
+
+    def save(fig, name: str) -> str:
+        try:
+            atomic_write(directory / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
+        return name
+
+    widths = [r["width"] for r in res.overhead]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(
+        widths, [r["engine_over_hand"] for r in res.overhead], "o-", label="engine / hand NumPy"
+    )
+    if any("engine_over_torch" in r for r in res.overhead):
+        ax.plot(
+            widths, [r["engine_over_torch"] for r in res.overhead], "s-", label="engine / PyTorch"
+        )
+        ax.plot(widths, [r["hand_over_torch"] for r in res.overhead], "^--", label="hand / PyTorch")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel("width")
+    ax.set_ylabel("step time ratio")
+    ax.set_title("Autograd overhead: LoRA training step")
+    ax.legend()
+    fig.tight_layout()
+    names = [save(fig, "overhead.png")]
+
+    checks = [c for c in res.checks if c.section in ("2", "3", "4")]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(checks) + 1.2))
+    colors = ["tab:green" if c.met else "tab:red" if c.met is False else "tab:gray" for c in checks]
+    ax.barh(range(len(checks)), [c.value for c in checks], color=colors)
+    ax.set_yticks(range(len(checks)), [c.name for c in checks], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("ratio (green: target met, red: missed, gray: no target)")
+    ax.set_title("LoRA vs full fine-tuning, inference, fused backward")
+    fig.tight_layout()
+    names.append(save(fig, "ratios.png"))
+    return names

@@ -1,0 +1,11 @@
+"""The suite's four sections, in the order they run and appear in the report.
+
+Each section module has ``run(res, log)``, which measures and appends its rows and checks to
+the `Results`, and ``markdown(res) -> list[str]``, its part of the report.
+"""
+
+from loralab.bench.sections import core, fused, inference, overhead
+
+SECTIONS = {"overhead": overhead, "core": core, "inference": inference, "fused": fused}
+
+__all__ = ["SECTIONS"]
