@@ -15,9 +15,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 
 from loralab import counting
+from loralab.params_report import format_params_report, format_presets
 
 
 class UsageError(Exception):
@@ -27,22 +27,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and call sys.exit
         raise UsageError(f"{self.prog}: error: {message}")
-
-
-_DECIMAL_UNITS = (1000, ("B", "kB", "MB", "GB", "TB", "PB"))
-_BINARY_UNITS = (1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"))
-
-
-def _human_bytes(n: int, *, binary: bool = False) -> str:
-    base, units = _BINARY_UNITS if binary else _DECIMAL_UNITS
-    if n < base:
-        return f"{n:,} B"
-    value = float(n)
-    for unit in units[1:]:
-        value /= base
-        if value < base or unit == units[-1]:
-            break
-    return f"{value:.2f} {unit}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,113 +119,9 @@ def _shape_from_args(args: argparse.Namespace) -> counting.TransformerShape:
         raise UsageError(f"loralab params: error: {e}") from None
 
 
-def _print_presets(as_json: bool) -> None:
-    presets = counting.load_presets()
-    if as_json:
-        rows = {n: {**asdict(s), "num_params": s.num_params()} for n, s in presets.items()}
-        print(json.dumps(rows, indent=2))
-        return
-    header = ("preset", "d_model", "layers", "d_ff", "heads", "kv", "vocab", "mlp", "params")
-    rows = [
-        (
-            name,
-            f"{s.d_model:,}",
-            str(s.n_layers),
-            f"{s.d_ff:,}",
-            str(s.n_heads),
-            str(s.n_kv_heads),
-            f"{s.vocab_size:,}",
-            "gated" if s.gated_mlp else "plain",
-            f"{s.num_params():,}",
-        )
-        for name, s in presets.items()
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-    print("\nsources:")
-    for name, s in presets.items():
-        print(f"  {name}: {s.source}")
-
-
-def _print_report(shape: counting.TransformerShape, est: counting.MemoryEstimate) -> None:
-    by_target = counting.lora_params_by_target(shape, est.r, est.targets)
-    print(f"loralab params: {shape.name}")
-    print(
-        f"  shape:  d_model {shape.d_model:,}, {shape.n_layers} layers, d_ff {shape.d_ff:,}, "
-        f"{shape.n_heads} heads ({shape.n_kv_heads} kv), "
-        + (f"vocab {shape.vocab_size:,}, " if shape.vocab_size else "vocab not given, ")
-        + f"{'gated' if shape.gated_mlp else 'plain'} MLP"
-    )
-    if not shape.vocab_size:
-        print("  note:   no --vocab, so the totals exclude the embeddings (and the output head)")
-    if shape.source:
-        print(f"  source: {shape.source}")
-    print(
-        f"  LoRA:   r={est.r} on {', '.join(est.targets)}; {est.dtype} weights, {est.optimizer} "
-        f"(optimizer states in {est.state_dtype})"
-    )
-    print()
-    rows = [("model parameters (total)", f"{est.total_params:,}", "")]
-    rows.append(
-        (
-            "LoRA trainable parameters",
-            f"{est.trainable_params:,}",
-            f"{100 * est.trainable_fraction:.3g}% of total",
-        )
-    )
-    rows += [(f"  on {t} ({shape.n_layers} layers)", f"{n:,}", "") for t, n in by_target.items()]
-    rows.append(
-        (
-            "adapter size",
-            f"{est.adapter_bytes:,} B",
-            f"{_human_bytes(est.adapter_bytes)} = {_human_bytes(est.adapter_bytes, binary=True)}",
-        )
-    )
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    for label, value, note in rows:
-        print(f"  {label.ljust(w0)}  {value.rjust(w1)}  {note}".rstrip())
-    print()
-    table = [("training memory", "full fine-tuning", "LoRA")]
-    for label, attr in (
-        ("weights", "weights"),
-        ("gradients", "gradients"),
-        ("optimizer states", "optimizer_states"),
-    ):
-        table.append(
-            (
-                f"  {label}",
-                _human_bytes(getattr(est.full, attr)),
-                _human_bytes(getattr(est.lora, attr)),
-            )
-        )
-    table.append(("  total", _human_bytes(est.full.total), _human_bytes(est.lora.total)))
-    table.append(
-        (
-            "  total (binary units)",
-            _human_bytes(est.full.total, binary=True),
-            _human_bytes(est.lora.total, binary=True),
-        )
-    )
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    for label, full, lora in table:
-        print(f"  {label.ljust(widths[0])}  {full.rjust(widths[1])}  {lora.rjust(widths[2])}")
-    print(f"  LoRA needs {est.lora.total / est.full.total:.1%} of full fine-tuning's memory.")
-    print(
-        "  Activations are not included "
-        "(they depend on batch size, sequence length and checkpointing)."
-    )
-
-
 def _run_params(args: argparse.Namespace) -> int:
     if args.list_presets:
-        _print_presets(args.json)
+        print(format_presets(as_json=args.json))
         return 0
     if args.r <= 0:
         raise UsageError(f"loralab params: error: --r must be a positive integer, got {args.r}")
@@ -256,7 +136,7 @@ def _run_params(args: argparse.Namespace) -> int:
         report = {"model": shape.name, **est.to_dict(), "embeddings_included": shape.vocab_size > 0}
         print(json.dumps(report, indent=2))
     else:
-        _print_report(shape, est)
+        print(format_params_report(shape, est))
     return 0
 
 
@@ -441,7 +321,7 @@ def _run_ddp(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry: name -> (add parser, run). `demo`, `bench` and `grade` are added here as they land.
+# Registry: name -> (add parser, run).
 
 SUBCOMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "params": (_add_params_parser, _run_params),
