@@ -180,3 +180,24 @@ def test_shape_errors_name_both_shapes():
         F.lora_linear(np.ones((2, 5)), W0, b, A, B, 1.0)
     with pytest.raises(ValueError, match=r"expected B of shape \(4, 2\), got \(2, 4\)"):
         F.lora_linear(x, W0, b, A, B.T, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("which", "value", "match"),
+    [
+        ("b", np.ones((2, 4)), r"expected b of shape \(4,\), got \(2, 4\)"),
+        ("b", np.ones(3), r"expected b of shape \(4,\), got \(3,\)"),
+        ("W0", np.ones(6), r"expected W0 of shape \(out, in\), got \(6,\)"),
+        ("A", np.float64(1.0), r"expected A of shape \(r, 6\), got \(\)"),
+        ("A", np.ones(6), r"expected A of shape \(r, 6\), got \(6,\)"),
+        ("B", np.ones(4), r"expected B of shape \(4, 2\), got \(4,\)"),
+    ],
+)
+def test_bad_bias_and_weight_ranks_are_named(which, value, match):
+    """A (N, out) bias used to be accepted (and its gradient got the wrong shape); 0-d or 1-D
+    weights used to raise IndexError or unpacking errors."""
+    x, W0, b, A, B = problem((2,), 6, 4, 2)
+    args = {"x": x, "W0": W0, "b": b, "A": A, "B": B, "scaling": 1.0}
+    args[which] = value
+    with pytest.raises(ValueError, match=match):
+        F.lora_linear(**args)

@@ -114,3 +114,52 @@ def test_peft_dora_adapter_loads_in_the_torch_twin_and_numpy(tmp_path, dtype):
         )
     model = np_lora.load_adapter(base(dtype), tmp_path).eval()
     np.testing.assert_allclose(model(x).data, peft_output(trained, x), rtol=RTOL[dtype])
+
+
+NAMES = ["0", "2", "4", "net.2", "blocks.0.attn.q", "blocks.10.attn.q", "q", "xq", "a.b.c"]
+KEYS = ["2", "^2$", "q", "^q$", r"blocks\.[01]\.attn\.q", "attn.q", "c", "b.c", ".*", "0|4"]
+
+
+def test_pattern_keys_follow_peft_get_pattern_key():
+    from peft.utils.other import get_pattern_key
+
+    from loralab.lora.config import pattern_key
+
+    for name in NAMES:
+        for keys in ([k] for k in KEYS):
+            assert (pattern_key(keys, name) or name) == get_pattern_key(keys, name), (keys, name)
+        assert (pattern_key(KEYS, name) or name) == get_pattern_key(KEYS, name), name
+
+
+def test_peft_regex_rank_and_alpha_patterns_load_in_loralab(tmp_path):
+    trained = train_peft(np.float64, rank_pattern={"^4$": 1}, alpha_pattern={"^2$": 3})
+    assert trained.base_model.model[4].r["default"] == 1  # PEFT applied the regex
+    trained.save_pretrained(tmp_path)
+    x = np.random.default_rng(3).normal(size=(5, 6))
+    model = np_lora.load_adapter(base(np.float64), tmp_path).eval()
+    layers = dict(np_lora.lora_layers(model))
+    assert (layers["2"].r, layers["2"].scaling) == (3, 1.0)
+    assert (layers["4"].r, layers["4"].scaling) == (1, 7.0)
+    np.testing.assert_allclose(model(x).data, peft_output(trained, x), rtol=1e-10)
+    twin = load_adapter(to_torch(base(np.float64)), tmp_path).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            twin(torch.tensor(x)).numpy(), peft_output(trained, x), rtol=1e-10
+        )
+
+
+def test_a_peft_adapter_with_r_above_min_in_out_is_refused_whole(tmp_path):
+    """PEFT accepts r > min(in, out); loralab refuses it (the update's rank cannot exceed
+    min(in, out)), before touching any layer, on both backends."""
+    train_peft(np.float64, steps=1, rank_pattern={"^4$": 6}).save_pretrained(tmp_path)
+    for model in (base(np.float64), to_torch(base(np.float64))):
+        before = [(n, type(m).__name__) for n, m in model.named_modules()]
+        with pytest.raises(ValueError, match=r"r=6 exceeds min\(in_features, out_features\)=4"):
+            load_adapter(model, tmp_path)
+        assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+
+
+def test_a_peft_pissa_niter_adapter_is_refused_by_name(tmp_path):
+    train_peft(np.float32, steps=1, init_lora_weights="pissa_niter_2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa_niter_2'"):
+        load_adapter(base(np.float64), tmp_path)

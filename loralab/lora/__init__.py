@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "LoraConfig": "loralab.lora.config",
     "inject_lora": "loralab.lora.inject",
     "merge_lora": "loralab.lora.inject",
     "unmerge_lora": "loralab.lora.inject",

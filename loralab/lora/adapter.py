@@ -3,33 +3,45 @@
 A saved adapter is a directory with two files:
 
 ``adapter_config.json``
-    ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` (the full
-    module paths), ``bias: "none"``, ``fan_in_fan_out: false``, ``use_rslora``, ``use_dora``,
-    ``init_lora_weights``, ``rank_pattern``/``alpha_pattern`` (layers whose r or alpha differ) ...
+    `loralab.lora.LoraConfig.to_dict`: ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``target_modules`` (the full module paths), ``bias: "none"``,
+    ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``rank_pattern``/``alpha_pattern``
+    (layers whose r or alpha differ, keys matched as PEFT's regular expressions) ...
 ``adapter_model.safetensors``
     ``base_model.model.<module path>.lora_A.weight`` of shape (r, in) and
     ``base_model.model.<module path>.lora_B.weight`` of shape (out, r); with DoRA
     (``use_dora: true``) also ``base_model.model.<module path>.lora_magnitude_vector`` of shape (out,).
 
-Files are written to a temporary name and renamed into place (never half-written) and read with
-safetensors (never pickle). The model-specific part (which layers exist, how to read and write
-their arrays) is a small "backend": this module's NumPy one, or the torch one that
-`loralab.torch` supplies, so both kinds of model share this single implementation.
+Saving writes both files into a temporary folder that then replaces the destination
+(`loralab.fileio.atomic_directory`), so a reader never sees new weights beside an old config.
+
+Loading is all or nothing, in three steps: (1) read the config and only the *header* of the
+safetensors file (8-byte little-endian length, then JSON) and check every key, dtype and shape
+against the whole model; (2) read just the declared tensors (``safetensors.safe_open``, never
+pickle) and check that they are finite; (3) only then change the model. A refused load leaves
+every array, flag and module of the model as it was.
+
+The model-specific part (which layers exist, how to read and write their arrays) is a small
+"backend": this module's NumPy one, or the torch one that `loralab.torch` supplies, so both
+kinds of model share this single implementation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loralab.fileio import atomic_directory
+from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.nn import Linear, LoRALinear, Module
-from loralab.nn.lora import lora_scaling
 
 __all__ = [
     "save_adapter",
@@ -45,8 +57,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
 _MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,); PEFT's key has no ".weight"
-_PEFT_TO_INIT = {"pissa": "pissa", "olora": "olora"}
-_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+_KEEP_ON_SAVE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what save_adapter may replace
+_FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
 
 
 class NumpyBackend:
@@ -102,33 +115,22 @@ def _backend(model: Any) -> Any:
 
 
 # ----- writing ------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_adapter(
-    directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, np.ndarray]
+    directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, np.ndarray]
 ) -> Path:
-    """Write ``config`` and ``tensors`` (already keyed in PEFT's format) into ``directory``, atomically."""
-    from safetensors.numpy import save_file
+    """Write ``config`` and ``tensors`` (keyed in PEFT's format) as the folder ``directory``.
+
+    Both files are written into a temporary sibling folder that then replaces ``directory`` in
+    one step; files get mode 0644; temporaries of an interrupted earlier save are removed.
+    """
+    import safetensors.numpy
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    _atomic_write(
-        directory / WEIGHTS_NAME, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"})
-    )
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_directory(directory) as tmp:
+        safetensors.numpy.save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
     return directory
 
 
@@ -136,37 +138,27 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def adapter_config(layers: list[tuple[str, Any]]) -> dict[str, Any]:
-    """The ``adapter_config.json`` contents describing ``layers`` [(path, LoRA layer)]."""
+def adapter_config(layers: list[tuple[str, Any]]) -> LoraConfig:
+    """The `LoraConfig` describing ``layers`` [(path, LoRA layer)]: the most common r and alpha,
+    the others in ``rank_pattern``/``alpha_pattern`` (keys: full paths, which PEFT's rule
+    matches exactly)."""
     r = _most_common([layer.r for _, layer in layers])
     alpha = _most_common([layer.alpha for _, layer in layers])
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     init = _most_common([getattr(layer, "init", "kaiming") for _, layer in layers])
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": _most_common([float(layer.dropout) for _, layer in layers]),
-        "target_modules": sorted(name for name, _ in layers),
-        "exclude_modules": None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": bool(_most_common([bool(layer.use_rslora) for _, layer in layers])),
-        "use_dora": bool(
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=_most_common([float(layer.dropout) for _, layer in layers]),
+        target_modules=tuple(sorted(name for name, _ in layers)),
+        use_rslora=bool(_most_common([bool(layer.use_rslora) for _, layer in layers])),
+        use_dora=bool(
             _most_common([bool(getattr(layer, "use_dora", False)) for _, layer in layers])
         ),
-        "init_lora_weights": _INIT_TO_PEFT.get(init, init),
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {name: layer.r for name, layer in layers if layer.r != r},
-        "alpha_pattern": {name: layer.alpha for name, layer in layers if layer.alpha != alpha},
-        "lora_bias": False,
-    }
+        init_lora_weights=INIT_TO_PEFT.get(init, init),
+        rank_pattern={name: layer.r for name, layer in layers if layer.r != r},
+        alpha_pattern={name: layer.alpha for name, layer in layers if layer.alpha != alpha},
+    )
 
 
 def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
@@ -178,17 +170,37 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         With LoRA layers (see `loralab.lora.inject_lora`); merged layers are saved as well
         (A and B do not change on merging).
     directory : path
-        Created if missing; ``adapter_config.json`` and ``adapter_model.safetensors`` are written
-        into it atomically.
+        The adapter's folder, created if missing. It is replaced as a whole (config and weights
+        together, never a mix of old and new); an existing folder may hold only a previous
+        adapter (``adapter_config.json``, ``adapter_model.safetensors``, PEFT's ``README.md``).
 
     Returns
     -------
     Path of the directory.
+
+    Raises
+    ------
+    ValueError
+        The model has no LoRA layers.
+    FileExistsError
+        ``directory`` is a file, or a folder holding other files (they would be lost).
     """
     backend = _backend(model)
     layers = backend.lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers; call inject_lora first")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(
+            f"save_adapter: {str(directory)!r} exists and is a file; an adapter is a folder"
+        )
+    if directory.is_dir():
+        others = sorted(set(os.listdir(directory)) - _KEEP_ON_SAVE)
+        if others:
+            raise FileExistsError(
+                f"save_adapter: the folder {str(directory)!r} holds other files {others}; saving "
+                "replaces the folder as a whole, so choose a new or adapter-only folder"
+            )
     tensors = {}
     for path, layer in layers:
         for suffix, attr in _SUFFIXES.items():
@@ -198,68 +210,156 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     return write_adapter(directory, adapter_config(layers), tensors)
 
 
-# ----- reading -----------------------------------------------------------------------------------
-_UNSUPPORTED = {  # field: (value that is fine, why)
-    "bias": ("none", "trained biases"),
-    "modules_to_save": (None, "fully trained extra modules"),
-    "fan_in_fan_out": (False, "transposed (Conv1D) weights"),
-    "lora_bias": (False, "a bias on lora_B"),
-    "layers_to_transform": (None, "layer selection by index"),
-    "layers_pattern": (None, "layer selection by pattern"),
-    "layer_replication": (None, "replicated layers"),
-    "trainable_token_indices": (None, "trainable token embeddings"),
-    "target_parameters": (None, "LoRA on raw parameters"),
-    "use_qalora": (False, "quantisation-aware LoRA"),
-    "alora_invocation_tokens": (None, "activated LoRA"),
-    "use_bdlora": (None, "block-diagonal LoRA"),
-    "exclude_modules": (None, "excluded modules"),
-}
+# ----- reading: config and header first, tensors second ---------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    """One entry of a safetensors header: its key, dtype name ("F32", ...) and shape."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _no_duplicates(where: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{where}: duplicate key {key!r}")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def _parse_json(text: str | bytes, where: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates(where))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{where}: the JSON is nested too deeply to be a config") from None
+
+
+def read_config(path: Path) -> LoraConfig:
+    """``adapter_config.json`` as a validated `LoraConfig`; every error names the file."""
+    where = f"load_adapter: {str(path)!r}"
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{where}: cannot read: {exc}") from exc
+    data = _parse_json(text, where)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
+    return LoraConfig.from_dict(data, source=where)
+
+
+def read_header(path: Path) -> list[TensorSpec]:
+    """The tensors a safetensors file declares, checked without reading their data.
+
+    The format: 8 bytes (little-endian u64) giving the header's length n, n bytes of JSON
+    ``{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
+    data. Each entry must be a float (F16, F32, F64), its offsets must lie inside the file and
+    span exactly prod(shape) * itemsize bytes; keys must be unique.
+    """
+    where = f"load_adapter: {str(path)!r}"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(
+                f"{where}: cannot read: {size} bytes is too short for a safetensors file"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(
+                f"{where}: cannot read: the header claims {n} bytes but {size - 8} follow its length"
+            )
+        raw = f.read(n)
+    header = _parse_json(raw, f"{where}: cannot read: the header")
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: cannot read: the header must be a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{where}: __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    specs = []
+    for key, entry in header.items():
+        spec = _check_entry(key, entry, data_size, where)
+        specs.append(spec)
+    return specs
+
+
+def _check_entry(key: str, entry: Any, data_size: int, where: str) -> TensorSpec:
+    _split_key(key)  # an unexpected key is refused before its size or dtype matter
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{where}: tensor {key}: expected dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _FLOAT_DTYPES:
+        hint = " (bfloat16: convert the adapter to float32 first)" if dtype == "BF16" else ""
+        raise ValueError(
+            f"{where}: tensor {key} has dtype {dtype!r}; expected one of {list(_FLOAT_DTYPES)}{hint}"
+        )
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise ValueError(f"{where}: tensor {key} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
+        raise ValueError(f"{where}: tensor {key} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * np.dtype(_FLOAT_DTYPES[dtype]).itemsize
+    if end - begin != nbytes or end > data_size:
+        raise ValueError(
+            f"{where}: tensor {key} declares bytes [{begin}, {end}) for shape {tuple(shape)} "
+            f"({nbytes} bytes) but the data section has {data_size} bytes"
+        )
+    return TensorSpec(key, dtype, tuple(shape))
+
+
+def read_tensors(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """Only the tensors ``keys`` of a checked safetensors file; each must be finite."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"load_adapter: {str(path)!r}"
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in keys:
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot read the tensors: {exc}") from exc
+    for key, value in tensors.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{where}: tensor {key} holds NaN or infinite values")
+    return tensors
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, np.ndarray]]:
     """Read and check an adapter directory: (config, tensors keyed as in the file). No pickle."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    config_path, weights_path = _paths(directory)
+    config = read_config(config_path)
+    specs = read_header(weights_path)
+    return config, read_tensors(weights_path, [s.key for s in specs])
 
+
+def _paths(directory: str | os.PathLike) -> tuple[Path, Path]:
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise FileNotFoundError(
             f"load_adapter: adapter directory {str(directory)!r} does not exist"
         )
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"load_adapter: {str(p)!r} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_adapter: {str(config_path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"load_adapter: {str(config_path)!r} must hold a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"load_adapter: peft_type must be 'LORA', got {config.get('peft_type')!r} in {str(config_path)!r}"
-        )
-    for field in ("r", "lora_alpha"):
-        if field not in config:
-            raise ValueError(f"load_adapter: {str(config_path)!r} has no field {field!r}")
-    for field, (fine, what) in _UNSUPPORTED.items():
-        value = config.get(field)
-        if value not in (fine, None) and value != [] and value != {}:
-            raise ValueError(
-                f"load_adapter: unsupported {field}={value!r} in {str(config_path)!r}: loralab does not "
-                f"support {what} (expected {field}={fine!r})"
-            )
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"load_adapter: cannot read {str(weights_path)!r}: {exc}") from exc
-    return config, tensors
+    return config_path, weights_path
 
 
 def _split_key(key: str) -> tuple[str, str]:
     for suffix, attr in {**_SUFFIXES, _MAGNITUDE: _MAGNITUDE[1:]}.items():
-        if key.startswith(PREFIX) and key.endswith(suffix):
+        if key.startswith(PREFIX) and key.endswith(suffix) and len(key) > len(PREFIX + suffix):
             return key[len(PREFIX) : -len(suffix)], attr
     raise ValueError(
         f"load_adapter: unexpected tensor {key!r}; expected '{PREFIX}<module path>.lora_A.weight', "
@@ -267,20 +367,114 @@ def _split_key(key: str) -> tuple[str, str]:
     )
 
 
-def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the path or a dotted suffix of it."""
-    for key, value in pattern.items():
-        if path == key or path.endswith("." + key):
-            return value
-    return default
+# ----- loading: plan everything, then apply ---------------------------------------------------------
+@dataclass
+class _LayerPlan:
+    path: str
+    keys: dict[str, str]  # attribute ("lora_A", ...) -> tensor key
+    r: int
+    alpha: float
+
+
+def _plan(
+    backend: Any, model: Any, config: LoraConfig, specs: list[TensorSpec]
+) -> list[_LayerPlan]:
+    """Check the whole file against the whole model; change nothing. Returns what to apply."""
+    if not specs:
+        raise ValueError("load_adapter: the adapter has no tensors")
+    by_path: dict[str, dict[str, TensorSpec]] = {}
+    for spec in specs:
+        path, attr = _split_key(spec.key)
+        by_path.setdefault(path, {})[attr] = spec
+    existing = dict(backend.lora_layers(model))
+    merged = [n for n, layer in existing.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"load_adapter: the model's LoRA layers {merged} are merged into W0; unmerge first "
+            "(unmerge_lora), load, then merge again"
+        )
+    if existing and set(existing) != set(by_path):
+        raise ValueError(
+            f"load_adapter: the file has adapters for {sorted(by_path)} but the model has LoRA layers "
+            f"{sorted(existing)}"
+        )
+    magnitude = _MAGNITUDE[1:]
+    plans = []
+    for path, found in sorted(by_path.items()):
+        for attr in _SUFFIXES.values():
+            if attr not in found:
+                raise ValueError(
+                    f"load_adapter: {PREFIX}{path}.{attr}.weight is missing from the file"
+                )
+        if config.use_dora != (magnitude in found):
+            raise ValueError(
+                f"load_adapter: config has use_dora={config.use_dora} but {PREFIX}{path}{_MAGNITUDE} is "
+                f"{'present in' if magnitude in found else 'missing from'} the file"
+            )
+        shape = backend.linear_shape(model, path)
+        if shape is None:
+            raise ValueError(
+                f"load_adapter: the file has {PREFIX}{path}.lora_A.weight but the model has no Linear "
+                f"module {path!r}; its Linear modules are {backend.linear_names(model)}"
+            )
+        out_f, in_f = shape
+        layer = existing.get(path)
+        a_shape = found["lora_A"].shape
+        r = layer.r if layer is not None else (a_shape[0] if len(a_shape) == 2 else -1)
+        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        if config.use_dora:
+            expected[magnitude] = (out_f,)
+        for attr, want in expected.items():
+            if found[attr].shape != want:
+                raise ValueError(
+                    f"load_adapter: tensor {found[attr].key} has shape {found[attr].shape} but the "
+                    f"model expects {want}"
+                )
+        file_r = config.rank_for(path)
+        if file_r != r:
+            raise ValueError(
+                f"load_adapter: config gives r={file_r} for {path!r} but its tensors have rank {r}"
+            )
+        check_rank_fits(r, in_f, out_f, f"load_adapter: layer {path!r} (out={out_f}, in={in_f})")
+        if layer is not None:
+            _check_compatible(layer, path, config)
+        plans.append(
+            _LayerPlan(path, {a: s.key for a, s in found.items()}, r, config.alpha_for(path))
+        )
+    return plans
+
+
+def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:
+    """An existing layer must be the kind of layer the file was trained on."""
+    if bool(getattr(layer, "use_dora", False)) != config.use_dora:
+        raise ValueError(
+            f"load_adapter: config has use_dora={config.use_dora} but the model's layer {path!r} has "
+            f"use_dora={not config.use_dora}"
+        )
+    principal = ("pissa", "olora")
+    init = getattr(layer, "init", "kaiming")
+    if (init in principal or config.init in principal) and (
+        init != config.init or layer.scaling != config.scaling_for(path)
+    ):
+        raise ValueError(
+            f"load_adapter: layer {path!r} was built with init={init!r} (scaling {layer.scaling:g}) but "
+            f"the file has init_lora_weights={config.init_lora_weights!r} (scaling "
+            f"{config.scaling_for(path):g}); its frozen W0 holds a different residual. Load into a "
+            "model without LoRA layers instead"
+        )
 
 
 def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     """Load a PEFT-format LoRA adapter into ``model`` (NumPy or torch), all or nothing.
 
     If ``model`` has no LoRA layers yet, adapters are attached to the modules the file names, with
-    the file's r, alpha, dropout and rsLoRA setting. If it has them, the file must cover exactly
-    those layers with the same ranks; alpha and rsLoRA scaling are taken from the file.
+    the file's r, alpha (``rank_pattern``/``alpha_pattern`` matched as PEFT does), dropout,
+    rsLoRA, DoRA and init (PiSSA/OLoRA split W0 again, as PEFT does). If it has them, the file
+    must cover exactly those layers with the same ranks and kinds; alpha and the rsLoRA scaling
+    are taken from the file (dropout stays the layer's).
+
+    Loading into a merged model is refused ("unmerge first"): the file's ΔW would replace A and B
+    while W0 still holds the old ΔW.
 
     Parameters
     ----------
@@ -296,91 +490,39 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     ------
     FileNotFoundError
         A missing directory or file.
+    TypeError
+        A config field of the wrong JSON type (naming the file, the field and the value).
     ValueError
-        A corrupt file, an unsupported feature (naming the config field), a tensor for a module the
-        model lacks, or a shape that does not fit (naming the key and both shapes). The model is
-        left unchanged.
+        A corrupt file, a wrong config value, an unsupported feature (naming the config field), a
+        tensor for a module the model lacks, a tensor of the wrong shape or dtype, NaN or inf.
+        In every case the model is left exactly as it was.
     """
     backend = _backend(model)
-    config, tensors = read_adapter(directory)
-    by_path: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        path, attr = _split_key(key)
-        by_path.setdefault(path, {})[attr] = value
+    config_path, weights_path = _paths(directory)
+    config = read_config(config_path)
+    specs = read_header(weights_path)
+    plans = _plan(backend, model, config, specs)
+    tensors = read_tensors(weights_path, [s.key for s in specs])
     existing = dict(backend.lora_layers(model))
-    if existing and set(existing) != set(by_path):
-        raise ValueError(
-            f"load_adapter: the file has adapters for {sorted(by_path)} but the model has LoRA layers "
-            f"{sorted(existing)}"
-        )
-    use_dora = bool(config.get("use_dora", False))
-    plan = []
-    for path, pair in sorted(by_path.items()):
-        for attr in _SUFFIXES.values():
-            if attr not in pair:
-                raise ValueError(
-                    f"load_adapter: {PREFIX}{path}.{attr}.weight is missing from the file"
-                )
-        shape = backend.linear_shape(model, path)
-        if shape is None:
-            raise ValueError(
-                f"load_adapter: the file has {PREFIX}{path}.lora_A.weight but the model has no Linear "
-                f"module {path!r}; its Linear modules are {backend.linear_names(model)}"
-            )
-        out_f, in_f = shape
-        r = pair["lora_A"].shape[0] if pair["lora_A"].ndim == 2 else -1
-        if path in existing:
-            r = existing[path].r
-        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
-        magnitude = _MAGNITUDE[1:]
-        if use_dora != (magnitude in pair):
-            raise ValueError(
-                f"load_adapter: config has use_dora={use_dora} but {PREFIX}{path}{_MAGNITUDE} is "
-                f"{'present in' if magnitude in pair else 'missing from'} the file"
-            )
-        if path in existing and bool(getattr(existing[path], "use_dora", False)) != use_dora:
-            raise ValueError(
-                f"load_adapter: config has use_dora={use_dora} but the model's layer {path!r} has "
-                f"use_dora={not use_dora}"
-            )
-        if use_dora:
-            expected[magnitude] = (out_f,)
-        for attr, want in expected.items():
-            got = tuple(pair[attr].shape)
-            if got != want:
-                key = f"{PREFIX}{path}.{attr}" + ("" if attr == magnitude else ".weight")
-                raise ValueError(
-                    f"load_adapter: tensor {key} has shape {got} but the model expects {want}"
-                )
-        file_r = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-        if file_r != r:
-            raise ValueError(
-                f"load_adapter: config gives r={file_r} for {path!r} but its tensors have rank {r}"
-            )
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
-        plan.append((path, pair, r, float(alpha)))
-
-    use_rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    for path, pair, r, alpha in plan:
-        layer = existing.get(path)
+    for plan in plans:  # nothing below can fail on a checked file: the model changes from here on
+        layer = existing.get(plan.path)
         if layer is None:
             options = {
-                "r": r,
-                "alpha": alpha,
-                "dropout": dropout,
-                "use_rslora": use_rslora,
-                "use_dora": use_dora,
+                "r": plan.r,
+                "alpha": plan.alpha,
+                "dropout": config.lora_dropout,
+                "use_rslora": config.use_rslora,
+                "use_dora": config.use_dora,
                 # PiSSA/OLoRA adapters were trained on the residual W0 - s B0 A0: split W0 again,
                 # as PEFT does on loading, before the file's A and B replace B0 and A0.
-                "init": _PEFT_TO_INIT.get(str(config.get("init_lora_weights")), "kaiming"),
+                "init": config.init,
                 "seed": 0,
             }
-            layer = backend.attach(model, path, options)
-        layer.alpha, layer.use_rslora = alpha, use_rslora
-        layer.scaling = lora_scaling(alpha, r, use_rslora)
-        for attr in pair:
-            backend.set(layer, attr, pair[attr])
+            layer = backend.attach(model, plan.path, options)
+        layer.alpha, layer.use_rslora = plan.alpha, config.use_rslora
+        layer.scaling = lora_scaling(plan.alpha, plan.r, config.use_rslora)
+        for attr, key in plan.keys.items():
+            backend.set(layer, attr, tensors[key])
     if not existing:
         backend.freeze_base(model)
     return model

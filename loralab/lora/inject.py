@@ -13,8 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from loralab.lora.config import (
+    ALL_LINEAR,
+    INIT_TO_PEFT,
+    LoraConfig,
+    check_bool,
+    check_dropout,
+    check_init,
+    check_positive_int,
+    check_positive_number,
+    check_rank_fits,
+    check_target_modules,
+)
 from loralab.nn import Linear, LoRALinear, Module
-from loralab.nn.lora import validate_lora_options
 from loralab.nn.module import make_rng
 
 __all__ = [
@@ -28,7 +39,14 @@ __all__ = [
 ]
 
 
-ALL_LINEAR = "all-linear"
+_DEFAULTS: dict[str, Any] = {
+    "r": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "init": "kaiming",
+    "use_rslora": False,
+    "use_dora": False,
+}
 
 
 def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -43,26 +61,47 @@ def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _check_targets(target_modules: Any) -> None:
-    if target_modules == ALL_LINEAR:
-        return
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(
-                f"target_modules: invalid regular expression {target_modules!r}: {exc}"
-            ) from exc
-        return
-    if (
-        not isinstance(target_modules, Sequence)
-        or not target_modules
-        or not all(isinstance(t, str) and t for t in target_modules)
-    ):
-        raise TypeError(
-            "target_modules must be a regular expression string or a non-empty list of module names, "
-            f"got {target_modules!r}"
+def make_config(target_modules: Any, options: dict[str, Any]) -> LoraConfig:
+    """The `LoraConfig` of ``inject_lora``'s second argument and keyword options.
+
+    ``target_modules`` is either a `LoraConfig` (then every option keyword must keep its default) or the
+    names to adapt, with the options named as `LoRALinear`'s keywords (checked by the same
+    validators, with the keyword's name in the message).
+    """
+    if isinstance(target_modules, LoraConfig):
+        given = sorted(
+            k for k, v in options.items() if type(v) is not type(_DEFAULTS[k]) or v != _DEFAULTS[k]
         )
+        if given:
+            raise TypeError(
+                f"inject_lora: got a LoraConfig and the keyword options {given}; put them in the config"
+            )
+        if target_modules.target_modules is None:
+            raise ValueError("inject_lora: the LoraConfig has no target_modules")
+        if target_modules.init_lora_weights is False:
+            raise ValueError(
+                "inject_lora: init_lora_weights=False (A and B both random) is not implemented; "
+                "loralab starts with B = 0 (True, 'gaussian') or a split of W0 ('pissa', 'olora')"
+            )
+        return target_modules
+    where = "inject_lora"
+    o = options
+    check_target_modules(target_modules, "target_modules", where)
+    check_positive_int(o["r"], "r", where)
+    check_positive_number(o["alpha"], "alpha", where)
+    check_dropout(o["dropout"], "dropout", where)
+    check_init(o["init"], "init", where)
+    check_bool(o["use_rslora"], "use_rslora", where)
+    check_bool(o["use_dora"], "use_dora", where)
+    return LoraConfig(
+        r=int(o["r"]),
+        lora_alpha=o["alpha"],
+        lora_dropout=o["dropout"],
+        target_modules=target_modules,
+        use_rslora=o["use_rslora"],
+        use_dora=o["use_dora"],
+        init_lora_weights=INIT_TO_PEFT[o["init"]],
+    )
 
 
 def select_targets(
@@ -73,7 +112,7 @@ def select_targets(
     Shared by the NumPy and the torch ``inject_lora`` (``model`` needs only ``named_modules``),
     so both match the same names and raise the same errors.
     """
-    _check_targets(target_modules)
+    check_target_modules(target_modules, "target_modules", "inject_lora")
     modules = dict(model.named_modules())
     chosen = []
     for name, module in modules.items():
@@ -101,37 +140,50 @@ def select_targets(
 
 def wrap_targets(
     model: Any,
-    target_modules: str | Sequence[str],
+    config: LoraConfig,
     *,
     linear_type: type,
     lora_type: type,
     build: Callable[..., Any],
-    options: dict[str, Any],
     seed: int | None,
 ) -> Any:
-    """Replace the selected Linear modules by ``build(base, rng=rng, **options)``, all or nothing.
+    """Replace the Linear modules ``config`` selects by ``build(base, rng=rng, **options)``, all or nothing.
 
-    Every option is validated for every target before anything changes; then all parameters are
-    frozen and the LoRA layers (whose A and B require gradients) put in place, drawing their
-    initial values in module order from one generator built from ``seed``.
+    Each layer's r and alpha come from ``config`` (``rank_pattern``/``alpha_pattern`` matched as
+    PEFT does). Everything is checked for every target before anything changes (a model whose
+    LoRA layers are merged is refused: new layers would start unmerged beside merged ones); then
+    all parameters are frozen and the LoRA layers (whose A and B require gradients) put in place,
+    drawing their initial values in module order from one generator built from ``seed``.
     """
-    chosen = select_targets(model, target_modules, linear_type, lora_type)
+    merged = [n for n, m in model.named_modules() if isinstance(m, lora_type) and m.merged]
+    if merged:
+        raise ValueError(
+            f"inject_lora: the model's LoRA layers {merged} are merged into W0; unmerge first "
+            "(unmerge_lora)"
+        )
+    assert config.target_modules is not None
+    chosen = select_targets(model, config.target_modules, linear_type, lora_type)
     modules = dict(model.named_modules())
+    options = {}
     for name in chosen:
         base = modules[name]
-        validate_lora_options(
-            base.in_features,
-            base.out_features,
-            options["r"],
-            options["alpha"],
-            options["dropout"],
-            options["init"],
-        )
+        r = config.rank_for(name)
+        where = f"LoRALinear(in_features={base.in_features}, out_features={base.out_features})"
+        check_rank_fits(r, base.in_features, base.out_features, where)
+        options[name] = {
+            "r": r,
+            "alpha": config.alpha_for(name),
+            "dropout": config.lora_dropout,
+            "init": config.init,
+            "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
+        }
     rng = make_rng(seed)
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, build(modules[name], rng=rng, **options))
+        layer = build(modules[name], rng=rng, **options[name])
+        setattr(model.get_submodule(parent_name), child, layer)
     return model
 
 
@@ -153,7 +205,7 @@ def set_merged(model: Any, lora_type: type, merged: bool) -> Any:
 
 def inject_lora(
     model: Module,
-    target_modules: str | Sequence[str],
+    target_modules: str | Sequence[str] | LoraConfig,
     *,
     r: int = 8,
     alpha: float = 16,
@@ -172,12 +224,13 @@ def inject_lora(
     Parameters
     ----------
     model : Module
-    target_modules : list of str or str
+    target_modules : list of str, str or LoraConfig
         Module names (exact or dotted suffix), one regular expression for the full name, or
-        ``"all-linear"`` for every Linear layer (as PEFT).
+        ``"all-linear"`` for every Linear layer (as PEFT); or a `loralab.lora.LoraConfig`
+        holding them and every option (then the option keywords must keep their defaults).
     r, alpha, dropout, init, use_rslora, use_dora
-        As in `loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each
-        adapted W0 by its residual, see `loralab.lora.variants`).
+        As in `loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each adapted W0
+        by its residual, see `loralab.lora.variants`). Types are strict: ``use_dora="false"`` is a TypeError.
     seed : int, optional
         One generator built from it initialises the adapters in module order.
 
@@ -188,9 +241,10 @@ def inject_lora(
     Raises
     ------
     ValueError
-        When nothing matches (the message lists the Linear modules that exist) or a bad option.
+        When nothing matches (the message lists the Linear modules that exist), a bad option, or
+        LoRA layers of the model are merged ("unmerge first").
     TypeError
-        When a matching module is not a Linear.
+        When a matching module is not a Linear, or an option has the wrong type.
 
     Examples
     --------
@@ -199,21 +253,15 @@ def inject_lora(
     >>> count_parameters(model)
     (88, 300)
     """
-    options = {
-        "r": r,
-        "alpha": alpha,
-        "dropout": dropout,
-        "init": init,
-        "use_rslora": use_rslora,
-        "use_dora": use_dora,
-    }
+    options = dict(
+        r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora, use_dora=use_dora
+    )
     return wrap_targets(
         model,
-        target_modules,
+        make_config(target_modules, options),
         linear_type=Linear,
         lora_type=LoRALinear,
         build=LoRALinear,
-        options=options,
         seed=seed,
     )
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from loralab import functional as F
+from loralab.lora.config import (
+    LORA_INITS,
+    check_bool,
+    check_dropout,
+    check_init,
+    check_positive_int,
+    check_positive_number,
+    check_rank_fits,
+    lora_scaling,
+)
 from loralab.lora.variants import DoRALinear, olora_init, pissa_init, row_norms
 from loralab.nn.layers import Linear, check_input
 from loralab.nn.module import Module, Parameter, make_rng
@@ -16,34 +25,30 @@ from loralab.tensor import Tensor
 
 __all__ = ["LoRALinear", "LORA_INITS", "validate_lora_options"]
 
-LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
-
 
 def validate_lora_options(
-    in_features: int, out_features: int, r: Any, alpha: Any, dropout: Any, init: Any
+    in_features: int,
+    out_features: int,
+    r: Any,
+    alpha: Any,
+    dropout: Any,
+    init: Any,
+    use_rslora: Any = False,
+    use_dora: Any = False,
 ) -> None:
-    """Raise a clear error for a bad LoRA hyper-parameter (shared by the NumPy and torch layers)."""
+    """Raise a clear error for a bad LoRA hyper-parameter (shared by the NumPy and torch layers).
+
+    The rules are `loralab.lora.config`'s (strict types, finite positive alpha, r at most
+    min(in_features, out_features)); a wrong type is a TypeError, a wrong value a ValueError.
+    """
     where = f"LoRALinear(in_features={in_features}, out_features={out_features})"
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-        raise TypeError(f"{where}: r must be an int, got {r!r} ({type(r).__name__})")
-    if r <= 0:
-        raise ValueError(f"{where}: r must be positive, got r={r}")
-    if r > min(in_features, out_features):
-        raise ValueError(
-            f"{where}: r={r} exceeds min(in_features, out_features)={min(in_features, out_features)};"
-            " a rank-r update of this matrix cannot have a larger rank"
-        )
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not alpha > 0:
-        raise ValueError(f"{where}: alpha must be a positive number, got alpha={alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}: dropout must be in [0, 1), got dropout={dropout!r}")
-    if init not in LORA_INITS:
-        raise ValueError(f"{where}: init must be one of {list(LORA_INITS)}, got init={init!r}")
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (rank-stabilised)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    check_positive_int(r, "r", where)
+    check_rank_fits(int(r), in_features, out_features, where)
+    check_positive_number(alpha, "alpha", where)
+    check_dropout(dropout, "dropout", where)
+    check_init(init, "init", where)
+    check_bool(use_rslora, "use_rslora", where)
+    check_bool(use_dora, "use_dora", where)
 
 
 def random_A(rng: np.random.Generator, init: str, r: int, in_features: int) -> np.ndarray:
@@ -120,7 +125,9 @@ class LoRALinear(Module):
             raise TypeError(
                 f"LoRALinear: base must be a loralab.nn.Linear, got {type(base).__name__}"
             )
-        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+        validate_lora_options(
+            base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
+        )
         super().__init__()
         base.requires_grad_(False)
         self.base = base
@@ -196,7 +203,7 @@ class LoRALinear(Module):
         )
         W0, b = self.base.weight, self.base.bias
         if self.merged:
-            return F.Linear.apply(x, W0, b)
+            return F.linear(x, W0, b)
         mask = None
         if self.training and self.dropout > 0.0:
             mask = F.dropout_mask(x.shape, self.dropout, self.rng, x.dtype)

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from loralab.lora.inject import set_merged, wrap_targets
+from loralab.lora.config import LoraConfig
+from loralab.lora.inject import make_config, set_merged, wrap_targets
 from loralab.torch.layers import LoRALinear
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 
 def inject_lora(
     model: torch.nn.Module,
-    target_modules: str | Sequence[str],
+    target_modules: str | Sequence[str] | LoraConfig,
     *,
     r: int = 8,
     alpha: float = 16,
@@ -67,21 +68,15 @@ def inject_lora(
     TypeError
         When a matching module is not a ``torch.nn.Linear``.
     """
-    options = {
-        "r": r,
-        "alpha": alpha,
-        "dropout": dropout,
-        "init": init,
-        "use_rslora": use_rslora,
-        "use_dora": use_dora,
-    }
+    options = dict(
+        r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora, use_dora=use_dora
+    )
     return wrap_targets(
         model,
-        target_modules,
+        make_config(target_modules, options),
         linear_type=torch.nn.Linear,
         lora_type=LoRALinear,
         build=functools.partial(LoRALinear, use_custom_backward=use_custom_backward),
-        options=options,
         seed=seed,
     )
 

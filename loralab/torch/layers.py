@@ -160,7 +160,9 @@ class LoRALinear(torch.nn.Module):
             raise TypeError(
                 f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__name__}"
             )
-        validate_lora_options(base.in_features, base.out_features, r, alpha, dropout, init)
+        validate_lora_options(
+            base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
+        )
         super().__init__()
         base.requires_grad_(False)
         self.base = base
