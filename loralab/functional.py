@@ -149,7 +149,9 @@ def lora_linear(
         raise ValueError(f"lora_linear: expected W0 of shape (out, in), got {w_shape}")
     out, in_ = w_shape
     if len(a_shape) != 2 or a_shape[1] != in_:
-        raise ValueError(f"lora_linear(in={in_}, out={out}): expected A of shape (r, {in_}), got {a_shape}")
+        raise ValueError(
+            f"lora_linear(in={in_}, out={out}): expected A of shape (r, {in_}), got {a_shape}"
+        )
     r = a_shape[0]
     what = f"lora_linear(in={in_}, out={out}, r={r})"
     _check_last_dim("x", x, in_, what)
