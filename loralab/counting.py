@@ -322,7 +322,23 @@ class MemoryEstimate:
             "memory_lora_bytes": self.lora.total,
             "memory_breakdown_bytes": breakdown,
             "activations_included": False,
+            "allreduce_bytes_per_step_full": self.full.gradients,
+            "allreduce_bytes_per_step_lora": self.lora.gradients,
         }
+
+
+def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
+    """Bytes each of N ranks sends (and receives) to all-reduce ``payload_bytes`` in a ring.
+
+    Data-parallel training all-reduces one gradient per trainable parameter every step: the
+    payload is the ``gradients`` entry of a `MemoryBreakdown` (``allreduce_bytes_per_step_*``
+    in ``loralab params --json``). A ring all-reduce cuts it into N chunks and passes them round
+    twice (reduce-scatter, then all-gather): ``2 (N - 1) / N`` times the payload per rank.
+
+    >>> ring_allreduce_bytes(1000, 4)
+    1500
+    """
+    return 2 * (_positive_int("world_size", world_size) - 1) * int(payload_bytes) // world_size
 
 
 def _check_choice(name: str, value: str, choices: dict) -> str:

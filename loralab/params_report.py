@@ -140,6 +140,11 @@ def format_params_report(shape: counting.TransformerShape, est: counting.MemoryE
         f"  LoRA needs {est.lora.total / est.full.total:.1%} of full fine-tuning's memory."
     )
     lines.append(
+        f"  Data parallel: gradient all-reduce per step {human_bytes(est.full.gradients)} (full) "
+        f"vs {human_bytes(est.lora.gradients)} (LoRA), one {est.dtype} gradient per trainable "
+        "parameter; a ring sends 2 (N-1)/N of that per rank."
+    )
+    lines.append(
         "  Activations are not included "
         "(they depend on batch size, sequence length and checkpointing)."
     )

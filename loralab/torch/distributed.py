@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,8 +487,32 @@ def _worker(
                 rank,
                 train_rank(run, rank=rank, world_size=world_size, device=dev),
             )
+    except BaseException as exc:
+        # When one rank fails, its peers fail next (their all-reduce loses its partner): the
+        # time of each failure lets the parent report the first, which is the cause.
+        failure = {"time": time.time(), "error": f"{type(exc).__name__}: {exc}"}
+        failure["traceback"] = traceback.format_exc()
+        atomic_write(Path(out) / f"failure-rank{rank}.json", json.dumps(failure))
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _first_failure(out: Path, nproc: int, fallback: RankError) -> RankError:
+    """The rank that failed first, by the records `_worker` leaves; ``fallback`` when none did."""
+    failures = {}
+    for rank in range(nproc):
+        path = out / f"failure-rank{rank}.json"
+        if path.is_file():
+            failures[rank] = json.loads(path.read_text())
+    if not failures:
+        return fallback
+    rank = min(failures, key=lambda r: failures[r]["time"])
+    detail = f"{failures[rank]['error']}\n{failures[rank]['traceback'].strip()}"
+    later = [f"rank {r}: {f['error']}" for r, f in sorted(failures.items()) if r != rank]
+    if later:
+        detail += "\nthen, as a consequence:\n  " + "\n  ".join(later)
+    return RankError(rank, nproc, detail)
 
 
 def _stop(processes: Sequence[Any]) -> None:
@@ -585,9 +610,14 @@ def train_ddp(
                         "in an all-reduce for a peer that never comes waits until then."
                     )
         except mp.ProcessRaisedException as e:
-            raise RankError(e.error_index, nproc, _summary(e.msg)) from None
+            _stop(ctx.processes)
+            fallback = RankError(e.error_index, nproc, _summary(e.msg))
+            raise _first_failure(Path(out), nproc, fallback) from None
         except mp.ProcessExitedException as e:
-            raise RankError(e.error_index, nproc, str(e)) from None
+            _stop(ctx.processes)
+            raise _first_failure(
+                Path(out), nproc, RankError(e.error_index, nproc, str(e))
+            ) from None
         finally:
             _stop(ctx.processes)
             del store
