@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from loralab._validate import boolean, probability
 from loralab.lora.functional import lora_backward, lora_backward_dW0, lora_forward
 from loralab.tensor import Function, Tensor, as_tensor
 
@@ -452,8 +453,8 @@ def dropout(
     rng : numpy.random.Generator, optional
         Source of the mask; a fresh unseeded generator when omitted.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: expected p in [0, 1), got {p}")
+    p = probability("p", p, "dropout")
+    training = boolean("training", training, "dropout")
     x = as_tensor(x)
     if not training or p == 0.0:
         return x

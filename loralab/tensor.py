@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from loralab._validate import boolean
+
 __all__ = [
     "Tensor",
     "Function",
@@ -168,7 +170,7 @@ class Tensor:
                 f"Tensor(requires_grad=True) needs floating point data, got dtype {self.data.dtype}"
             )
         self.grad: np.ndarray | None = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = boolean("requires_grad", requires_grad, "Tensor")
         self._ctx: Context | None = None
         self._op: type[Function] | None = None
         self._parents: tuple = ()

@@ -91,6 +91,51 @@ def test_layer_errors_name_the_bad_value():
         Sequential(ReLU(), 3)
 
 
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (
+            lambda: Linear(2.0, 3),
+            TypeError,
+            r"Linear: in_features must be a positive integer, got 2.0",
+        ),
+        (lambda: Linear(2, True), TypeError, "Linear: out_features must be a positive integer"),
+        (lambda: Linear(2, 3, bias="false"), TypeError, "Linear: bias must be True or False"),
+        (
+            lambda: Embedding(0, 3),
+            ValueError,
+            "Embedding: num_embeddings must be a positive integer, got 0",
+        ),
+        (
+            lambda: Embedding(4, "3"),
+            TypeError,
+            "Embedding: embedding_dim must be a positive integer",
+        ),
+        (
+            lambda: LayerNorm(4.0),
+            TypeError,
+            "LayerNorm: normalized_shape must be a positive integer",
+        ),
+        (
+            lambda: LayerNorm(4, elementwise_affine=1),
+            TypeError,
+            "elementwise_affine must be True or False",
+        ),
+        (lambda: Dropout("0.5"), TypeError, r"Dropout: p must be a number in \[0, 1\)"),
+        (lambda: Dropout(-0.1), ValueError, r"Dropout: expected p in \[0, 1\), got -0.1"),
+        (lambda: Linear(2, 3).train("no"), TypeError, r"Linear.train: mode must be True or False"),
+        (
+            lambda: Linear(2, 3).requires_grad_(0),
+            TypeError,
+            "Linear.requires_grad_: requires_grad must be",
+        ),
+    ],
+)
+def test_wrong_types_are_type_errors_and_wrong_values_value_errors(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
 def test_train_eval_and_dropout_module():
     model = Sequential(Linear(6, 6, seed=0), Dropout(0.5, seed=0))
     x = np.ones((4, 6), dtype=np.float32)

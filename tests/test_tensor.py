@@ -245,3 +245,10 @@ def test_functions_are_named_apart_from_modules():
         if isinstance(obj, type) and issubclass(obj, T.Function) and obj is not T.Function
     ]
     assert len(functions) == 16 and all(name.endswith("Fn") for name in functions), functions
+
+
+def test_requires_grad_must_be_a_boolean():
+    """A string such as "false" would be truthy: refused, as every flag in loralab."""
+    with pytest.raises(TypeError, match="Tensor: requires_grad must be True or False, got 'false'"):
+        Tensor(np.ones(2), requires_grad="false")
+    assert Tensor(np.ones(2), requires_grad=np.bool_(True)).requires_grad is True

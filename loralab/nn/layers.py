@@ -9,16 +9,11 @@ from typing import Any
 import numpy as np
 
 from loralab import functional as F
+from loralab._validate import boolean, positive_int, probability
 from loralab.nn.module import Module, Parameter, make_rng
 from loralab.tensor import Tensor, as_tensor
 
 __all__ = ["Linear", "Embedding", "LayerNorm", "ReLU", "GELU", "Dropout", "Sequential", "MLP"]
-
-
-def _positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_input(owner: str, x: Any, features: int) -> Tensor:
@@ -66,8 +61,9 @@ class Linear(Module):
         dtype: Any = np.float32,
     ):
         super().__init__()
-        self.in_features = _positive_int("Linear", "in_features", in_features)
-        self.out_features = _positive_int("Linear", "out_features", out_features)
+        self.in_features = positive_int("in_features", in_features, "Linear")
+        self.out_features = positive_int("out_features", out_features, "Linear")
+        bias = boolean("bias", bias, "Linear")
         rng = make_rng(seed, rng)
         bound = 1.0 / math.sqrt(in_features)
         w = rng.uniform(-bound, bound, size=(out_features, in_features))
@@ -103,8 +99,8 @@ class Embedding(Module):
         dtype: Any = np.float32,
     ):
         super().__init__()
-        self.num_embeddings = _positive_int("Embedding", "num_embeddings", num_embeddings)
-        self.embedding_dim = _positive_int("Embedding", "embedding_dim", embedding_dim)
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings, "Embedding")
+        self.embedding_dim = positive_int("embedding_dim", embedding_dim, "Embedding")
         rng = make_rng(seed, rng)
         self.weight = Parameter(rng.standard_normal((num_embeddings, embedding_dim)).astype(dtype))
 
@@ -133,7 +129,8 @@ class LayerNorm(Module):
         dtype: Any = np.float32,
     ):
         super().__init__()
-        self.normalized_shape = _positive_int("LayerNorm", "normalized_shape", normalized_shape)
+        self.normalized_shape = positive_int("normalized_shape", normalized_shape, "LayerNorm")
+        elementwise_affine = boolean("elementwise_affine", elementwise_affine, "LayerNorm")
         self.eps = float(eps)
         self.weight = (
             Parameter(np.ones(normalized_shape, dtype=dtype)) if elementwise_affine else None
@@ -177,9 +174,7 @@ class Dropout(Module):
         self, p: float = 0.5, *, seed: int | None = None, rng: np.random.Generator | None = None
     ):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: expected p in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = probability("p", p, "Dropout")
         self.rng = make_rng(seed, rng)
 
     def forward(self, x: Any) -> Tensor:

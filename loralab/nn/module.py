@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from loralab._validate import boolean
 from loralab.tensor import Tensor
 
 __all__ = ["Module", "Parameter", "make_rng"]
@@ -53,6 +54,11 @@ class Module:
     `named_parameters` yields dotted names like PyTorch's (``"layers.0.weight"``).
     Subclasses call ``super().__init__()`` first and define ``forward``.
     """
+
+    # Set in __init__ through object.__setattr__ (they are the registries __setattr__ fills).
+    _parameters: dict[str, Parameter]
+    _modules: dict[str, Module]
+    training: bool
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})
@@ -140,8 +146,9 @@ class Module:
     # ----- modes and gradients ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Training mode (dropout active) for this module and its descendants."""
+        mode = boolean("mode", mode, f"{type(self).__name__}.train")
         for m in self.modules():
-            object.__setattr__(m, "training", bool(mode))
+            object.__setattr__(m, "training", mode)
         return self
 
     def eval(self) -> Module:
@@ -155,8 +162,11 @@ class Module:
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
         """Freeze (False) or unfreeze (True) every parameter."""
+        requires_grad = boolean(
+            "requires_grad", requires_grad, f"{type(self).__name__}.requires_grad_"
+        )
         for p in self.parameters():
-            p.requires_grad = bool(requires_grad)
+            p.requires_grad = requires_grad
         return self
 
     # ----- state -------------------------------------------------------------------------------------
