@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -129,11 +129,14 @@ class Optimizer:
             for p in group["params"]:
                 p.grad = None
 
-    def _updatable(self):
+    def _updatable(
+        self,
+    ) -> Iterator[tuple[dict[str, Any], Tensor, np.ndarray, dict[str, Any]]]:
+        """(group, parameter, its gradient, its state) for every parameter with a gradient."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and p.grad is not None:
-                    yield group, p, self.state.setdefault(id(p), {})
+                    yield group, p, p.grad, self.state.setdefault(id(p), {})
 
     def step(self) -> None:
         raise NotImplementedError
@@ -155,8 +158,7 @@ class SGD(Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
     def step(self) -> None:
-        for group, p, state in self._updatable():
-            g = p.grad
+        for group, p, g, state in self._updatable():
             if group["weight_decay"]:
                 g = g + group["weight_decay"] * p.data
             if group["momentum"]:
@@ -193,13 +195,12 @@ class Adam(Optimizer):
         )
 
     def step(self) -> None:
-        for group, p, state in self._updatable():
+        for group, p, g, state in self._updatable():
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = np.zeros_like(p.data)
                 state["exp_avg_sq"] = np.zeros_like(p.data)
-            g = p.grad
             if wd and self.decoupled:
                 p.data *= 1.0 - lr * wd
             elif wd:

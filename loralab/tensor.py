@@ -31,8 +31,8 @@ __all__ = [
     "as_tensor",
 ]
 
-# Grad mode: whether `Function.apply` records the graph. One switch for the whole process, as in
-# PyTorch; only `no_grad` flips it, and it always restores the previous value.
+# Grad mode: whether `Function.apply` records the graph. One switch for the whole process
+# (PyTorch keeps one per thread); only `no_grad` flips it, and it always restores the old value.
 _grad_enabled = True
 
 
