@@ -88,6 +88,10 @@ def test_errors_name_the_bad_value():
         F.embedding(np.array([7]), np.ones((4, 2)))
     with pytest.raises(ValueError, match=r"p in \[0, 1\), got 1.0"):
         F.dropout(np.ones(3), 1.0)
+    with pytest.raises(TypeError, match=r"dropout: p must be a number in \[0, 1\), got '0.5'"):
+        F.dropout(np.ones(3), "0.5")
+    with pytest.raises(TypeError, match="dropout: training must be True or False, got 'no'"):
+        F.dropout(np.ones(3), 0.5, training="no")
     with pytest.raises(ValueError, match=r"expected target of shape \(3,\)"):
         F.mse_loss(np.ones(3), np.ones(4))
 
