@@ -1,4 +1,4 @@
-"""The core issue's benchmark: LoRA (r=8 on every Linear) over full fine-tuning.
+"""The core benchmark: LoRA (r=8 on every Linear) over full fine-tuning (section 2 of `loralab bench`).
 
 Four Linear(1024, 1024) layers, batch 128, float32, Adam: training-step time and tracemalloc's
 peak memory of LoRA over full fine-tuning, measured side by side, printed with the bounds

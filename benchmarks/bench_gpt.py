@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> float:
     from loralab.lora import inject_lora
     from loralab.models import get_batch, load_corpus, load_gpt
     from loralab.torch import to_torch
+    from loralab.training import train_step
 
     torch.set_num_threads(args.threads)
     model = inject_lora(load_gpt(), ["q", "v"], r=8, alpha=16, seed=0)
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> float:
     batches = [get_batch(data, args.batch_size, args.context, rng) for _ in range(args.steps + 3)]
 
     def np_step(x, y):
-        loss = model.loss(x, y)
-        np_opt.zero_grad()
-        loss.backward()
-        np_opt.step()
+        train_step(np_opt, lambda: model.loss(x, y))
 
     def torch_step(x, y):
         loss = twin.loss(torch.from_numpy(x), torch.from_numpy(y))

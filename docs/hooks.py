@@ -7,6 +7,8 @@
   whole site; a current copy is reused. A notebook that fails to execute is reported with a
   warning (so a strict build fails) and left out.
 - **API reference**: one mkdocstrings page per public module in ``API_MODULES`` that exists.
+- **Home page**: the list of tutorials replaces ``<!-- loralab:tutorial-list -->`` in ``index.md``;
+  guides in ``OPTIONAL_GUIDES`` join the Guides section of the nav when their page exists.
 - **Benchmarks**: ``docs/benchmarks/results.md`` (written by ``loralab bench``) is inlined into
   ``benchmarks.md`` with its figures; a note says how to produce it when it is missing.
 - A download link on every tutorial page.
@@ -44,13 +46,19 @@ API_MODULES = [
     ("loralab.lora.variants", "LoRA variants: DoRA, PiSSA and OLoRA initialisation, LoRA+."),
     ("loralab.counting", "Parameter and memory counting for real model shapes."),
     ("loralab.datasets", "The datasets that ship with loralab and their shifted tasks."),
-    ("loralab.training", "A small training loop and evaluation for classifiers."),
+    ("loralab.training", "The one training loop (`fit`) and classifier training."),
     ("loralab.models", "Models used in the tutorials and the demo."),
     ("loralab.exercises", "Classroom exercises and their checks."),
     ("loralab.torch", "The PyTorch twin (needs the `torch` extra)."),
 ]
 
 BENCH_MARKER = "<!-- loralab:benchmark-results -->"
+TUTORIAL_LIST_MARKER = "<!-- loralab:tutorial-list -->"
+# Guides that other parts of the project add with their tutorials: put in the nav when present.
+OPTIONAL_GUIDES = [
+    ("QLoRA: a quantized base", "guides/qlora.md"),
+    ("Distributed training", "guides/distributed.md"),
+]
 FIGURE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".webp")
 
 _state: dict = {}
@@ -160,6 +168,24 @@ def _replace_nav_section(nav: list, title: str, section: list) -> None:
     nav.append({title: section})
 
 
+def _add_optional_guides(nav: list, docs_dir: Path) -> None:
+    """Append each guide of ``OPTIONAL_GUIDES`` that exists to the Guides section, once."""
+    for item in nav:
+        if isinstance(item, dict) and isinstance(item.get("Guides"), list):
+            listed = {next(iter(e.values())) for e in item["Guides"] if isinstance(e, dict)}
+            item["Guides"].extend(
+                {title: path}
+                for title, path in OPTIONAL_GUIDES
+                if (docs_dir / path).is_file() and path not in listed
+            )
+
+
+def tutorial_list(tutorials: list[dict], prefix: str = "") -> str:
+    """A Markdown list of the tutorials (top-level notebooks, titles as written), linked from ``prefix``."""
+    lines = [f"- [{t['title']}]({prefix}{t['uri']})" for t in tutorials if t["group"] == "."]
+    return "\n".join(lines) + "\n" if lines else "No executed tutorials were found.\n"
+
+
 def on_config(config):
     docs_dir = Path(config["docs_dir"])
     tutorials = _tutorials(docs_dir)
@@ -167,6 +193,7 @@ def on_config(config):
     _state.update(tutorials=tutorials, modules=modules)
     if config["nav"] is not None:
         _replace_nav_section(config["nav"], "Tutorials", _tutorial_nav(tutorials))
+        _add_optional_guides(config["nav"], docs_dir)
         api_nav = [{"Overview": "api/index.md"}] + [{name: f"api/{name}.md"} for name, _ in modules]
         _replace_nav_section(config["nav"], "API reference", api_nav)
     return config
@@ -309,6 +336,8 @@ def benchmark_results(docs_dir: Path) -> str:
 
 
 def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "index.md" and TUTORIAL_LIST_MARKER in markdown:
+        return markdown.replace(TUTORIAL_LIST_MARKER, tutorial_list(_state.get("tutorials", [])))
     if page.file.src_uri == "benchmarks.md" and BENCH_MARKER in markdown:
         return markdown.replace(BENCH_MARKER, benchmark_results(Path(config["docs_dir"])))
     return markdown
