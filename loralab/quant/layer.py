@@ -17,7 +17,7 @@ from loralab import functional as F
 from loralab.lora.inject import match_target
 from loralab.nn import Linear, Module, Parameter
 from loralab.nn.layers import check_input
-from loralab.quant.blockwise import quantize
+from loralab.quant.blockwise import QuantizedTensor, quantize
 from loralab.tensor import Tensor
 
 __all__ = ["Linear4bit", "quantize_model"]
@@ -62,13 +62,24 @@ class Linear4bit(Module):
             raise TypeError(
                 f"Linear4bit: expected a loralab.nn.Linear, got {type(linear).__name__}"
             )
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = quantize(linear.weight.data, dtype, block_size, double_quant)
+        weight = quantize(linear.weight.data, dtype, block_size, double_quant)
+        self._store(weight, None if linear.bias is None else linear.bias.data)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedTensor, bias: Any = None) -> Linear4bit:
+        """A layer around an already quantized weight (out_features, in_features) and a bias."""
+        if not isinstance(weight, QuantizedTensor) or len(weight.shape) != 2:
+            raise TypeError(f"Linear4bit: weight must be a 2-D QuantizedTensor, got {weight!r}")
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer._store(weight, bias)
+        return layer
+
+    def _store(self, weight: QuantizedTensor, bias: Any) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
         self.bias = (
-            None
-            if linear.bias is None
-            else Parameter(linear.bias.data.astype(np.float32), requires_grad=False)
+            None if bias is None else Parameter(np.asarray(bias, np.float32), requires_grad=False)
         )
 
     def dequantized_weight(self) -> np.ndarray:

@@ -54,10 +54,12 @@ from loralab.torch.inject import (
     unmerge_lora,
 )
 from loralab.torch.layers import LoRALinear, LoRALinearFunction
+from loralab.torch.quant import Linear4bit  # registers the 4-bit base with to_torch / to_numpy
 
 __all__ = [
     "LoRALinear",
     "LoRALinearFunction",
+    "Linear4bit",
     "inject_lora",
     "merge_lora",
     "unmerge_lora",

@@ -1,0 +1,152 @@
+"""The torch twin of `loralab.quant.Linear4bit`: the same stored bytes, dequantized by torch.
+
+The codes and constants are the NumPy `QuantizedTensor`'s, held as buffers (they move with
+``.to(device)``); `Linear4bit.dequantized_weight` repeats the NumPy dequantization op for op in
+float32, so the weights the two sides compute with are equal bit for bit. Quantizing (and
+re-quantizing in `Linear4bit.add_delta_`) is done once, by the NumPy reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralab import quant
+from loralab.quant.blockwise import DOUBLE_QUANT_BLOCK_SIZE, LEVELS, QuantizedTensor
+from loralab.quant.levels import DYNAMIC8_VALUES
+from loralab.torch.convert import register_converter, register_numpy_converter
+
+__all__ = ["Linear4bit"]
+
+
+def _pairs(levels: np.ndarray) -> torch.Tensor:
+    sixteen = np.zeros(16, dtype=np.float32)
+    sixteen[: levels.size] = levels
+    return torch.from_numpy(np.stack([np.repeat(sixteen, 16), np.tile(sixteen, 16)], axis=1))
+
+
+class Linear4bit(torch.nn.Module):
+    """``y = x dequantize(W0)^T + b``, W0 stored blockwise in 4 (or 8) bits and frozen.
+
+    Parameters
+    ----------
+    weight : loralab.quant.QuantizedTensor of shape (out_features, in_features)
+    bias : torch.Tensor of shape (out_features,), optional
+        Kept as a frozen Parameter.
+
+    Build one from the NumPy layer with `from_numpy` (or convert a whole model with
+    `loralab.torch.to_torch`).
+    """
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, QuantizedTensor) or len(weight.shape) != 2:
+            raise TypeError(f"Linear4bit: weight must be a 2-D QuantizedTensor, got {weight!r}")
+        self.out_features, self.in_features = weight.shape
+        self.dtype, self.block_size = weight.dtype, weight.block_size
+        self.register_buffer("codes", torch.from_numpy(weight.codes.copy()))
+        self.register_buffer("absmax_stored", torch.from_numpy(weight.absmax_stored.copy()))
+        dq = weight.double_quant
+        scale = weight.absmax_scale.copy() if dq else np.zeros(0, np.float32)
+        offset = np.float32(weight.absmax_offset if dq else 0)
+        self.double_quant = dq
+        self.register_buffer("absmax_scale", torch.from_numpy(scale))
+        self.register_buffer("absmax_offset", torch.tensor(offset))
+        levels = LEVELS[self.dtype]
+        table = _pairs(levels) if levels.size <= 16 else torch.from_numpy(levels.copy())
+        self.register_buffer("levels", table, persistent=False)
+        self.register_buffer("dynamic8", torch.from_numpy(DYNAMIC8_VALUES.copy()), persistent=False)
+        self.bias = (
+            None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+        )
+
+    @classmethod
+    def from_numpy(cls, layer: quant.Linear4bit) -> Linear4bit:
+        """The twin of a NumPy `loralab.quant.Linear4bit` (same codes, constants and bias)."""
+        bias = None if layer.bias is None else torch.from_numpy(layer.bias.data.copy())
+        return cls(layer.weight, bias)
+
+    def quantized(self) -> QuantizedTensor:
+        """The stored weight as a NumPy `QuantizedTensor` (copies of the buffers)."""
+        dq = self.double_quant
+        return QuantizedTensor(
+            self.codes.cpu().numpy().copy(),
+            (self.out_features, self.in_features),
+            self.dtype,
+            self.block_size,
+            self.absmax_stored.cpu().numpy().copy(),
+            self.absmax_scale.cpu().numpy().copy() if dq else None,
+            np.float32(self.absmax_offset.item()) if dq else None,
+        )
+
+    def absmax(self) -> torch.Tensor:
+        """Per-block scales, shape (n_blocks,), float32 (dequantized if double quantized)."""
+        if not self.double_quant:
+            return self.absmax_stored
+        scale = self.absmax_scale.repeat_interleave(DOUBLE_QUANT_BLOCK_SIZE)
+        centred = self.dynamic8[self.absmax_stored.long()] * scale[: self.absmax_stored.numel()]
+        return centred + self.absmax_offset
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W0, shape (out_features, in_features), float32, equal to the NumPy layer's."""
+        n, bs = self.out_features * self.in_features, self.block_size
+        if self.levels.ndim == 2:  # 4-bit: each byte gives its two levels at once
+            values = self.levels[self.codes.long()].reshape(-1)[:n]
+        else:
+            values = self.levels[self.codes.long()]
+        absmax = self.absmax()
+        full = n - n % bs
+        head = values[:full].reshape(-1, bs) * absmax[: full // bs, None]
+        if full < n:
+            head = torch.cat([head.reshape(-1), values[full:] * absmax[-1]])
+        return head.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x of shape (..., in_features) -> (..., out_features); no gradient for W0."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear4bit(in_features={self.in_features}): expected x of shape "
+                f"(..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        W0 = self.dequantized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, W0, bias)
+
+    @torch.no_grad()
+    def add_delta_(self, delta: Any) -> Linear4bit:
+        """Merge ΔW (out_features, in_features) into W0 and re-quantize (the NumPy rule)."""
+        delta = (
+            delta.detach().cpu().numpy() if isinstance(delta, torch.Tensor) else np.asarray(delta)
+        )
+        if delta.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"Linear4bit.add_delta_: expected delta of shape "
+                f"({self.out_features}, {self.in_features}), got {delta.shape}"
+            )
+        merged = self.dequantized_weight().cpu().numpy() + delta.astype(np.float32)
+        q = quant.quantize(merged, self.dtype, self.block_size, self.double_quant)
+        device = self.codes.device
+        self.codes = torch.from_numpy(q.codes.copy()).to(device)
+        self.absmax_stored = torch.from_numpy(q.absmax_stored.copy()).to(device)
+        if q.double_quant:
+            self.absmax_scale = torch.from_numpy(q.absmax_scale.copy()).to(device)
+            self.absmax_offset = torch.tensor(q.absmax_offset, device=device)
+        return self
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={self.dtype}, block_size={self.block_size}{dq}"
+        )
+
+
+def _to_numpy(t: Linear4bit, convert: Any) -> quant.Linear4bit:
+    bias = None if t.bias is None else t.bias.detach().cpu().numpy().copy()
+    return quant.Linear4bit.from_quantized(t.quantized(), bias)
+
+
+register_converter(quant.Linear4bit, lambda m, convert, dtype: Linear4bit.from_numpy(m))
+register_numpy_converter(Linear4bit, _to_numpy)
