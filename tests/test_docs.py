@@ -511,6 +511,39 @@ def test_home_page_example_runs():
     assert 0 < trainable < total
 
 
+def test_home_page_lists_every_tutorial_and_optional_guides_join_the_nav(tmp_path):
+    tutorials = [
+        {"uri": "tutorials/01_a.ipynb", "title": "1. First", "group": "."},
+        {"uri": "tutorials/11_q.ipynb", "title": "11. QLoRA", "group": "."},
+        {"uri": "tutorials/exercises/01_x.ipynb", "title": "Exercise", "group": "exercises"},
+    ]
+    listed = hooks.tutorial_list(tutorials)
+    assert listed.splitlines() == [
+        "- [1. First](tutorials/01_a.ipynb)",
+        "- [11. QLoRA](tutorials/11_q.ipynb)",
+    ]
+    assert hooks.TUTORIAL_LIST_MARKER in (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    title, path = hooks.OPTIONAL_GUIDES[0]
+    nav = [{"Guides": [{"Math": "guides/math.md"}]}]
+    hooks._add_optional_guides(nav, tmp_path)  # the page does not exist: nothing added
+    assert nav == [{"Guides": [{"Math": "guides/math.md"}]}]
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text("# page")
+    hooks._add_optional_guides(nav, tmp_path)
+    hooks._add_optional_guides(nav, tmp_path)  # only once
+    assert nav == [{"Guides": [{"Math": "guides/math.md"}, {title: path}]}]
+
+
+def test_block_diagram_is_drawn_deterministically(tmp_path):
+    pytest.importorskip("matplotlib")
+    first = make_docs_figures.draw_block(tmp_path / "a").read_bytes()
+    second = make_docs_figures.draw_block(tmp_path / "b").read_bytes()
+    assert first == second and b"<svg" in first
+    committed = ROOT / "docs" / "assets" / "figures" / make_docs_figures.BLOCK_FIGURE
+    assert committed.is_file()
+    assert "lora_block.svg" in (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+
+
 def test_docs_figure_is_drawn_from_computed_data(tmp_path):
     pytest.importorskip("matplotlib")
     s_w0, s_dw = make_docs_figures.spectra(r=8)
