@@ -26,6 +26,7 @@ from loralab.exercises._checks import (
 )
 from loralab.exercises._feedback import TIME_LIMIT
 from loralab.exercises._mistakes import MISTAKES, Mistake
+from loralab.exercises.quant_checks import check_nf4_quantization
 
 __all__ = [
     "EXERCISES",
@@ -37,6 +38,7 @@ __all__ = [
     "check_lora_forward",
     "check_low_rank_approx",
     "check_merge",
+    "check_nf4_quantization",
     "check_optimizer_step",
     "check_param_count",
     "check_subspace_similarity",

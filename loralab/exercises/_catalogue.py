@@ -106,6 +106,16 @@ _ALL = [
         "You computed the LoRA paper's phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j): "
         "1 when one subspace contains the other, 0 when they are orthogonal.",
     ),
+    Exercise(
+        "nf4_quantization",
+        "nf4_quantize(W, block_size) and nf4_dequantize(codes, absmax, shape, block_size)",
+        "11_nf4_quantization.ipynb",
+        ("nf4_quantize", "nf4_dequantize"),
+        "check_nf4_quantization",
+        "You quantized W blockwise to NormalFloat-4 as QLoRA does (Section 3): one absmax per "
+        "block, each value divided by it and rounded to the nearest of the 16 normal-quantile "
+        "levels, and multiplied back on the way out.",
+    ),
 ]
 
 #: Every exercise by key, in course order.
