@@ -107,6 +107,9 @@ def execute_notebook(nb_path: Path, dest: Path, *, timeout: int = DEFAULT_TIMEOU
         kernel_name="python3",  # jupyter_client starts it with this interpreter (sys.executable)
         allow_errors=False,
         resources={"metadata": {"path": str(nb_path.parent.resolve())}},
+        # figures inline even when MPLBACKEND=Agg is set (as for the tests): otherwise plt.show()
+        # draws nothing and the site's tutorials lose their figures
+        extra_arguments=["--matplotlib=inline"],
     )
     start = time.perf_counter()
     client.execute()

@@ -411,6 +411,18 @@ def test_execute_script_runs_each_notebook_in_its_folder_with_this_python(tmp_pa
 
 
 @pytest.mark.notebook
+def test_executed_notebooks_keep_their_figures_when_mplbackend_is_agg(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # what the test environment sets
+    src, out = tmp_path / "tutorials", tmp_path / "out"
+    _write_notebook(
+        src / "plot.ipynb", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()"
+    )
+    results = execute_notebooks.execute_all(source_dir=src, output_dir=out, log=lambda m: None)
+    assert [r.error for r in results] == [None]
+    assert image_outputs(out / "plot.ipynb") == 1
+
+
+@pytest.mark.notebook
 def test_hook_executes_missing_and_stale_notebooks_and_reuses_current_ones(tmp_path, caplog):
     src, docs = tmp_path / "tutorials", tmp_path / "docs"
     _write_notebook(src / "a.ipynb", "print('first')")
