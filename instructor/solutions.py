@@ -4,7 +4,8 @@ It lives outside the ``loralab`` package, so students who install or import lora
 Each function has exactly the name and signature of a stub in ``tutorials/exercises/``; its source
 is swapped into the stub cell by the tests and by ``python instructor/solutions.py OUT_DIR``, which
 writes solved (unexecuted) copies of every exercise notebook to OUT_DIR. Every function body is
-self-contained apart from ``np`` (imported by each notebook's first cell).
+self-contained apart from ``np`` (imported by each notebook's first cell) and, for NF4,
+``NF4_VALUES`` (imported by that notebook's first cell).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from loralab.quant import NF4_VALUES  # imported by the NF4 notebook's first cell too
 
 
 def lora_forward(x, W0, A, B, scaling):
@@ -77,6 +80,57 @@ def adam_step(params, grads, state, trainable, lr, betas, eps, t):
 
 def subspace_similarity(U1, U2, i, j):
     return np.linalg.norm(U1[:, :i].T @ U2[:, :j], "fro") ** 2 / min(i, j)
+
+
+def init_lora(in_features, out_features, r, rng):
+    A = rng.normal(0.0, 1.0 / np.sqrt(in_features), size=(r, in_features))
+    B = np.zeros((out_features, r))
+    return A, B
+
+
+def lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p):
+    mask = keep / (1 - p)
+    xd2 = (x * mask).reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = dy @ W0 + (scaling * ((dy @ B) @ A)) * mask
+    dA = scaling * (dy2 @ B).T @ xd2
+    dB = scaling * dy2.T @ (xd2 @ A.T)
+    return dx, dA, dB
+
+
+def inject_lora_by_name(params, targets, r, rng):
+    new_params, trainable = dict(params), set()
+    for name, W0 in params.items():
+        module = name.removesuffix(".weight")
+        selected = any(module == t or module.endswith("." + t) for t in targets)
+        if name.endswith(".weight") and W0.ndim == 2 and selected:
+            out_features, in_features = W0.shape
+            new_params[module + ".lora_A"] = rng.normal(
+                0.0, 1.0 / np.sqrt(in_features), (r, in_features)
+            )
+            new_params[module + ".lora_B"] = np.zeros((out_features, r))
+            trainable |= {module + ".lora_A", module + ".lora_B"}
+    return new_params, trainable
+
+
+def dora_forward(x, W0, A, B, scaling, m):
+    V = W0 + scaling * (B @ A)
+    norm = np.linalg.norm(V, axis=1)
+    return (m / norm) * (x @ W0.T + scaling * ((x @ A.T) @ B.T))
+
+
+def nf4_quantize(W, block_size):
+    blocks = W.reshape(-1, block_size)
+    absmax = np.abs(blocks).max(axis=1)
+    levels = NF4_VALUES.astype(np.float64)
+    codes = np.abs((blocks / absmax[:, None])[..., None] - levels).argmin(axis=-1)
+    return codes.reshape(W.shape), absmax
+
+
+def nf4_dequantize(codes, absmax, shape, block_size):
+    levels = NF4_VALUES.astype(np.float64)
+    values = levels[np.asarray(codes).reshape(-1)].reshape(-1, block_size)
+    return (values * absmax[:, None]).reshape(shape)
 
 
 def solution_sources() -> dict[str, str]:

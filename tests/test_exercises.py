@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 import json
 import signal
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from loralab import exercises as ex
-from loralab.exercises import EXERCISES, MISTAKES
+from loralab.exercises import EXERCISES, MISTAKES, _checks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "tutorials" / "exercises"
@@ -82,7 +83,17 @@ def _sgd(*, frozen=False, sign=-1, use_lr=True):
     return sgd_step
 
 
-def _adam(*, frozen=False, sign=-1, correct=True, eps_in=False, root=True, shift=0, carry=True):
+def _adam(
+    *,
+    frozen=False,
+    sign=-1,
+    correct=True,
+    eps_in=False,
+    root=True,
+    shift=0,
+    carry=True,
+    store_hat=False,
+):
     def adam_step(params, grads, state, trainable, lr, betas, eps, t):
         b1, b2 = betas
         out, new_state = dict(params), {}
@@ -94,10 +105,61 @@ def _adam(*, frozen=False, sign=-1, correct=True, eps_in=False, root=True, shift
             mh, vh = (m / (1 - b1**tt), v / (1 - b2**tt)) if correct else (m, v)
             denom = np.sqrt(vh + eps) if eps_in else (np.sqrt(vh) if root else vh) + eps
             out[n] = params[n] + sign * lr * mh / denom
-            new_state[n] = (m, v)
+            new_state[n] = (mh, vh) if store_hat else (m, v)
         return out, new_state
 
     return adam_step
+
+
+def _drop(change):
+    """A dropout backward built from the right pieces, then changed by ``change``."""
+
+    def lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p):
+        dx, dA, dB = S.lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p)
+        return change(dx, dA, dB, dy=dy, x=x, W0=W0, A=A, B=B, s=scaling, mask=keep / (1 - p))
+
+    return lora_dropout_backward
+
+
+def _fresh_mask():
+    seeds = itertools.count()
+
+    def lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p):
+        keep = (np.random.default_rng(next(seeds)).random(x.shape) >= p).astype(float)
+        return S.lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p)
+
+    return lora_dropout_backward
+
+
+def _peft_match(module, targets):
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _inject(*, match=None, trainable=None, B_random=False):
+    """`inject_lora_by_name` with a different module matcher, trainable set or B."""
+
+    def inject_lora_by_name(params, targets, r, rng):
+        new_params, lora = dict(params), set()
+        for name, W0 in params.items():
+            module = name.removesuffix(".weight")
+            chosen = (match or _peft_match)(module, targets)
+            if name.endswith(".weight") and W0.ndim == 2 and chosen:
+                out_f, in_f = W0.shape
+                new_params[module + ".lora_A"] = rng.normal(size=(r, in_f))
+                B = rng.normal(size=(out_f, r)) if B_random else np.zeros((out_f, r))
+                new_params[module + ".lora_B"] = B
+                lora |= {module + ".lora_A", module + ".lora_B"}
+        return new_params, (trainable(params, lora) if trainable else lora)
+
+    return inject_lora_by_name
+
+
+def _dora(weight):
+    """DoRA's forward with the weight built by ``weight(W0, V, m)`` (right: m / ||V||_row rows)."""
+    return lambda x, W0, A, B, scaling, m: x @ weight(W0, W0 + scaling * (B @ A), m).T
+
+
+_FIXED = np.random.default_rng(5)  # a generator of its own, ignoring the one passed in
 
 
 def _unmerge_ok(W, A, B, scaling):
@@ -213,6 +275,136 @@ PLANTED = {
     "adam_no_sqrt": (ex.check_optimizer_step, [_adam(root=False)]),
     "adam_t_plus_one": (ex.check_optimizer_step, [_adam(shift=1)]),
     "adam_state_ignored": (ex.check_optimizer_step, [_adam(carry=False)]),
+    "alpha_floor_div_r": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, alpha, r: x @ W0.T + (alpha // r) * _lora(x, A, B)],
+    ),
+    "r_over_alpha": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, alpha, r: x @ W0.T + (r / alpha) * _lora(x, A, B)],
+    ),
+    "alpha_over_sqrt_r": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, alpha, r: x @ W0.T + alpha / np.sqrt(r) * _lora(x, A, B)],
+    ),
+    "scaling_on_base": (
+        ex.check_lora_forward,
+        [lambda x, W0, A, B, scaling: scaling * (x @ W0.T + _lora(x, A, B))],
+    ),
+    "dx_without_frozen_path": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, A, B, s, **_: (s * (dy @ B) @ A, dA, dB))],
+    ),
+    "dx_W0_not_transposed": (
+        ex.check_lora_backward,
+        [_bwd(lambda dx, dA, dB, dy, W0, A, B, s, **_: (dy @ W0.T + s * (dy @ B) @ A, dA, dB))],
+    ),
+    "count_2rd": (ex.check_param_count, [lambda d, k, r: 2 * r * d]),
+    "model_biases_trainable": (
+        ex.check_param_count,
+        [
+            S.lora_param_count,
+            lambda shapes, r, targets: (
+                S.lora_model_param_count(shapes, r, targets)[0]
+                + sum(s[0] for s in shapes.values() if len(s) == 1),
+                S.lora_model_param_count(shapes, r, targets)[1],
+            ),
+        ],
+    ),
+    "adam_state_bias_corrected": (ex.check_optimizer_step, [_adam(store_hat=True)]),
+    "init_both_zero": (
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (np.zeros((r, i)), np.zeros((o, r)))],
+    ),
+    "init_both_random": (
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (rng.normal(size=(r, i)), rng.normal(size=(o, r)))],
+    ),
+    "init_roles_swapped": (
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (np.zeros((r, i)), rng.normal(size=(o, r)))],
+    ),
+    "init_A_low_rank": (
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (np.ones((r, i)), np.zeros((o, r)))],
+    ),
+    "init_global_rng": (
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (_FIXED.normal(size=(r, i)), np.zeros((o, r)))],
+    ),
+    "dropout_dx_unmasked": (
+        ex.check_lora_dropout_backward,
+        [_drop(lambda dx, dA, dB, dy, W0, A, B, s, **_: (dy @ W0 + s * (dy @ B) @ A, dA, dB))],
+    ),
+    "dropout_on_frozen_path": (
+        ex.check_lora_dropout_backward,
+        [
+            _drop(
+                lambda dx, dA, dB, dy, W0, A, B, s, mask, **_: (
+                    (dy @ W0 + s * (dy @ B) @ A) * mask,
+                    dA,
+                    dB,
+                )
+            )
+        ],
+    ),
+    "dropout_no_rescale": (
+        ex.check_lora_dropout_backward,
+        [lambda dy, x, W0, A, B, s, keep, p: S.lora_dropout_backward(dy, x, W0, A, B, s, keep, 0)],
+    ),
+    "dropout_dA_dB_unmasked": (
+        ex.check_lora_dropout_backward,
+        [
+            _drop(
+                lambda dx, dA, dB, dy, x, W0, A, B, s, **_: (
+                    dx,
+                    *S.lora_backward(dy, x, W0, A, B, s)[1:],
+                )
+            )
+        ],
+    ),
+    "dropout_new_mask": (ex.check_lora_dropout_backward, [_fresh_mask()]),
+    "inject_substring": (
+        ex.check_inject_lora,
+        [_inject(match=lambda m, targets: any(t in m for t in targets))],
+    ),
+    "inject_exact_name": (ex.check_inject_lora, [_inject(match=lambda m, targets: m in targets)]),
+    "inject_not_frozen": (
+        ex.check_inject_lora,
+        [_inject(trainable=lambda params, lora: set(params) | lora)],
+    ),
+    "inject_target_trainable": (
+        ex.check_inject_lora,
+        [
+            _inject(
+                trainable=lambda params, lora: (
+                    lora | {n.rsplit(".", 1)[0] + ".weight" for n in lora}
+                )
+            )
+        ],
+    ),
+    "inject_B_not_zero": (ex.check_inject_lora, [_inject(B_random=True)]),
+    "dora_norm_axis": (
+        ex.check_dora_forward,
+        [_dora(lambda W0, V, m: (m / np.linalg.norm(V, axis=0))[:, None] * V)],
+    ),
+    "dora_norm_of_W0": (
+        ex.check_dora_forward,
+        [_dora(lambda W0, V, m: (m / np.linalg.norm(W0, axis=1))[:, None] * V)],
+    ),
+    "dora_not_normalised": (ex.check_dora_forward, [_dora(lambda W0, V, m: m[:, None] * V)]),
+    "dora_frobenius": (
+        ex.check_dora_forward,
+        [_dora(lambda W0, V, m: m[:, None] * V / np.linalg.norm(V))],
+    ),
+    "dora_magnitude_on_update_only": (
+        ex.check_dora_forward,
+        [_dora(lambda W0, V, m: W0 + (m / np.linalg.norm(V, axis=1))[:, None] * (V - W0))],
+    ),
+    "dora_broadcast": (
+        ex.check_dora_forward,
+        [_dora(lambda W0, V, m: m * V / np.linalg.norm(V, axis=1))],
+    ),
     "phi_not_squared": (
         ex.check_subspace_similarity,
         [lambda U1, U2, i, j: np.linalg.norm(U1[:, :i].T @ U2[:, :j]) / min(i, j)],
@@ -255,6 +447,34 @@ EXTRA = [
         [lambda U1, U2, i, j: np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / (i * j)],
     ),
     ("count_only_one_factor", ex.check_param_count, [lambda d, k, r: r * k]),
+    ("count_2rd", ex.check_param_count, [lambda d, k, r: 2 * r * k]),
+    (
+        "init_global_rng",
+        ex.check_lora_init,
+        [lambda i, o, r, rng: (np.random.default_rng(0).normal(size=(r, i)), np.zeros((o, r)))],
+    ),
+    (
+        "init_both_zero",
+        ex.check_inject_lora,
+        [
+            lambda params, targets, r, rng: (
+                lambda new, lora: (
+                    {**new, **{n: np.zeros_like(new[n]) for n in lora}},
+                    lora,
+                )
+            )(*S.inject_lora_by_name(params, targets, r, rng))
+        ],
+    ),
+    (
+        "forgot_scaling",
+        ex.check_dora_forward,
+        [lambda x, W0, A, B, scaling, m: S.dora_forward(x, W0, A, B, 1.0, m)],
+    ),
+    (
+        "dx_without_frozen_path",
+        ex.check_lora_dropout_backward,
+        [_drop(lambda dx, dA, dB, dy, W0, **_: (dx - dy @ W0, dA, dB))],
+    ),
 ]
 
 CASES = [(key, check, fns) for key, (check, fns) in PLANTED.items()] + EXTRA
@@ -271,7 +491,7 @@ def test_planted_mistake_is_caught_by_name(key, check, fns, capsys):
     assert check(*fns) is False
     printed = capsys.readouterr().out
     assert printed.startswith("Not yet")
-    assert MISTAKES[key].title in printed
+    assert f"known mistake ({MISTAKES[key].kind}): {MISTAKES[key].title}" in printed
     with pytest.raises(AssertionError) as info:
         check(*fns, strict=True)
     assert MISTAKES[key].title in str(info.value)
@@ -537,3 +757,70 @@ def test_non_finite_results_are_explained_in_every_array_check(bad, capsys):
     out = capsys.readouterr().out
     assert f"y contains {bad} at index (0, 0)" in out
     assert ("NaN (not a number)" if np.isnan(bad) else "inf (an overflow") in out
+
+
+# ------------------------------------------------------------------ the new mistakes' messages
+
+
+def _printed(check, *fns, capsys):
+    assert check(*fns) is False
+    return capsys.readouterr().out
+
+
+def test_dx_without_the_frozen_path_says_gradients_flow_through_frozen_weights(capsys):
+    check, fns = PLANTED["dx_without_frozen_path"]
+    out = _printed(check, *fns, capsys=capsys)
+    assert "frozen weights do not block gradients" in out
+    assert "no dW0 is computed" in out
+    assert "still flows through W0 to x" in out
+    assert "dx = dy W0 + scaling * (dy B) A" in out
+
+
+def test_W0_transposed_in_dx_is_named_from_the_square_probe(capsys):
+    check, fns = PLANTED["dx_W0_not_transposed"]
+    out = _printed(check, *fns, capsys=capsys)
+    assert "raised ValueError" in out  # the non-square layer shows that it is wrong at all
+    assert "On a square layer (in = out = 6) your function does run" in out
+
+
+def test_a_dx_right_only_on_square_layers_is_caught_on_the_non_square_one(capsys):
+    def lora_backward(dy, x, W0, A, B, scaling):
+        dx, dA, dB = S.lora_backward(dy, x, W0, A, B, scaling)
+        return (dx if W0.shape[0] == W0.shape[1] else dx + 1.0), dA, dB
+
+    out = _printed(ex.check_lora_backward, lora_backward, capsys=capsys)
+    assert "dx has the right shape (3, 7) but wrong values" in out
+
+
+def test_dora_broadcast_mistakes_are_named_from_the_square_probe(capsys):
+    for key in ("dora_norm_axis", "dora_broadcast"):
+        check, fns = PLANTED[key]
+        assert "On a square layer (in = out = 6)" in _printed(check, *fns, capsys=capsys)
+
+
+def test_adam_bias_corrected_state_is_caught_at_the_first_step(capsys):
+    check, fns = PLANTED["adam_state_bias_corrected"]
+    assert "new_state['A'] m after step 1" in _printed(check, *fns, capsys=capsys)
+
+
+def test_catalogue_no_longer_says_the_scaling_acts_at_initialisation():
+    proved = EXERCISES["lora_forward_from_config"].proved
+    assert "does not change how strongly the update acts at initialisation" not in proved
+    assert "B = 0" in proved and "Section 4.1" in proved
+
+
+def test_the_forward_check_tells_the_scalings_apart():
+    alpha, r = _checks._ALPHA, _checks._R  # every mistaken scaling must differ from alpha / r
+    scalings = [alpha / r, alpha // r, r / alpha, alpha / np.sqrt(r), alpha, 1.0, (alpha / r) ** 2]
+    assert len({round(v, 9) for v in scalings}) == len(scalings)
+
+
+@pytest.mark.parametrize(
+    "name", ["03_counting_and_svd", "04_merge_and_optimizer", "05_subspace_similarity"]
+)
+def test_headers_describe_the_inputs_their_checks_use(name):
+    nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text(encoding="utf-8"))
+    header = "".join(nb["cells"][0]["source"])
+    assert "How these exercises work" in header
+    assert "batch dimension" not in header  # none of these checks uses a batched x
+    assert "in = 7, out = 5" not in header

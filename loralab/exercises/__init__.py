@@ -16,8 +16,12 @@ True
 
 from loralab.exercises._catalogue import EXERCISES, Exercise
 from loralab.exercises._checks import (
+    check_dora_forward,
+    check_inject_lora,
     check_lora_backward,
+    check_lora_dropout_backward,
     check_lora_forward,
+    check_lora_init,
     check_low_rank_approx,
     check_merge,
     check_optimizer_step,
@@ -34,8 +38,12 @@ __all__ = [
     "Exercise",
     "Mistake",
     "TIME_LIMIT",
+    "check_dora_forward",
+    "check_inject_lora",
     "check_lora_backward",
+    "check_lora_dropout_backward",
     "check_lora_forward",
+    "check_lora_init",
     "check_low_rank_approx",
     "check_merge",
     "check_nf4_quantization",

@@ -42,8 +42,10 @@ _ALL = [
         "01_lora_forward.ipynb",
         ("lora_forward_from_config",),
         "check_lora_forward",
-        "You turned the hyperparameters into scaling = alpha / r, so changing r does not change "
-        "how strongly the update acts at initialisation.",
+        "You turned the hyperparameters into scaling = alpha / r (LoRA paper, Section 4.1). With "
+        "alpha fixed at the first r tried, a larger r gets a smaller scaling, which the paper says "
+        "spares retuning the learning rate when r changes. (At initialisation the update is zero "
+        "whatever the scaling, since B = 0.)",
     ),
     Exercise(
         "lora_backward",
@@ -105,6 +107,45 @@ _ALL = [
         "check_subspace_similarity",
         "You computed the LoRA paper's phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j): "
         "1 when one subspace contains the other, 0 when they are orthogonal.",
+    ),
+    Exercise(
+        "lora_init",
+        "init_lora(in_features, out_features, r, rng)",
+        "06_lora_init.ipynb",
+        ("init_lora",),
+        "check_lora_init",
+        "You started LoRA as the paper does (Section 4.1): A random, B = 0. So ΔW = B A = 0 and "
+        "the adapted model starts exactly as the pretrained one, yet B's first gradient is "
+        "nonzero and training moves.",
+    ),
+    Exercise(
+        "lora_dropout_backward",
+        "lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p)",
+        "07_lora_dropout.ipynb",
+        ("lora_dropout_backward",),
+        "check_lora_dropout_backward",
+        "You back-propagated through dropout on the LoRA path: the forward's mask and 1 / (1 - p) "
+        "on dA, dB and the LoRA part of dx, while the frozen path, which saw the whole x, passes "
+        "its gradient back unmasked.",
+    ),
+    Exercise(
+        "inject_lora",
+        "inject_lora_by_name(params, targets, r, rng)",
+        "08_inject_by_name.ipynb",
+        ("inject_lora_by_name",),
+        "check_inject_lora",
+        "You chose modules by name as PEFT does (the name is a target or ends with '.' + target), "
+        "gave each a random A and a zero B, and froze everything else: the injected model starts "
+        "as the base model and trains only the adapters.",
+    ),
+    Exercise(
+        "dora_forward",
+        "dora_forward(x, W0, A, B, scaling, m)",
+        "09_dora_forward.ipynb",
+        ("dora_forward",),
+        "check_dora_forward",
+        "You computed DoRA's forward (Liu et al., 2024): the adapted weight W0 + scaling * B A "
+        "split into a direction with unit rows and a trained magnitude m per output row.",
     ),
     Exercise(
         "nf4_quantization",

@@ -56,8 +56,9 @@ def check_lora_forward(
     and ``r``, i.e. ``lora_forward_from_config(x, W0, A, B, alpha, r)``, is called that way
     instead and must use scaling = alpha / r.
 
-    Recognised mistakes: forgot the scaling; alpha instead of alpha / r; scaling applied twice or
-    divided by r again; B and A swapped or transposed; W0 not transposed; the update added to x
+    Recognised mistakes: forgot the scaling; alpha, alpha // r, r / alpha or rsLoRA's
+    alpha / sqrt(r) instead of alpha / r; scaling applied twice, divided by r again, or applied to
+    the frozen path too; B and A swapped or transposed; W0 not transposed; the update added to x
     instead of W0 x; a wrong output shape (e.g. batch dimensions flattened).
     """
     names = positional_names(student_fn) or []
@@ -82,8 +83,12 @@ def _forward_call(fn, name, config, inp, alpha, r):
     return call_student(fn, name, args, arg_names, case), case
 
 
+# alpha = 16, r = 3: alpha / r, alpha // r, r / alpha, alpha / sqrt(r), alpha and 1 all differ.
+_ALPHA, _R = 16, 3
+
+
 def _forward(fn, name, config) -> str:
-    alpha, r = 5.0, 3
+    alpha, r = _ALPHA, _R
     worked_2d = False
     for batch, seed in (((3,), 1), ((2, 4), 2)):
         inp = ref.lora_inputs(batch, 7, 5, r, seed)
@@ -106,7 +111,7 @@ def _forward(fn, name, config) -> str:
 
 def _square_probe(fn, name, config) -> str | None:
     """Run on a square layer (in = out), where swapped or untransposed products still run."""
-    alpha, r = 5.0, 3
+    alpha, r = _ALPHA, _R
     inp = ref.lora_inputs((4,), 6, 6, r, 3)
     try:
         y, _ = _forward_call(fn, name, config, inp, alpha, r)
@@ -115,12 +120,7 @@ def _square_probe(fn, name, config) -> str | None:
         return None
     args = (inp["x"], inp["W0"], inp["A"], inp["B"])
     mistake = match_mistake(arr, mis.forward(*args, alpha / r, alpha, r))
-    if mistake is None:
-        return None
-    return (
-        "On a square layer (in = out = 6) your function does run, and its output there shows "
-        f"a known mistake: {mistake.title}. {mistake.explain}"
-    )
+    return _probe_note(mistake, 6, "output") if mistake else None
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -135,34 +135,61 @@ def check_lora_backward(
     leading dimensions: dx = dy W0 + scaling * (dy B) A of shape (..., in);
     dA = scaling * B^T dy^T x of shape (r, in); dB = scaling * dy^T (x A^T) of shape (out, r).
 
-    Recognised mistakes: scaling missing in dA, dB or dx; dx without the LoRA path; dA and dB
-    swapped or transposed; averaged over the batch; a 4-tuple that also holds dW0 (the values
-    may be right, but W0 is frozen, so the check fails and says dW0 was not needed).
+    Cases: a non-square layer (in = 7, out = 5), a square one (in = out = 6, where dy W0^T also
+    runs, with wrong values) and a batched x (2, 4, 7); a function that fails on the non-square
+    layer is run on the square one to name its mistake.
+
+    Recognised mistakes: scaling missing in dA, dB or dx; dx without the LoRA path; dx without
+    the frozen path dy W0 (frozen weights do not block gradients); W0^T instead of W0 in dx;
+    dA and dB swapped or transposed; averaged over the batch; a 4-tuple that also holds dW0 (the
+    values may be right, but W0 is frozen, so the check fails and says dW0 was not needed).
     """
     return run_check(
         "lora_backward",
-        lambda: _backward(student_fn, _name(student_fn, "lora_backward")),
+        lambda: _gradients(student_fn, _name(student_fn, "lora_backward"), dropout=False),
         strict=strict,
         time_limit=time_limit,
     )
 
 
-def _backward(fn, name) -> str:
-    scaling = 5.0 / 3
-    worked_2d = False
-    for batch, seed in (((3,), 11), ((2, 4), 12)):
-        inp = ref.lora_inputs(batch, 7, 5, 3, seed)
-        args = (inp["dy"], inp["x"], inp["W0"], inp["A"], inp["B"], scaling)
-        arg_names = ("dy", "x", "W0", "A", "B", "scaling")
-        case = describe(dy=args[0], x=args[1], W0=args[2], A=args[3], B=args[4], scaling=scaling)
+_GRAD_ARGS = ("dy", "x", "W0", "A", "B", "scaling")
+_DROPOUT_ARGS = (*_GRAD_ARGS, "keep", "p")
+# (batch, in, out, seed): a non-square layer, a square one (where dy W0^T runs too, with wrong
+# values), and a batched x.
+_GRAD_CASES = (((3,), 7, 5, 11), ((4,), 6, 6, 13), ((2, 4), 7, 5, 12))
+
+
+def _grad_args(batch, d_in, d_out, seed, dropout):
+    scaling = 16 / 3
+    if dropout:
+        inp = ref.dropout_problem(batch, d_in, d_out, 3, seed)
+        extra = (inp["keep"], inp["p"])
+    else:
+        inp, extra = ref.lora_inputs(batch, d_in, d_out, 3, seed), ()
+    return (inp["dy"], inp["x"], inp["W0"], inp["A"], inp["B"], scaling, *extra)
+
+
+def _gradients(fn, name, dropout) -> str:
+    """Check a function returning (dx, dA, dB) on every case of `_GRAD_CASES`."""
+    arg_names = _DROPOUT_ARGS if dropout else _GRAD_ARGS
+    reference = ref.lora_dropout_backward if dropout else ref.lora_backward
+    wrong = mis.dropout_backward if dropout else mis.backward
+    passed = 0
+    for batch, d_in, d_out, seed in _GRAD_CASES:
+        args = _grad_args(batch, d_in, d_out, seed, dropout)
+        case = describe(**dict(zip(arg_names, args, strict=True)))
+        batch_hint = f"\n  {_BATCH_HINT}" if passed and len(batch) > 1 else ""
         try:
             out = call_student(fn, name, args, arg_names, case)
         except Failure as failure:
-            if worked_2d and not isinstance(failure.raised, NotImplementedError):
-                raise Failure(f"{failure}\n  {_BATCH_HINT}", raised=failure.raised) from None
-            raise
+            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+                raise
+            hint = batch_hint or ("\n  " + (_grad_probe(fn, name, dropout, wrong) or _SHAPE_HINT))
+            raise Failure(f"{failure}{hint}", raised=failure.raised) from None
         if not isinstance(out, (tuple, list)):
             raise Failure(f"`{name}` should return a tuple (dx, dA, dB), got {type(out).__name__}.")
+        if dropout and passed == 0:
+            _same_twice(fn, name, args, arg_names, case, out)
         note = ""
         if len(out) == 4:
             out, note = _strip_dW0(out, args)
@@ -170,8 +197,8 @@ def _backward(fn, name) -> str:
             raise Failure(
                 f"`{name}` returned {len(out)} values; expected 3: (dx, dA, dB).\n  {case}"
             )
-        expected = ref.lora_backward(*args)
-        variants = mis.backward(*args)
+        expected = reference(*args)
+        variants = wrong(*args)
         problems = [
             difference(got, exp, what=what, variants=var, case=case)
             for got, exp, what, var in zip(out, expected, ("dx", "dA", "dB"), variants, strict=True)
@@ -183,12 +210,49 @@ def _backward(fn, name) -> str:
                 "dA and dB have each other's values." + mistake_note(mis.MISTAKES["dA_dB_swapped"])
             )
         if problems:
-            batch_hint = f"\n  {_BATCH_HINT}" if worked_2d else ""
             raise Failure("\n  ".join(problems) + note + f"\n  {case}" + batch_hint)
         if note:
             raise Failure(f"Your dx, dA and dB are all correct, but you returned 4 values.{note}")
-        worked_2d = True
+        passed += 1
     return ""
+
+
+def _grad_probe(fn, name, dropout, wrong) -> str | None:
+    """Run on the square case (in = out = 6), where dy W0^T runs too, and name the mistake."""
+    batch, d_in, d_out, seed = _GRAD_CASES[1]
+    args = _grad_args(batch, d_in, d_out, seed, dropout)
+    arg_names = _DROPOUT_ARGS if dropout else _GRAD_ARGS
+    try:
+        out = call_student(fn, name, args, arg_names, "")
+        dx = np.asarray(out[0], dtype=float)
+    except (Failure, TypeError, ValueError, IndexError, KeyError):
+        return None
+    mistake = match_mistake(dx, wrong(*args)[0])
+    return _probe_note(mistake, d_in, "dx") if mistake else None
+
+
+def _probe_note(mistake, size: int, what: str) -> str:
+    return (
+        f"On a square layer (in = out = {size}) your function does run, and its {what} there "
+        f"shows a known mistake ({mistake.kind}): {mistake.title}. {mistake.explain}"
+    )
+
+
+def _same_twice(fn, name, args, arg_names, case, first) -> None:
+    """A second call on the same inputs must give the same arrays (no fresh random mask)."""
+    again = call_student(fn, name, args, arg_names, case)
+    try:
+        same = len(again) == len(first) and all(
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, first, strict=True)
+        )
+    except (TypeError, ValueError):
+        return
+    if not same:
+        raise Failure(
+            "Two calls with the same inputs gave different results."
+            + mistake_note(mis.MISTAKES["dropout_new_mask"])
+            + f"\n  {case}"
+        )
 
 
 def close_pair(got, expected) -> bool:
@@ -241,8 +305,8 @@ def check_param_count(
     ``trainable`` counts the LoRA parameters, ``total`` the frozen base ones plus the LoRA ones.
 
     Recognised mistakes: counted the full d x k matrix; counted W0 too; r d k; only one factor;
-    adapted every matrix instead of the targets; frozen base counted as trainable; a total
-    without the LoRA parameters.
+    2 r d for a non-square matrix; adapted every matrix instead of the targets; frozen base or
+    its biases counted as trainable; a total without the LoRA parameters.
     """
     return run_check(
         "param_count",
@@ -431,12 +495,7 @@ def _merge_probe(merge_fn) -> str | None:
     except (Failure, TypeError, ValueError):
         return None
     mistake = match_mistake(arr, mis.merge(*args))
-    if mistake is None:
-        return None
-    return (
-        "On a square W0 (in = out = 6) your function does run, and its output there shows "
-        f"a known mistake: {mistake.title}. {mistake.explain}"
-    )
+    return _probe_note(mistake, 6, "output") if mistake else None
 
 
 # -------------------------------------------------------------------------------- optimizers
@@ -458,7 +517,8 @@ def check_optimizer_step(
     not be changed in place. Three steps are chained, each from the student's own previous output.
 
     Recognised mistakes: updated a frozen parameter; stepped up the gradient; forgot lr (SGD);
-    no bias correction, eps inside the square root, no square root, t + 1, state not carried (Adam).
+    no bias correction, eps inside the square root, no square root, t + 1, state not carried,
+    bias-corrected m_hat and v_hat kept in the state instead of m and v (Adam).
     """
     names = positional_names(student_fn) or []
     key = "adam_step" if "state" in names else "sgd_step"
@@ -480,14 +540,14 @@ def _step_args(adam, params, grads, state, trainable, t):
     return (params, grads, trainable, _LR), ("params", "grads", "trainable", "lr")
 
 
-def _trajectory(step_fn, adam, params, grads, trainable) -> list[dict]:
-    """The parameters after each step of a known (correct or mistaken) optimizer."""
+def _trajectory(step_fn, adam, params, grads, trainable) -> list[tuple[dict, dict]]:
+    """(parameters, state) after each step of a known (correct or mistaken) optimizer."""
     state = {n: (np.zeros_like(params[n]), np.zeros_like(params[n])) for n in trainable}
     out = []
     for t, g in enumerate(grads, start=1):
         args, _ = _step_args(adam, params, g, state, trainable, t)
         params, state = step_fn(*args) if adam else (step_fn(*args), state)
-        out.append(params)
+        out.append((params, state))
     return out
 
 
@@ -515,11 +575,25 @@ def _optimizer(fn, name, adam) -> str:
                 + f"\n  {case}"
             )
         for n in sorted(trainable):
-            variants = [(m, traj[t - 1][n]) for m, traj in wrong]
+            variants = [(m, traj[t - 1][0][n]) for m, traj in wrong]
             what = f"params['{n}'] after step {t}"
-            compare(new_params[n], expected[t - 1][n], what=what, case=case, variants=variants)
+            compare(new_params[n], expected[t - 1][0][n], what=what, case=case, variants=variants)
+        if adam:
+            _compare_state(state, t, trainable, expected, wrong, case)
         params = {n: np.asarray(p) for n, p in new_params.items()}
     return ""
+
+
+def _compare_state(state, t, trainable, expected, wrong, case) -> None:
+    """Adam's new state must hold the raw moments (m, v) of every trainable name."""
+    for n in sorted(trainable):
+        pair = state[n]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise Failure(f"new_state['{n}'] should be a pair (m, v), got {pair!r:.80}.\n  {case}")
+        for k, moment in enumerate(("m", "v")):
+            variants = [(m, traj[t - 1][1][n][k]) for m, traj in wrong]
+            what = f"new_state['{n}'] {moment} after step {t}"
+            compare(pair[k], expected[t - 1][1][n][k], what=what, case=case, variants=variants)
 
 
 def _unpack(result, adam, name, params, trainable, case):
@@ -590,3 +664,313 @@ def _subspace(fn, name) -> str:
         compare(got, expected, what="phi", case=case, variants=mis.subspace(a, b, i, j))
         got_values.append(float(np.asarray(got)))
     return f"Same subspace: phi = {got_values[3]:.3f}; orthogonal subspaces: phi = {got_values[4]:.3f}."
+
+
+# ---------------------------------------------------------------------------- initialisation
+
+
+def check_lora_init(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
+    """Check ``init_lora(in_features, out_features, r, rng) -> (A, B)``.
+
+    A of shape (r, in) is drawn from the generator ``rng`` (rank r, finite); B of shape (out, r)
+    is all zero (LoRA paper, Section 4.1). Then ΔW = B A = 0, so the adapted layer starts as the
+    pretrained one, and the first gradient dB = scaling * dy^T (x A^T) is nonzero, so training
+    moves. The same rng must give the same A, different rngs different A.
+
+    Recognised mistakes: A and B both zero (no gradient ever); both random (ΔW is noise at the
+    start); A zero and B random (roles swapped); A of rank below r; A not drawn from ``rng``.
+    """
+    return run_check(
+        "lora_init",
+        lambda: _init(student_fn, _name(student_fn, "init_lora")),
+        strict=strict,
+        time_limit=time_limit,
+    )
+
+
+_INIT_ARGS = ("in_features", "out_features", "r", "rng")
+
+
+def _init_pair(fn, name, d_in, d_out, r, seed):
+    case = describe(in_features=d_in, out_features=d_out, r=r) + f", rng=default_rng({seed})"
+    out = call_student(fn, name, (d_in, d_out, r, ref.rng(seed)), _INIT_ARGS, case)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise Failure(
+            f"`{name}` should return the pair (A, B), got {type(out).__name__}.\n  {case}"
+        )
+    A = as_array(out[0], "A", (r, d_in), case)
+    B = as_array(out[1], "B", (d_out, r), case)
+    if A.shape != (r, d_in) or B.shape != (d_out, r):
+        swapped = A.shape == (d_out, r) and B.shape == (r, d_in)
+        raise Failure(
+            f"wrong shapes: A {A.shape} and B {B.shape}; expected A (r, in) = {(r, d_in)} and "
+            f"B (out, r) = {(d_out, r)}."
+            + (" You returned (B, A): return (A, B)." if swapped else "")
+            + f"\n  {case}"
+        )
+    if not (np.all(np.isfinite(A)) and np.all(np.isfinite(B))):
+        raise Failure(f"A or B holds NaN or inf.\n  {case}")
+    return A, B, case
+
+
+def _init(fn, name) -> str:
+    for d_in, d_out, r, seed in ((7, 5, 3, 61), (16, 16, 4, 62)):
+        A, B, case = _init_pair(fn, name, d_in, d_out, r, seed)
+        mistake = mis.init(A, B, r)
+        if mistake is not None:
+            raise Failure(
+                f"A has {np.count_nonzero(A)} nonzero entries of {A.size} and B "
+                f"{np.count_nonzero(B)} of {B.size}; rank(A) = {np.linalg.matrix_rank(A)} "
+                f"(expected {r})." + mistake_note(mistake) + f"\n  {case}"
+            )
+        A_again, _, _ = _init_pair(fn, name, d_in, d_out, r, seed)
+        A_other, _, _ = _init_pair(fn, name, d_in, d_out, r, seed + 1)
+        if not np.array_equal(A, A_again) or np.array_equal(A, A_other):
+            what = (
+                "Two generators with the same seed gave different A"
+                if not np.array_equal(A, A_again)
+                else "Generators with different seeds gave the same A"
+            )
+            raise Failure(
+                f"{what}." + mistake_note(mis.MISTAKES["init_global_rng"]) + f"\n  {case}"
+            )
+    inp = ref.lora_inputs((4,), d_in, d_out, r, 63)
+    _, _, dB = ref.lora_backward(inp["dy"], inp["x"], inp["W0"], A, B, 2.0)
+    return (
+        f"With your A and B, ΔW = B A is exactly zero, while the first gradient of B, "
+        f"scaling * dy^T (x A^T), has norm {np.linalg.norm(dB):.3g} (test inputs, scaling 2)."
+    )
+
+
+# ----------------------------------------------------------------------------------- dropout
+
+
+def check_lora_dropout_backward(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
+    """Check ``lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p) -> (dx, dA, dB)``.
+
+    Dropout on the LoRA path's input, as PEFT's ``lora_dropout``: with the forward's 0/1 mask
+    ``keep`` (x's shape) and drop probability p, x_d = x * keep / (1 - p) and
+    y = x W0^T + scaling * (x_d A^T) B^T. Summed over the batch:
+    dx = dy W0 + (scaling * (dy B) A) * keep / (1 - p); dA = scaling * (dy B)^T x_d;
+    dB = scaling * dy^T (x_d A^T). Same cases as `check_lora_backward`.
+
+    Recognised mistakes: the mask missing in dx's LoRA path, or put on the frozen path too;
+    no 1 / (1 - p); x instead of x_d in dA or dB; a fresh random mask (the result changes from
+    call to call); and the plain backward's mistakes on dx, dA and dB.
+    """
+    return run_check(
+        "lora_dropout_backward",
+        lambda: _gradients(student_fn, _name(student_fn, "lora_dropout_backward"), dropout=True),
+        strict=strict,
+        time_limit=time_limit,
+    )
+
+
+# ---------------------------------------------------------------------------------- injection
+
+
+def check_inject_lora(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
+    """Check ``inject_lora_by_name(params, targets, r, rng) -> (new_params, trainable)``.
+
+    ``params`` maps names such as ``"layers.0.attn.q.weight"`` to arrays; a module's name is its
+    weight's name without ``.weight``. Every module whose name equals a target or ends with
+    ``"." + target`` (PEFT's rule for a list of targets) and has a 2-D weight W0 (out, in) gets
+    ``f"{module}.lora_A"`` (r, in), random from ``rng``, and ``f"{module}.lora_B"`` (out, r),
+    zero. ``new_params`` holds every original array unchanged plus the new ones (``params``
+    itself is not changed); ``trainable`` (a set or list) names exactly the new ones.
+
+    Recognised mistakes: targets matched as substrings, or compared with the whole name; base
+    weights (or the adapted W0) left trainable; B not zero (and the initialisation mistakes).
+    """
+    return run_check(
+        "inject_lora",
+        lambda: _inject(student_fn, _name(student_fn, "inject_lora_by_name")),
+        strict=strict,
+        time_limit=time_limit,
+    )
+
+
+def _lora_names(modules) -> list[str]:
+    return [f"{m}.lora_{f}" for m in modules for f in ("A", "B")]
+
+
+def _inject(fn, name) -> str:
+    shapes = ref.injection_model()
+    for targets, r, seed in ((["q", "v"], 2, 71), (["o", "mlp.up"], 3, 72)):
+        g = ref.rng(seed)
+        params = {n: g.standard_normal(s) for n, s in shapes.items()}
+        case = describe(
+            params=f"{len(params)} arrays named like 'layers.0.attn.q.weight'", targets=targets, r=r
+        )
+        args = (params, targets, r, ref.rng(seed + 100))
+        out = call_student(fn, name, args, ("params", "targets", "r", "rng"), case)
+        new_params, trainable = _unpack_injection(out, name, case)
+        modules = ref.adapted_modules(shapes, targets)
+        _check_base_kept(params, new_params, case)
+        added = sorted(set(new_params) - set(params))
+        odd = [n for n in added if not n.endswith((".lora_A", ".lora_B"))]
+        if odd:
+            raise Failure(
+                f"new_params has unexpected names {odd}: name the new arrays "
+                f"'<module>.lora_A' and '<module>.lora_B', e.g. '{modules[0]}.lora_A'.\n  {case}"
+            )
+        got_modules = sorted({n.rsplit(".", 1)[0] for n in added})
+        if set(added) != set(_lora_names(modules)):
+            wrong = mis.injected_modules(shapes, targets)
+            mistake = next((m for m, mods in wrong if sorted(mods) == got_modules), None)
+            raise Failure(
+                f"LoRA was added to {got_modules or 'no module'}; expected {modules}."
+                + (mistake_note(mistake) if mistake else "")
+                + f"\n  {case}"
+            )
+        for module in modules:
+            _check_pair(new_params, module, shapes[f"{module}.weight"], r, case)
+        expected = set(_lora_names(modules))
+        if trainable != expected:
+            sets = mis.trainable_sets(shapes, modules, expected)
+            mistake = next((m for m, t in sets if trainable == t), None)
+            extra, missing = sorted(trainable - expected), sorted(expected - trainable)
+            raise Failure(
+                f"trainable is wrong: {len(extra)} name(s) too many {extra[:4]}, "
+                f"{len(missing)} missing {missing[:4]}."
+                + (mistake_note(mistake) if mistake else "")
+                + f"\n  {case}"
+            )
+    n_lora = sum(int(np.asarray(new_params[n]).size) for n in expected)
+    n_all = sum(int(np.asarray(v).size) for v in new_params.values())
+    return (
+        f"Right after injection every B is zero, so the model computes what the base did; it "
+        f"trains {n_lora:,} of its {n_all:,} numbers ({n_lora / n_all:.1%})."
+    )
+
+
+def _unpack_injection(out, name, case):
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise Failure(
+            f"`{name}` should return the pair (new_params, trainable), got "
+            f"{type(out).__name__}.\n  {case}"
+        )
+    new_params, trainable = out
+    if not isinstance(new_params, dict):
+        raise Failure(f"new_params should be a dict, got {type(new_params).__name__}.\n  {case}")
+    if not isinstance(trainable, (set, frozenset, list, tuple)) or not all(
+        isinstance(n, str) for n in trainable
+    ):
+        raise Failure(
+            f"trainable should be a set (or list) of names, got {trainable!r:.80}.\n  {case}"
+        )
+    return new_params, set(trainable)
+
+
+def _check_base_kept(params, new_params, case) -> None:
+    lost = sorted(set(params) - set(new_params))
+    if lost:
+        raise Failure(f"new_params lacks {lost[:4]}: keep every original array.\n  {case}")
+    changed = [n for n in params if not np.array_equal(np.asarray(new_params[n]), params[n])]
+    if changed:
+        raise Failure(
+            f"The base weights {changed[:4]} changed: injection adds A and B beside W0 and "
+            f"leaves W0 exactly as it was.\n  {case}"
+        )
+
+
+def _check_pair(new_params, module, w_shape, r, case) -> None:
+    out_f, in_f = w_shape
+    A = as_array(new_params[f"{module}.lora_A"], f"{module}.lora_A", (r, in_f), case)
+    B = as_array(new_params[f"{module}.lora_B"], f"{module}.lora_B", (out_f, r), case)
+    if A.shape != (r, in_f) or B.shape != (out_f, r):
+        raise Failure(
+            f"{module}: A has shape {A.shape} and B {B.shape}; with W0 of shape (out, in) = "
+            f"{w_shape}, A is (r, in) = {(r, in_f)} and B is (out, r) = {(out_f, r)}.\n  {case}"
+        )
+    mistake = mis.init(A, B, r)
+    if mistake is mis.MISTAKES["init_both_random"] or mistake is mis.MISTAKES["init_roles_swapped"]:
+        mistake = mis.MISTAKES["inject_B_not_zero"]
+    if mistake is not None:
+        raise Failure(
+            f"{module}: A and B are not a LoRA start." + mistake_note(mistake) + f"\n  {case}"
+        )
+
+
+# --------------------------------------------------------------------------------------- DoRA
+
+
+def check_dora_forward(
+    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+) -> bool:
+    """Check ``dora_forward(x, W0, A, B, scaling, m) -> y`` (DoRA, Liu et al., 2024).
+
+    With V = W0 + scaling * B A (out, in) and ||V||_row the norm of each row (shape (out,)), DoRA's
+    weight is m * V / ||V||_row, so y = (m / ||V||_row) * (x W0^T + scaling * (x A^T) B^T) of
+    shape (..., out); m (out,) is the trained magnitude (here not equal to ||V||_row).
+
+    Recognised mistakes: the norm over the wrong axis, of W0 alone, of the whole matrix, or left
+    out; the magnitude applied to the LoRA path only; m and the norms broadcast along the inputs
+    (found on a square layer); the scaling forgotten.
+    """
+    return run_check(
+        "dora_forward",
+        lambda: _dora(student_fn, _name(student_fn, "dora_forward")),
+        strict=strict,
+        time_limit=time_limit,
+    )
+
+
+_DORA_ARGS = ("x", "W0", "A", "B", "scaling", "m")
+
+
+def _dora_args(batch, d_in, d_out, seed):
+    inp = ref.lora_inputs(batch, d_in, d_out, 3, seed)
+    scaling = 2.0
+    norm = np.linalg.norm(inp["W0"] + scaling * (inp["B"] @ inp["A"]), axis=1)
+    m = norm * (0.5 + ref.rng(seed + 1).random(d_out))  # trained: no longer the norms
+    return (inp["x"], inp["W0"], inp["A"], inp["B"], scaling, m)
+
+
+def _dora(fn, name) -> str:
+    passed = False
+    for batch, seed in (((3,), 81), ((2, 4), 82)):
+        args = _dora_args(batch, 7, 5, seed)
+        case = describe(**dict(zip(_DORA_ARGS, args, strict=True)))
+        batch_hint = f"\n  {_BATCH_HINT}" if passed else ""
+        try:
+            y = call_student(fn, name, args, _DORA_ARGS, case)
+        except Failure as failure:
+            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+                raise
+            hint = batch_hint or "\n  " + (_dora_probe(fn, name) or _SHAPE_HINT)
+            raise Failure(f"{failure}{hint}", raised=failure.raised) from None
+        problem = difference(
+            y, ref.dora_forward(*args), what="y", variants=mis.dora(*args), case=case
+        )
+        if problem:
+            raise Failure(f"{problem}\n  {case}{batch_hint}")
+        passed = True
+    # At DoRA's initialisation (B = 0, m = ||W0||_row) the layer is exactly the pretrained one.
+    x, W0, A, B, scaling, _ = args
+    start = (x, W0, A, np.zeros_like(B), scaling, np.linalg.norm(W0, axis=1))
+    y0 = as_array(
+        call_student(fn, name, start, _DORA_ARGS, case), "y", (*x.shape[:-1], W0.shape[0]), case
+    )
+    gap = float(np.max(np.abs(y0 - x @ W0.T)))
+    return (
+        f"At DoRA's initialisation (B = 0, m = ||W0||_row) your layer gives x W0^T to within "
+        f"{gap:.1e}: it starts as the pretrained layer, as LoRA does."
+    )
+
+
+def _dora_probe(fn, name) -> str | None:
+    """Run on a square layer, where norms over the wrong axis or broadcast m still run."""
+    args = _dora_args((4,), 6, 6, 83)
+    try:
+        y = np.asarray(call_student(fn, name, args, _DORA_ARGS, ""), dtype=float)
+    except (Failure, TypeError, ValueError):
+        return None
+    mistake = match_mistake(y, mis.dora(*args))
+    return _probe_note(mistake, 6, "output") if mistake else None

@@ -111,3 +111,66 @@ def orthonormal_columns(d: int, n: int, seed: int) -> np.ndarray:
 def subspace_similarity(U1, U2, i, j):
     """phi = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) (LoRA paper, Section 7.2)."""
     return float(np.linalg.norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j))
+
+
+def lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p):
+    """(dx, dA, dB) with dropout on the LoRA path's input: x_d = x * keep / (1 - p).
+
+    y = x W0^T + scaling * (x_d A^T) B^T, so dA and dB see x_d, and the LoRA path's part of dx
+    is masked by the same keep / (1 - p); the frozen path saw the whole x.
+    """
+    xd = x * keep / (1 - p)
+    _, dA, dB = lora_backward(dy, xd, W0, A, B, scaling)
+    dx = dy @ W0 + (scaling * ((dy @ B) @ A)) * keep / (1 - p)
+    return dx, dA, dB
+
+
+def dropout_problem(batch: tuple[int, ...], d_in: int, d_out: int, r: int, seed: int) -> dict:
+    """`lora_inputs` plus a 0/1 ``keep`` mask of x's shape (some of each) and p = 0.25."""
+    inp = lora_inputs(batch, d_in, d_out, r, seed)
+    keep = (rng(seed + 1000).random(inp["x"].shape) >= 0.25).astype(float)
+    keep.flat[0], keep.flat[1] = 0.0, 1.0
+    return {**inp, "keep": keep, "p": 0.25}
+
+
+def dora_forward(x, W0, A, B, scaling, m):
+    """y = (m / ||V||_row) * (x W0^T + scaling * (x A^T) B^T) with V = W0 + scaling * B A."""
+    norm = np.linalg.norm(W0 + scaling * (B @ A), axis=1)
+    return (m / norm) * lora_forward(x, W0, A, B, scaling)
+
+
+def module_matches(module: str, targets) -> bool:
+    """PEFT's rule for a list of target names: the module's name is t or ends with '.' + t."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def injection_model(d: int = 8, kv: int = 4, ff: int = 12, vocab: int = 11) -> dict:
+    """Parameter shapes of a two-block transformer, named like a PyTorch state dict."""
+    shapes = {"embed.weight": (vocab, d)}
+    for i in range(2):
+        layer = f"layers.{i}"
+        shapes.update(
+            {
+                f"{layer}.attn.q.weight": (d, d),
+                f"{layer}.attn.q.bias": (d,),
+                f"{layer}.attn.k.weight": (kv, d),
+                f"{layer}.attn.v.weight": (kv, d),
+                f"{layer}.attn.o.weight": (d, d),
+                f"{layer}.mlp.up.weight": (ff, d),
+                f"{layer}.mlp.down.weight": (d, ff),
+                f"{layer}.norm.weight": (d,),
+            }
+        )
+    shapes["head.weight"] = (vocab, d)
+    return shapes
+
+
+def adapted_modules(shapes: dict, targets, matches=module_matches) -> list[str]:
+    """Modules with a 2-D ``.weight`` that ``matches(module, targets)`` selects, in order."""
+    return [
+        name[: -len(".weight")]
+        for name, shape in shapes.items()
+        if name.endswith(".weight")
+        and len(shape) == 2
+        and matches(name[: -len(".weight")], targets)
+    ]
