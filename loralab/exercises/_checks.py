@@ -203,7 +203,7 @@ def _gradients(fn, name, dropout) -> str:
             difference(got, exp, what=what, variants=var, case=case)
             for got, exp, what, var in zip(out, expected, ("dx", "dA", "dB"), variants, strict=True)
         ]
-        problems = [p for p in problems if p]
+        problems = _once(p for p in problems if p)
         if close_pair(out[1:], expected[:0:-1]):
             problems = [p for p in problems if "dx" in p.split(" has ")[0]]
             problems.append(
@@ -215,6 +215,17 @@ def _gradients(fn, name, dropout) -> str:
             raise Failure(f"Your dx, dA and dB are all correct, but you returned 4 values.{note}")
         passed += 1
     return ""
+
+
+def _once(problems) -> list[str]:
+    """The problems, with a known-mistake note that repeats an earlier one left out."""
+    seen, out = set(), []
+    for problem in problems:
+        head, sep, note = problem.partition("\n  This matches a known mistake")
+        out.append(head if sep and note in seen else problem)
+        if sep:
+            seen.add(note)
+    return out
 
 
 def _grad_probe(fn, name, dropout, wrong) -> str | None:

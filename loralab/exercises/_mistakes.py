@@ -419,7 +419,7 @@ _LIST = [
     Mistake(
         "dropout_new_mask",
         "dropout",
-        "your result changes from call to call: a new random mask in the backward?",
+        "your result changes from call to call (a new random mask in the backward)",
         "The backward must reuse the mask of the forward (the `keep` argument); drawing a fresh "
         "one computes the gradient of a different function.",
     ),
