@@ -190,7 +190,7 @@ def _adapt(
         leave=True,
     )
 
-    def build_for_memory() -> tuple[Callable[[], object], list]:
+    def build_for_memory() -> tuple[Callable[[], float], list]:
         m = method.prepare(load_digits_mlp()[0], config.seed)
         opt = optim.Adam([p for p in m.parameters() if p.requires_grad], lr=method.lr)
         x, y = train.x[:BATCH], train.y[:BATCH]

@@ -131,8 +131,11 @@ def _check_positive_int(caller: str, name: str, value: Any) -> None:
         raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
 
 
-def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -> Tensor:
+def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -> float:
     """One optimizer step: zero the gradients, compute the loss, backpropagate, update.
+
+    The graph (and the activations it holds) is released before the update, so a step's peak
+    memory is the larger of the backward's and the optimizer's, not their sum.
 
     Parameters
     ----------
@@ -143,7 +146,8 @@ def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -
 
     Returns
     -------
-    The loss Tensor (shape ()), with its graph.
+    float
+        The loss before the update.
     """
     optimizer.zero_grad()
     loss = compute_loss()
@@ -154,8 +158,10 @@ def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -
             "merged? A merged layer computes with the frozen W0 + ΔW: call unmerge_lora first)"
         )
     loss.backward()
+    value = float(loss.item())
+    del loss
     optimizer.step()
-    return loss
+    return value
 
 
 def fit(
@@ -229,7 +235,7 @@ def fit(
             start = time.perf_counter()
             loss = train_step(optimizer, lambda batch=batch: loss_fn(batch))
             history.step_seconds.append(time.perf_counter() - start)
-            history.loss.append(float(loss.item()))
+            history.loss.append(loss)
             if step % eval_every == 0 or step == steps:
                 record(step)
                 if bar is not None:

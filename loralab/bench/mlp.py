@@ -24,7 +24,7 @@ from loralab import optim
 from loralab.bench.config import ALPHA, LR, N_LAYERS, RANK
 from loralab.bench.machine import optional_torch
 from loralab.lora import inject_lora, merge_lora
-from loralab.lora.functional import lora_backward, lora_forward
+from loralab.lora.ops import lora_backward, lora_forward
 from loralab.nn import MLP, Parameter
 from loralab.tensor import Tensor
 from loralab.training import train_step
@@ -89,7 +89,7 @@ def engine_model(arrays: MLPArrays, *, lora: bool, merged: bool = False) -> MLP:
     return model
 
 
-def engine_step(model: MLP, x: np.ndarray, target: np.ndarray) -> Callable[[], Tensor]:
+def engine_step(model: MLP, x: np.ndarray, target: np.ndarray) -> Callable[[], float]:
     """One training step (MSE loss, backward, Adam) through the engine, as a closure."""
     opt = optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
     xt = Tensor(x)

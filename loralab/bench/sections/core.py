@@ -53,12 +53,12 @@ def run(res: Results, log: Callable[[str], None]) -> None:
     backends = [("NumPy (loralab)", "numpy")] + ([("PyTorch eager", "torch")] if torch else [])
     for label, kind in backends:
         log(f"[2] LoRA over full fine-tuning, {label}")
-        if kind == "numpy":
-            make = lambda lora: engine_step(engine_model(arrays, lora=lora), x, t)  # noqa: E731
-        else:
-            make = lambda lora: torch_step(torch_model(arrays, lora=lora), x, t)  # noqa: E731
+        model, step = (engine_model, engine_step) if kind == "numpy" else (torch_model, torch_step)
         times = time_alternating(
-            {"lora": make(True), "full": make(False)},
+            {
+                "lora": step(model(arrays, lora=True), x, t),
+                "full": step(model(arrays, lora=False), x, t),
+            },
             cfg.repeats,
             cfg.sample_seconds,
             CLOCKS[cfg.clock],

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from loralab import functional as F
 from loralab.bench.config import ALPHA, RANK, BenchConfig, Check, Results
 from loralab.bench.sections._table import table
 from loralab.bench.timing import CLOCKS, paired_ratio
+from loralab.lora import lora_linear
 from loralab.tensor import Tensor
 
 
@@ -38,7 +38,7 @@ def fused_vs_composed(
     x = Tensor(rng.standard_normal(shape).astype(np.float32), True)
     dy = rng.standard_normal(shape[:-1] + (width,)).astype(np.float32)
     forwards = {
-        "fused": lambda: F.lora_linear(x, W0, b, A, B, s),
+        "fused": lambda: lora_linear(x, W0, b, A, B, s),
         "composed": lambda: composed_lora(x, W0, b, A, B, s),
     }
 
@@ -102,7 +102,7 @@ def markdown(res: Results) -> list[str]:
         f"### 4. Fused LoRA op: backward over composed primitive ops (r={RANK}, in = out)",
         "",
         "Composed: `x @ W0.T + b + ((x @ A.T) @ B.T) * s` through the engine's MatMul, Transpose, "
-        "Add and Mul; fused: `F.lora_linear` with the hand-derived backward. x requires a gradient "
+        "Add and Mul; fused: `loralab.lora.lora_linear` with the hand-derived backward. x requires a gradient "
         "(an inner layer); W0 and b are frozen. Both backwards skip dW0: the engine's MatMul "
         "forms no gradient for an input that does not need one. Both therefore spend most of "
         "their time in the same dx = dy W0 matmul, and the fused op saves only the elementwise "
