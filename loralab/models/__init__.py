@@ -2,13 +2,12 @@
 and the digits MLP of the demo and the tutorials, each with its shipped checkpoint."""
 
 from loralab.models.data import CHARS, CharTokenizer, Corpus, get_batch, load_corpus
-from loralab.models.gpt import GPT, GPT_CHECKPOINT, causal_attention, load_gpt
+from loralab.models.gpt import GPT, causal_attention, load_gpt
 
 __all__ = [
     "GPT",
     "causal_attention",
     "load_gpt",
-    "GPT_CHECKPOINT",
     "CharTokenizer",
     "CHARS",
     "Corpus",
