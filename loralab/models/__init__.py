@@ -2,12 +2,14 @@
 and the digits MLP of the demo and the tutorials, each with its shipped checkpoint."""
 
 from loralab.models.data import CHARS, CharTokenizer, Corpus, get_batch, load_corpus
+from loralab.models.digits import load_digits_mlp
 from loralab.models.gpt import GPT, causal_attention, load_gpt
 
 __all__ = [
     "GPT",
     "causal_attention",
     "load_gpt",
+    "load_digits_mlp",
     "CharTokenizer",
     "CHARS",
     "Corpus",
