@@ -173,7 +173,9 @@ def test_grade_timeout_must_be_positive(capsys, timeout, via_cli):
 
 
 @pytest.mark.parametrize("limit", ["0", "-1", "nan", "x"])
-def test_grade_time_limit_must_be_positive(capsys, limit):
-    assert main([str(NOTEBOOKS[0]), f"--time-limit={limit}"]) == 2
+@pytest.mark.parametrize("via_cli", [False, True])
+def test_grade_time_limit_must_be_positive(capsys, limit, via_cli):
+    argv = [str(NOTEBOOKS[0]), f"--time-limit={limit}"]
+    assert (cli_main(["grade", *argv]) if via_cli else main(argv)) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "--time-limit" in lines[0]
