@@ -456,6 +456,36 @@ def test_hook_executes_missing_and_stale_notebooks_and_reuses_current_ones(tmp_p
 
 
 @pytest.mark.notebook
+def test_type_along_notebook_accepts_its_answers_and_uses_them(tmp_path):
+    """05b runs with blank cells (stand-ins) in the docs; with its folded answers typed in, every
+    check passes and the learner's own functions train the network."""
+    import nbformat
+
+    path = ROOT / "tutorials" / "05b_build_lora_yourself.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    answers = next(
+        re.search(r"```python\n(.*?)```", c.source, flags=re.S).group(1)
+        for c in nb.cells
+        if c.cell_type == "markdown" and "<summary>Answers" in c.source
+    )
+    forward, backward = re.split(r"\n(?=def my_backward)", answers.strip())
+    blanks = {c.id: c for c in nb.cells if c.cell_type == "code"}
+    assert "raise NotImplementedError" in blanks["blank_forward"].source
+    assert "raise NotImplementedError" in blanks["blank_backward"].source
+    blanks["blank_forward"].source, blanks["blank_backward"].source = forward, backward
+    typed = tmp_path / "05b_typed.ipynb"
+    nbformat.write(nb, typed)
+    execute_notebooks.execute_notebook(typed, tmp_path / "out.ipynb")
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    printed = "".join(
+        o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "step 1: your forward is used below" in printed
+    assert "step 2: your backward is used below" in printed
+    assert printed.count("Correct:") == 2
+
+
+@pytest.mark.notebook
 def test_execute_script_exits_1_and_names_the_failing_notebook(tmp_path, capsys):
     src, out = tmp_path / "tutorials", tmp_path / "out"
     _write_notebook(src / "good.ipynb", "x = 1")
