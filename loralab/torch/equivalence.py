@@ -12,10 +12,13 @@ order (a generator shared by several NumPy layers stays shared among their twins
 
 Some parameters have an exact gradient of zero, such as the key bias b_k of attention: softmax
 is invariant to adding the same number to every score of a row, and b_k adds q_i . b_k to every
-score of row i. Both sides then compute round-off, and Adam's m / sqrt(v) turns that noise into
-steps of about lr, different on each side. Comparing those trajectories would measure noise;
-``check_equivalence(..., zero_grad=names)`` checks instead that their gradients are zero to
-round-off and leaves their values out (the outputs, which do not depend on them, are compared).
+score of row i. Both sides then compute round-off, different on each side, and Adam does not
+scale it down: its step lr m / (sqrt(v) + eps) is the round-off times lr / eps where the round-off
+is below eps (float64: a factor 1e6 at lr = 1e-2), and about lr sign(g) where it is above
+(float32). A parameter with a real gradient keeps its relative round-off instead. Comparing the
+zero-gradient trajectories would measure noise; ``check_equivalence(..., zero_grad=names)``
+checks instead that their gradients are zero to round-off and leaves their values out (the
+outputs, which do not depend on them, are compared).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from loralab import functional as LF
-from loralab import nn, optim
+from loralab import lora, nn, optim
 from loralab.tensor import Tensor
 from loralab.torch.layers import LoRALinear, numpy_dtype
 
@@ -77,7 +80,7 @@ class EquivalenceReport:
     zero_grad : list of float, one entry per step
         For the parameters named in ``check_equivalence(..., zero_grad=...)``: their largest
         |gradient|, on either side, divided by the largest |gradient| of the other parameters
-        (empty when none is named). Exact math gives 0; round-off gives a few float eps.
+        (empty when none is named). Exact math gives 0; round-off gives at most a few float eps.
     initial_param : float
         Largest parameter difference before training.
     worst_grad, worst_param : str
@@ -221,7 +224,7 @@ def shared_dropout_masks(np_model: nn.Module, torch_model: torch.nn.Module) -> I
                         f"{type(t).__name__} in the torch model"
                     )
                 hooks.append(t.register_forward_hook(_replay_hook(copy.deepcopy(m.rng, memo))))
-            elif isinstance(m, nn.LoRALinear) and m.dropout > 0.0:
+            elif isinstance(m, lora.LoRALinear) and m.dropout > 0.0:
                 t = twins.get(name)
                 if not isinstance(t, LoRALinear):
                     raise ValueError(
@@ -301,8 +304,9 @@ def check_equivalence(
     zero_grad : collection of str, default ()
         Names of trainable parameters whose exact gradient is zero, such as every attention's
         key bias (``"blocks.0.attn.k.bias"``, ...). Their gradients and values are not compared
-        (both are round-off, which Adam amplifies to steps of about lr); ``report.zero_grad``
-        records how close to zero their gradients are, relative to the other gradients.
+        (both are round-off, which Adam amplifies by lr / eps, or to steps of about lr where it
+        exceeds eps); ``report.zero_grad`` records how close to zero their gradients are,
+        relative to the other gradients.
 
     Returns
     -------
