@@ -153,7 +153,9 @@ def test_cli_json_while_another_run_trains_at_the_same_time(cli_gpt, mlp_runs):
 
 def test_a_failing_rank_is_named_and_no_rank_survives():
     before = rank_processes()
-    with pytest.raises(D.RankError, match=r"^rank 1 of 2 failed: RuntimeError: fault injected") as e:
+    with pytest.raises(
+        D.RankError, match=r"^rank 1 of 2 failed: RuntimeError: fault injected"
+    ) as e:
         D.train_ddp([D.RunConfig(steps=1, fault="raise", fault_rank=1)], nproc=2, timeout=120)
     assert e.value.rank == 1 and "Traceback" in str(e.value)
     assert rank_processes() - before == set()
