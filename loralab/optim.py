@@ -89,7 +89,8 @@ class Optimizer:
         if isinstance(params, (set, frozenset)):
             raise TypeError(
                 f"{name}: optimizer parameters need to be organized in ordered collections, but "
-                "the ordering of tensors in sets will change between runs. Please use a list instead."
+                "the ordering of tensors in sets will change between runs. "
+                "Please use a list instead."
             )
         params = list(params)
         if not params:

@@ -387,6 +387,8 @@ def _reverse_topological(root: Tensor) -> list[Tensor]:
 
 # ----- elementwise arithmetic (broadcasting: gradients are summed back to each input's shape) -----
 class AddFn(Function):
+    """``a + b``: the gradient passes unchanged to both, summed back over broadcast axes."""
+
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(np.shape(a), np.shape(b))
@@ -403,6 +405,8 @@ class AddFn(Function):
 
 
 class SubFn(Function):
+    """``a - b``: da = grad, db = -grad, each summed back over broadcast axes."""
+
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(np.shape(a), np.shape(b))
@@ -419,6 +423,8 @@ class SubFn(Function):
 
 
 class MulFn(Function):
+    """``a * b``: da = grad * b, db = grad * a (the product rule), summed back to each shape."""
+
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
@@ -433,6 +439,8 @@ class MulFn(Function):
 
 
 class DivFn(Function):
+    """``a / b``: da = grad / b, db = -grad * a / b^2, summed back to each shape."""
+
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
@@ -447,6 +455,8 @@ class DivFn(Function):
 
 
 class NegFn(Function):
+    """``-a``: da = -grad."""
+
     @staticmethod
     def forward(ctx, a):
         return -a
@@ -512,6 +522,8 @@ def _expand_reduced(
 
 
 class SumFn(Function):
+    """Sum over ``axis``: every summed element gets the gradient of the sum."""
+
     @staticmethod
     def forward(ctx, a, axis, keepdims):
         ctx.save_for_backward(a.shape, axis, keepdims)
@@ -524,6 +536,8 @@ class SumFn(Function):
 
 
 class MeanFn(Function):
+    """Mean over ``axis``: every element gets the gradient of the mean divided by the count."""
+
     @staticmethod
     def forward(ctx, a, axis, keepdims):
         out = np.asarray(a.mean(axis=axis, keepdims=keepdims))
@@ -537,6 +551,8 @@ class MeanFn(Function):
 
 
 class ReshapeFn(Function):
+    """The same values in another shape: the gradient is reshaped back."""
+
     @staticmethod
     def forward(ctx, a, shape):
         ctx.save_for_backward(a.shape)
@@ -549,6 +565,8 @@ class ReshapeFn(Function):
 
 
 class TransposeFn(Function):
+    """Axes permuted: the gradient goes back through the inverse permutation."""
+
     @staticmethod
     def forward(ctx, a, axes):
         ctx.save_for_backward(axes)
@@ -592,6 +610,8 @@ class GetItemFn(Function):
 
 # ----- elementwise functions --------------------------------------------------------------------
 class ExpFn(Function):
+    """y = exp(a): dy/da = exp(a) = y, so the output is saved rather than the input."""
+
     @staticmethod
     def forward(ctx, a):
         out = np.exp(a)
@@ -605,6 +625,8 @@ class ExpFn(Function):
 
 
 class LogFn(Function):
+    """y = log(a): dy/da = 1 / a."""
+
     @staticmethod
     def forward(ctx, a):
         ctx.save_for_backward(a)
@@ -617,6 +639,8 @@ class LogFn(Function):
 
 
 class TanhFn(Function):
+    """y = tanh(a): dy/da = 1 - y^2."""
+
     @staticmethod
     def forward(ctx, a):
         out = np.tanh(a)
@@ -630,6 +654,8 @@ class TanhFn(Function):
 
 
 class ReLUFn(Function):
+    """y = max(a, 0): the gradient passes where a > 0 and is 0 elsewhere."""
+
     @staticmethod
     def forward(ctx, a):
         mask = a > 0

@@ -1,4 +1,4 @@
-"""loralab's gradient checks: central differences, and gradcheck's teeth (it must be able to fail)."""
+"""loralab's gradient checks: central differences, and gradcheck's teeth (it can fail)."""
 
 import importlib.util
 

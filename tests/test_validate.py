@@ -1,4 +1,4 @@
-"""loralab._validate: one validator per rule, TypeError for a wrong type, ValueError for a wrong value."""
+"""loralab._validate: one validator per rule; TypeError for a wrong type, ValueError for a value."""
 
 import re
 
