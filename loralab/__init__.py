@@ -1,7 +1,7 @@
 """loralab: learn LoRA (Low-Rank Adaptation) by building it.
 
 The NumPy reference: a reverse-mode autograd engine (`Tensor`), layers (`loralab.nn`),
-the fused LoRA op with a hand-derived backward (`loralab.lora.functional`), optimizers
+the fused LoRA op with a hand-derived backward (`loralab.lora.ops`), optimizers
 (`loralab.optim`) and LoRA on whole models (`loralab.lora`). The PyTorch twin lives in
 `loralab.torch` (the only module that imports torch).
 """

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from loralab._validate import boolean, probability
-from loralab.lora.functional import lora_backward, lora_backward_dW0, lora_forward
 from loralab.tensor import Function, Tensor, as_tensor
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "embedding",
     "dropout",
     "dropout_mask",
-    "lora_linear",
 ]
 
 _GELU_K = math.sqrt(2.0 / math.pi)
@@ -95,76 +93,6 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
             f"{what}: expected bias of shape ({w_shape[0]},), got {np.shape(_data(bias))}"
         )
     return LinearFn.apply(as_tensor(x), weight, bias)
-
-
-# ----- the fused LoRA op -------------------------------------------------------------------------------
-class LoRALinear(Function):
-    """``y = x W0^T + b + s ((x * mask) A^T) B^T`` with the hand-derived backward of
-    `loralab.lora.functional.lora_backward`; dW0 is formed only if W0 requires a gradient."""
-
-    @staticmethod
-    def forward(ctx, x, W0, b, A, B, scaling, mask):
-        y, cache = lora_forward(x, W0, b, A, B, scaling, mask)
-        ctx.save_for_backward(cache)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (cache,) = ctx.saved
-        need_x, need_W0, need_b = ctx.needs_input_grad[:3]
-        dx, dA, dB, db = lora_backward(grad, cache, need_dx=need_x)
-        dW0 = lora_backward_dW0(grad, cache) if need_W0 else None
-        return dx, dW0, db if need_b else None, dA, dB
-
-
-def lora_linear(
-    x: Any,
-    W0: Any,
-    b: Any,
-    A: Any,
-    B: Any,
-    scaling: float,
-    dropout_mask: np.ndarray | None = None,
-) -> Tensor:
-    """The fused LoRA linear op: ``y = x W0^T + b + s ((x * mask) A^T) B^T``.
-
-    Parameters
-    ----------
-    x : Tensor of shape (..., in)
-    W0 : Tensor of shape (out, in)
-        Frozen base weight; its gradient is computed only if it requires one.
-    b : Tensor of shape (out,) or None
-    A : Tensor of shape (r, in)
-    B : Tensor of shape (out, r)
-    scaling : float
-        s = alpha / r.
-    dropout_mask : ndarray of shape (..., in), optional
-        Dropout mask for the LoRA branch's input, already divided by (1 - p).
-
-    Returns
-    -------
-    Tensor of shape (..., out)
-    """
-    w_shape, a_shape = np.shape(_data(W0)), np.shape(_data(A))
-    if len(w_shape) != 2:
-        raise ValueError(f"lora_linear: expected W0 of shape (out, in), got {w_shape}")
-    out, in_ = w_shape
-    if len(a_shape) != 2 or a_shape[1] != in_:
-        raise ValueError(
-            f"lora_linear(in={in_}, out={out}): expected A of shape (r, {in_}), got {a_shape}"
-        )
-    r = a_shape[0]
-    what = f"lora_linear(in={in_}, out={out}, r={r})"
-    _check_last_dim("x", x, in_, what)
-    if np.shape(_data(B)) != (out, r):
-        raise ValueError(f"{what}: expected B of shape ({out}, {r}), got {np.shape(_data(B))}")
-    if b is not None and np.shape(_data(b)) != (out,):
-        raise ValueError(f"{what}: expected b of shape ({out},), got {np.shape(_data(b))}")
-    if dropout_mask is not None and dropout_mask.shape != np.shape(_data(x)):
-        raise ValueError(
-            f"{what}: expected dropout_mask of shape {np.shape(_data(x))}, got {dropout_mask.shape}"
-        )
-    return LoRALinear.apply(as_tensor(x), W0, b, A, B, scaling=float(scaling), mask=dropout_mask)
 
 
 # ----- activations --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from loralab import nn
+from loralab import lora, nn
 from loralab.lora import inject_lora
 
 
@@ -25,6 +25,6 @@ def every_layer_model(dtype=np.float64, *, seed=0, targets=("2", "5"), b_scale=1
     )
     inject_lora(model, list(targets), r=3, alpha=6, dropout=0.1, seed=seed)
     for _, layer in model.named_modules():
-        if isinstance(layer, nn.LoRALinear):
+        if isinstance(layer, lora.LoRALinear):
             layer.lora_B.data = (b_scale * rng.normal(size=layer.lora_B.shape)).astype(dtype)
     return model, rng

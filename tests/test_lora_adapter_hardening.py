@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from loralab import nn
+from loralab import lora, nn
 from loralab.lora import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from loralab.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
 
@@ -241,7 +241,7 @@ def test_unknown_non_empty_fields_and_duplicated_fields_are_refused(tmp_path):
         ({"alpha": 0}, ValueError, "alpha"),
         ({"alpha": -16}, ValueError, "alpha"),
         ({"dropout": math.nan}, ValueError, "dropout"),
-        ({"r": np.float64(2)}, TypeError, "r must be an int"),
+        ({"r": np.float64(2)}, TypeError, "r must be a positive integer"),
     ],
 )
 def test_inject_lora_options_are_as_strict(kwargs, error, match):
@@ -251,7 +251,7 @@ def test_inject_lora_options_are_as_strict(kwargs, error, match):
         inject_lora(model, ["0", "2"], **{"r": 2, **kwargs})
     assert_unchanged(model, snap)
     with pytest.raises(error, match=match):
-        nn.LoRALinear(nn.Linear(8, 4, seed=0), **{"r": 2, **kwargs})
+        lora.LoRALinear(nn.Linear(8, 4, seed=0), **{"r": 2, **kwargs})
 
 
 # ----- 6. the same validation whatever the target model -------------------------------------------

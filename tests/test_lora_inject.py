@@ -5,6 +5,7 @@ import pytest
 
 from loralab import functional as F
 from loralab.lora import (
+    LoRALinear,
     count_parameters,
     inject_lora,
     lora_layers,
@@ -13,7 +14,7 @@ from loralab.lora import (
     unmerge_lora,
 )
 from loralab.lora.inject import match_target
-from loralab.nn import MLP, Linear, LoRALinear, Module, ReLU, Sequential
+from loralab.nn import MLP, Linear, Module, ReLU, Sequential
 from loralab.optim import Adam
 
 

@@ -1,4 +1,4 @@
-"""loralab.nn: Module bookkeeping, layers, and LoRALinear's contract."""
+"""loralab.nn: Module bookkeeping and layers (LoRALinear: test_lora_layer.py)."""
 
 import math
 
@@ -13,7 +13,6 @@ from loralab.nn import (
     Embedding,
     LayerNorm,
     Linear,
-    LoRALinear,
     Module,
     Parameter,
     ReLU,
@@ -167,98 +166,3 @@ def test_zero_grad_and_requires_grad_():
     assert model[0].weight.grad is None
     model.requires_grad_(False)
     assert not any(p.requires_grad for p in model.parameters())
-
-
-# ----- LoRALinear --------------------------------------------------------------------------------
-
-
-def lora_layer(r=2, alpha=4.0, seed=0, **kw):
-    return LoRALinear(Linear(7, 5, seed=seed, dtype=np.float64), r=r, alpha=alpha, seed=seed, **kw)
-
-
-def test_lora_linear_shapes_init_and_freezing():
-    layer = lora_layer(r=3, alpha=6)
-    assert layer.lora_A.shape == (3, 7) and layer.lora_B.shape == (5, 3)
-    assert layer.scaling == 2.0
-    assert np.all(layer.lora_B.data == 0)
-    assert np.abs(layer.lora_A.data).max() <= 1 / math.sqrt(7)
-    assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
-    names = [n for n, p in layer.named_parameters() if p.requires_grad]
-    assert names == ["lora_A", "lora_B"]
-    assert lora_layer(r=4, alpha=8, use_rslora=True).scaling == pytest.approx(8 / 2)
-    gauss = lora_layer(r=4, init="gaussian")
-    assert abs(gauss.lora_A.data.std() - 1 / 4) < 0.1
-
-
-def test_right_after_wrapping_output_equals_base_exactly():
-    base = Linear(7, 5, seed=3, dtype=np.float64)
-    x = np.random.default_rng(1).standard_normal((2, 4, 7))
-    expected = base(x).data.copy()
-    np.testing.assert_array_equal(LoRALinear(base, r=2, seed=0)(x).data, expected)
-
-
-def test_merge_unmerge_round_trip_and_equality():
-    layer = lora_layer(r=2)
-    layer.lora_B.data[:] = np.random.default_rng(2).standard_normal((5, 2))
-    x = np.random.default_rng(3).standard_normal((3, 7))
-    W0 = layer.base.weight.data.copy()
-    y = layer(x).data
-    layer.merge()
-    assert layer.merged
-    np.testing.assert_allclose(layer(x).data, y, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(layer.base.weight.data, W0 + layer.delta_weight(), atol=1e-15)
-    with pytest.raises(ValueError, match="already merged"):
-        layer.merge()
-    layer.unmerge()
-    np.testing.assert_allclose(layer.base.weight.data, W0, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="not merged"):
-        layer.unmerge()
-
-
-def test_lora_linear_gradients_with_nonzero_B():
-    layer = lora_layer(r=2)
-    layer.lora_B.data[:] = np.random.default_rng(4).standard_normal((5, 2))
-    x = Tensor(np.random.default_rng(5).standard_normal((2, 3, 7)), requires_grad=True)
-    gradcheck(lambda x, A, B: layer(x), x, layer.lora_A, layer.lora_B)
-    assert layer.base.weight.grad is None
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"r": 0}, ValueError, "r must be positive, got r=0"),
-        ({"r": 2.5}, TypeError, r"r must be an int, got 2.5"),
-        ({"r": True}, TypeError, "r must be an int, got True"),
-        ({"r": 6}, ValueError, r"r=6 exceeds min\(in_features, out_features\)=5"),
-        ({"alpha": 0}, ValueError, "alpha must be a positive number, got alpha=0"),
-        ({"alpha": -1.0}, ValueError, "alpha=-1.0"),
-        ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got dropout=1.0"),
-        ({"dropout": -0.1}, ValueError, "dropout=-0.1"),
-        ({"init": "xavier"}, ValueError, "init must be one of .*got init='xavier'"),
-    ],
-)
-def test_lora_linear_bad_options(kwargs, error, message):
-    base = Linear(7, 5, seed=0)
-    with pytest.raises(error, match=message):
-        LoRALinear(base, **{"r": 2, **kwargs})
-    assert base.weight.requires_grad  # nothing half-applied
-
-
-def test_lora_linear_bad_input_and_base():
-    with pytest.raises(TypeError, match="base must be a loralab.nn.Linear, got ReLU"):
-        LoRALinear(ReLU())
-    with pytest.raises(ValueError, match=r"expected x of shape \(\.\.\., 7\), got \(3, 6\)"):
-        lora_layer()(np.ones((3, 6)))
-
-
-def test_lora_dropout_only_in_training_and_reproducible():
-    layer = lora_layer(r=2, dropout=0.5, seed=1)
-    layer.lora_B.data[:] = 1.0
-    x = np.ones((4, 7))
-    y_train = layer(x).data
-    layer.eval()
-    y_eval = layer(x).data
-    assert not np.allclose(y_train, y_eval)
-    again = lora_layer(r=2, dropout=0.5, seed=1)
-    again.lora_B.data[:] = 1.0
-    np.testing.assert_array_equal(again(x).data, y_train)

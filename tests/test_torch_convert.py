@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from builders import every_layer_model  # noqa: E402
 
-from loralab import nn  # noqa: E402
+from loralab import lora, nn  # noqa: E402
 from loralab.lora import inject_lora, merge_lora  # noqa: E402
 from loralab.torch import (  # noqa: E402
     Container,
@@ -53,7 +53,7 @@ def test_every_layer_round_trips_with_names_values_flags(dtype):
     assert "2.lora_A" in dict(twin.named_parameters())
     back = to_numpy(twin)
     _same(back, twin)
-    assert type(back[2]) is nn.LoRALinear and back[2].scaling == model[2].scaling
+    assert type(back[2]) is lora.LoRALinear and back[2].scaling == model[2].scaling
 
 
 def test_outputs_agree_in_eval_mode():

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from builders import every_layer_model  # noqa: E402
 
-from loralab import nn  # noqa: E402
+from loralab import lora, nn  # noqa: E402
 from loralab.lora import inject_lora  # noqa: E402
 from loralab.torch import (  # noqa: E402
     EquivalenceReport,
@@ -25,7 +25,7 @@ RTOL = {np.float64: 1e-10, np.float32: 1e-5}
 def _nonzero_B(model, rng):
     """Give every B values, so that A gets a gradient from the first step."""
     for _, layer in model.named_modules():
-        if isinstance(layer, nn.LoRALinear):
+        if isinstance(layer, lora.LoRALinear):
             layer.lora_B.data = (0.1 * rng.normal(size=layer.lora_B.shape)).astype(
                 layer.lora_B.dtype
             )

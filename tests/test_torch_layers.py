@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from loralab import nn  # noqa: E402
+from loralab import Tensor, lora, nn  # noqa: E402
 from loralab.torch import LoRALinear, LoRALinearFunction, to_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -30,7 +30,7 @@ def test_shapes_names_scaling_and_frozen_base():
     assert tuple(layer.lora_A.shape) == (2, 6) and tuple(layer.lora_B.shape) == (4, 2)
     assert layer.scaling == 2.0 and not layer.merged
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
-    np_layer = nn.LoRALinear(nn.Linear(6, 4, seed=0), r=2)
+    np_layer = lora.LoRALinear(nn.Linear(6, 4, seed=0), r=2)
     assert [n for n, _ in layer.named_parameters()] == [n for n, _ in np_layer.named_parameters()]
     assert torch.count_nonzero(layer.lora_B) == 0
     rs = LoRALinear(torch.nn.Linear(6, 4), r=4, alpha=4, use_rslora=True)
@@ -40,7 +40,7 @@ def test_shapes_names_scaling_and_frozen_base():
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_same_seed_same_initial_A_as_numpy(init, dtype):
-    np_layer = nn.LoRALinear(nn.Linear(7, 5, seed=0, dtype=dtype), r=3, init=init, seed=11)
+    np_layer = lora.LoRALinear(nn.Linear(7, 5, seed=0, dtype=dtype), r=3, init=init, seed=11)
     t_layer = LoRALinear(to_torch(np_layer.base), r=3, init=init, seed=11)
     np.testing.assert_array_equal(t_layer.lora_A.detach().numpy(), np_layer.lora_A.data)
     assert t_layer.lora_A.dtype == to_torch(np_layer.base).weight.dtype
@@ -140,7 +140,7 @@ def test_dropout_only_in_training_and_same_mask_for_x_and_its_gradient():
 
 
 def test_mask_rng_draws_the_numpy_layers_masks():
-    np_layer = nn.LoRALinear(nn.Linear(6, 5, seed=0, dtype=np.float64), r=2, dropout=0.4, seed=3)
+    np_layer = lora.LoRALinear(nn.Linear(6, 5, seed=0, dtype=np.float64), r=2, dropout=0.4, seed=3)
     np_layer.lora_B.data = np.random.default_rng(1).normal(size=(5, 2))
     t_layer = to_torch(np_layer)
     t_layer.mask_rng = np.random.default_rng(3)
@@ -154,11 +154,11 @@ def test_mask_rng_draws_the_numpy_layers_masks():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"r": 0}, ValueError, "r must be positive"),
-        ({"r": 2.0}, TypeError, "r must be an int"),
+        ({"r": 0}, ValueError, "r must be a positive integer"),
+        ({"r": 2.0}, TypeError, "r must be a positive integer"),
         ({"r": 11}, ValueError, "exceeds min"),
         ({"alpha": -1}, ValueError, "alpha must be a positive number"),
-        ({"dropout": 1.0}, ValueError, "dropout must be in"),
+        ({"dropout": 1.0}, ValueError, "expected dropout in"),
         ({"init": "zeros"}, ValueError, "init must be one of"),
     ],
 )
@@ -166,7 +166,7 @@ def test_same_validation_messages_as_numpy(kwargs, error, match):
     with pytest.raises(error, match=match) as torch_err:
         LoRALinear(torch.nn.Linear(12, 10), **kwargs)
     with pytest.raises(error) as np_err:
-        nn.LoRALinear(nn.Linear(12, 10, seed=0), **kwargs)
+        lora.LoRALinear(nn.Linear(12, 10, seed=0), **kwargs)
     assert str(torch_err.value) == str(np_err.value)
 
 
@@ -176,7 +176,7 @@ def test_bad_base_and_bad_input_shape():
     layer = LoRALinear(torch.nn.Linear(6, 5), r=2)
     with pytest.raises(ValueError, match=r"expected x of shape \(\.\.\., 6\), got \(3, 4\)"):
         layer(torch.randn(3, 4))
-    np_layer = nn.LoRALinear(nn.Linear(6, 5, seed=0), r=2)
+    np_layer = lora.LoRALinear(nn.Linear(6, 5, seed=0), r=2)
     with pytest.raises(ValueError) as np_err:
         np_layer(np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError) as t_err:
@@ -188,7 +188,7 @@ def test_bad_base_and_bad_input_shape():
 def test_pissa_and_olora_split_W0_as_the_numpy_layer_does(init):
     np_base = nn.Linear(7, 5, seed=0, dtype=np.float64)
     t_base = to_torch(np_base)
-    np_layer = nn.LoRALinear(np_base, r=2, init=init)
+    np_layer = lora.LoRALinear(np_base, r=2, init=init)
     t_layer = LoRALinear(t_base, r=2, init=init)
     for name in ("lora_A", "lora_B", "base.weight"):
         np.testing.assert_allclose(
@@ -202,3 +202,31 @@ def test_pissa_and_olora_split_W0_as_the_numpy_layer_does(init):
         t_layer(torch.tensor(x)).detach().numpy(), np_layer(x).data, rtol=1e-12
     )
     assert to_torch(np_layer).init == init
+
+
+def _problem(batch, n_in, n_out, r, seed=0):
+    """float64 x, W0, b, A, B with a nonzero B."""
+    g = np.random.default_rng(seed)
+    return (
+        g.standard_normal(batch + (n_in,)),
+        g.standard_normal((n_out, n_in)),
+        g.standard_normal(n_out),
+        g.standard_normal((r, n_in)),
+        g.standard_normal((n_out, r)),
+    )
+
+
+def test_fused_op_matches_pytorch_autograd():
+    arrays = _problem((2, 3), 7, 5, 3, seed=10)
+    s = 4 / 3
+    tensors = [Tensor(v, requires_grad=True) for v in arrays]
+    y = lora.lora_linear(*tensors, s)
+    dy = np.random.default_rng(11).standard_normal(y.shape)
+    y.backward(dy)
+    tt = [torch.tensor(v, requires_grad=True) for v in arrays]
+    tx, tW0, tb, tA, tB = tt
+    ty = tx @ tW0.T + tb + s * (tx @ tA.T) @ tB.T
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-12)
+    for ours, theirs in zip(tensors, tt, strict=True):
+        np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-11, atol=1e-13)

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import loralab.lora as np_lora  # noqa: E402
-from loralab import nn  # noqa: E402
+from loralab import Tensor, lora, nn  # noqa: E402
+from loralab.lora.layer import DoRALinearFn  # noqa: E402
 from loralab.torch import (  # noqa: E402
     LoRALinear,
     check_equivalence,
@@ -103,7 +104,7 @@ def test_bad_init_is_refused_as_by_the_numpy_layer():
     with pytest.raises(ValueError) as t_err:
         LoRALinear(torch.nn.Linear(4, 4), r=2, init="svd")
     with pytest.raises(ValueError) as np_err:
-        nn.LoRALinear(nn.Linear(4, 4, seed=0), r=2, init="svd")
+        lora.LoRALinear(nn.Linear(4, 4, seed=0), r=2, init="svd")
     assert str(t_err.value) == str(np_err.value)
     assert "pissa" in str(t_err.value)
 
@@ -266,3 +267,32 @@ def test_peft_loads_a_dora_adapter_saved_from_a_torch_model(tmp_path):
         np.testing.assert_allclose(
             loaded(x).numpy(), twin.eval()(x).numpy(), rtol=1e-10, atol=1e-12
         )
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_torch_dora_function_matches_numpy(with_mask):
+    arrays = [
+        _rand(2, 3, 5),
+        _rand(4, 5, seed=1),
+        _rand(4, seed=2),
+        _rand(2, 5, seed=3),
+        _rand(4, 2, seed=4),
+        _rand(4, seed=5) ** 2 + 0.5,
+    ]
+    mask = (np.random.default_rng(6).random((2, 3, 5)) > 0.3) / 0.7 if with_mask else None
+    dy = _rand(2, 3, 4, seed=7)
+    np_in = [Tensor(a, requires_grad=i != 1) for i, a in enumerate(arrays)]
+    y = DoRALinearFn.apply(*np_in, scaling=0.7, mask=mask)
+    y.backward(dy)
+    t_in = [torch.tensor(a, requires_grad=i != 1) for i, a in enumerate(arrays)]
+    t_mask = None if mask is None else torch.tensor(mask)
+    ty = DoRALinearFunction.apply(*t_in, 0.7, t_mask)
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(ty.detach().numpy(), y.data, rtol=1e-12, atol=1e-12)
+    for a, t in zip(np_in, t_in):
+        if a.requires_grad:
+            np.testing.assert_allclose(t.grad.numpy(), a.grad, rtol=1e-10, atol=1e-12)

@@ -1,4 +1,5 @@
-"""The LoRA variants: rsLoRA, DoRA, PiSSA, OLoRA, LoRA+ (NumPy, torch twin, PEFT cross-checks)."""
+"""The LoRA variants: rsLoRA, DoRA, PiSSA, OLoRA, LoRA+ (NumPy; torch in test_torch_variants.py,
+PEFT cross-checks in test_peft_variants.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import numpy as np
 import pytest
 
 from loralab import Tensor, gradcheck, optim
-from loralab.lora import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from loralab.lora.variants import (
-    DoRALinear,
-    dora_forward,
-    loraplus_param_groups,
-    olora_init,
-    pissa_init,
-    row_norms,
+from loralab.lora import (
+    LoRALinear,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
 )
-from loralab.nn import MLP, Linear, LoRALinear
+from loralab.lora.layer import DoRALinearFn
+from loralab.lora.ops import dora_forward, row_norms
+from loralab.lora.variants import loraplus_param_groups, olora_init, pissa_init
+from loralab.nn import MLP, Linear
 
 
 def rand(*shape, seed=0):
@@ -62,7 +65,7 @@ def test_dora_op_gradcheck(with_mask):
 
     def f(x, b, A, B, m):
         # the norm is detached: compare with differences that also hold it fixed
-        return DoRALinear.apply(x, W0, b, A, B, m, scaling=0.7, mask=mask)
+        return DoRALinearFn.apply(x, W0, b, A, B, m, scaling=0.7, mask=mask)
 
     norm = row_norms(W0.data, A.data, B.data, 0.7)
     y = f(x, b, A, B, m)
@@ -81,7 +84,7 @@ def test_dora_gradients_of_A_and_B_hold_the_norm_fixed():
     m = rand(4, seed=5) ** 2 + 0.5
     At, Bt = Tensor(A, requires_grad=True), Tensor(B, requires_grad=True)
     c = rand(3, 4, seed=9)
-    (DoRALinear.apply(x, W0, None, At, Bt, m, scaling=0.7, mask=None) * c).sum().backward()
+    (DoRALinearFn.apply(x, W0, None, At, Bt, m, scaling=0.7, mask=None) * c).sum().backward()
     norm = row_norms(W0, A, B, 0.7)  # a constant, as DoRA prescribes
 
     def loss(A_, B_):
@@ -196,125 +199,6 @@ def test_bad_init_names_the_options():
 
 
 # ----- the torch twin of the variants --------------------------------------------------------------------
-@pytest.mark.torch
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_torch_dora_function_matches_numpy(with_mask):
-    torch = pytest.importorskip("torch")
-    from loralab.torch.variants import DoRALinearFunction
-
-    arrays = [
-        rand(2, 3, 5),
-        rand(4, 5, seed=1),
-        rand(4, seed=2),
-        rand(2, 5, seed=3),
-        rand(4, 2, seed=4),
-        rand(4, seed=5) ** 2 + 0.5,
-    ]
-    mask = (np.random.default_rng(6).random((2, 3, 5)) > 0.3) / 0.7 if with_mask else None
-    dy = rand(2, 3, 4, seed=7)
-    np_in = [Tensor(a, requires_grad=i != 1) for i, a in enumerate(arrays)]
-    y = DoRALinear.apply(*np_in, scaling=0.7, mask=mask)
-    y.backward(dy)
-    t_in = [torch.tensor(a, requires_grad=i != 1) for i, a in enumerate(arrays)]
-    t_mask = None if mask is None else torch.tensor(mask)
-    ty = DoRALinearFunction.apply(*t_in, 0.7, t_mask)
-    ty.backward(torch.tensor(dy))
-    np.testing.assert_allclose(ty.detach().numpy(), y.data, rtol=1e-12, atol=1e-12)
-    for a, t in zip(np_in, t_in):
-        if a.requires_grad:
-            np.testing.assert_allclose(t.grad.numpy(), a.grad, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_torch_principal_init_matches_numpy(init):
-    torch = pytest.importorskip("torch")
-    from loralab.torch.variants import principal_init
-
-    W0 = rand(12, 9)
-    base = torch.nn.Linear(9, 12, dtype=torch.float64)
-    with torch.no_grad():
-        base.weight.copy_(torch.tensor(W0))
-    A, B = principal_init(base, init, 3, 2.0)
-    A_np, B_np, W_np = (pissa_init if init == "pissa" else olora_init)(W0, 3, 2.0)
-    np.testing.assert_array_equal(A.numpy(), A_np)
-    np.testing.assert_array_equal(B.numpy(), B_np)
-    np.testing.assert_array_equal(base.weight.detach().numpy(), W_np)
-
-
-# ----- cross-checks against HF PEFT ------------------------------------------------------------------------
-def _peft_twin(np_model, double=True, **config):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    net = net.double() if double else net
-    with torch.no_grad():
-        for i in ("0", "2"):
-            layer = np_model.get_submodule(i)
-            layer = getattr(layer, "base", layer)
-            net[int(i)].weight.copy_(torch.tensor(layer.weight.data))
-            net[int(i)].bias.copy_(torch.tensor(layer.bias.data))
-    return peft.get_peft_model(net, peft.LoraConfig(target_modules=["0", "2"], **config)), torch
-
-
-@pytest.mark.peft
-def test_dora_matches_peft():
-    model = dora_model()
-    # PEFT's magnitude starts at the base weight's row norms: build it on the pre-injection weights
-    peft_model, torch = _peft_twin(model, r=2, lora_alpha=4, use_dora=True)
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            target = peft_model.base_model.model[int(name)]
-            target.lora_A["default"].weight.copy_(torch.tensor(layer.lora_A.data))
-            target.lora_B["default"].weight.copy_(torch.tensor(layer.lora_B.data))
-            target.lora_magnitude_vector["default"].weight.copy_(
-                torch.tensor(layer.lora_magnitude_vector.data)
-            )
-    x = rand(6, 8, seed=11)
-    peft_model.eval()
-    expected = peft_model(torch.tensor(x)).detach().numpy()
-    np.testing.assert_allclose(model(x).data, expected, rtol=1e-10, atol=1e-12)
-    peft_model.merge_and_unload()
-    merge_lora(model)
-    np.testing.assert_allclose(model(x).data, expected, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.peft
-def test_peft_dora_adapter_loads_into_loralab(tmp_path):
-    model = dora_model()
-    peft_model, torch = _peft_twin(model, r=2, lora_alpha=4, use_dora=True)
-    with torch.no_grad():
-        for name, _ in lora_layers(model):
-            target = peft_model.base_model.model[int(name)]
-            target.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(0))
-            target.lora_magnitude_vector["default"].weight.mul_(1.3)
-    peft_model.save_pretrained(str(tmp_path))
-    fresh = load_adapter(MLP([8, 16, 4], seed=0, dtype=np.float64), tmp_path)
-    x = rand(6, 8, seed=11)
-    peft_model.eval()
-    expected = peft_model(torch.tensor(x)).detach().numpy()
-    np.testing.assert_allclose(fresh(x).data, expected, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.peft
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_principal_inits_match_peft(init):
-    model = MLP([8, 16, 4], seed=0, dtype=np.float64)
-    peft_model, torch = _peft_twin(model, double=False, r=3, lora_alpha=6, init_lora_weights=init)
-    inject_lora(model, ["0", "2"], r=3, alpha=6, init=init, seed=0)
-    for name, layer in lora_layers(model):
-        target = peft_model.base_model.model[int(name)]
-        A = target.lora_A["default"].weight.detach().numpy()
-        B = target.lora_B["default"].weight.detach().numpy()
-        W = target.base_layer.weight.detach().numpy()
-        # PEFT computes in float32; PiSSA's singular vectors are defined up to sign, their products are not
-        np.testing.assert_allclose(B @ A, layer.lora_B.data @ layer.lora_A.data, atol=2e-5)
-        np.testing.assert_allclose(W, layer.base.weight.data, atol=2e-5)
-        if init == "olora":
-            np.testing.assert_allclose(A, layer.lora_A.data, atol=2e-5)
-            np.testing.assert_allclose(B, layer.lora_B.data, atol=2e-5)
-
-
 def test_dora_forward_without_bias_and_mask_is_c_times_lora():
     x, W0, A, B, m = (
         rand(3, 5),

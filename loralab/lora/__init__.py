@@ -1,35 +1,45 @@
-"""LoRA on whole models: injection by name, merging, counting and the PEFT adapter format.
+"""Where LoRA lives: the math, the options, the layer, injection, merging and PEFT's file format.
 
-The pure-NumPy fused op lives in `loralab.lora.functional` (engine layer); the model-level
-functions below are loaded on first use, so the engine can import the fused op without pulling
-in the module layer (which itself builds on the engine).
+One package, in layers (each module imports only those above it in this list):
+
+- `loralab.lora.ops`: the pure-NumPy forwards and hand-derived backwards (LoRA, the LoRA branch
+  alone, DoRA); imports nothing of loralab;
+- `loralab.lora.variants`: scaling rules, initialisations (PiSSA, OLoRA), DoRA as small objects; LoRA+;
+- `loralab.lora.config`: `LoraConfig` (PEFT's field names, validated once) and the validators;
+- `loralab.lora.layer`: `LoRALinear`, its Functions, and the mixin the torch layer shares;
+- `loralab.lora.backend`: how one implementation reaches NumPy and (registered) torch models;
+- `loralab.lora.inject`: `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting;
+- `loralab.lora.adapter`: `save_adapter` / `load_adapter` in HF PEFT's format.
 """
 
-from __future__ import annotations
+from loralab.lora.adapter import load_adapter, save_adapter
+from loralab.lora.backend import Backend, register_backend
+from loralab.lora.config import LoraConfig
+from loralab.lora.inject import (
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
+from loralab.lora.layer import LoRALinear, lora_linear, register_linear_type
+from loralab.lora.variants import loraplus_param_groups
 
-import importlib
-from typing import Any
-
-_LAZY = {
-    "LoraConfig": "loralab.lora.config",
-    "inject_lora": "loralab.lora.inject",
-    "merge_lora": "loralab.lora.inject",
-    "unmerge_lora": "loralab.lora.inject",
-    "lora_state_dict": "loralab.lora.inject",
-    "lora_layers": "loralab.lora.inject",
-    "count_parameters": "loralab.lora.inject",
-    "save_adapter": "loralab.lora.adapter",
-    "load_adapter": "loralab.lora.adapter",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'loralab.lora' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__all__ = [
+    "LoraConfig",
+    "LoRALinear",
+    "lora_linear",
+    "inject_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "lora_state_dict",
+    "lora_layers",
+    "count_parameters",
+    "save_adapter",
+    "load_adapter",
+    "loraplus_param_groups",
+    "register_linear_type",
+    "register_backend",
+    "Backend",
+]

@@ -22,8 +22,8 @@ pickle) and check that they are finite; (3) only then change the model. A refuse
 every array, flag and module of the model as it was.
 
 The model-specific part (which layers exist, how to read and write their arrays) is a small
-"backend": this module's NumPy one, or the torch one that `loralab.torch` supplies, so both
-kinds of model share this single implementation.
+`loralab.lora.backend.Backend`: the NumPy one, or the torch one that `loralab.torch` registers,
+so both kinds of model share this single implementation.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from loralab.fileio import atomic_directory
+from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
-from loralab.nn import Linear, LoRALinear, Module
 
 __all__ = [
     "save_adapter",
@@ -60,58 +60,6 @@ _MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,); PEFT's key has 
 _KEEP_ON_SAVE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what save_adapter may replace
 _FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
-
-
-class NumpyBackend:
-    """How the adapter format reads and writes a `loralab.nn.Module`."""
-
-    def lora_layers(self, model: Module) -> list[tuple[str, Any]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-    def linear_shape(self, model: Module, path: str) -> tuple[int, int] | None:
-        """(out, in) of the Linear or LoRALinear at ``path``; None if there is none."""
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            return None
-        if isinstance(module, (Linear, LoRALinear)):
-            return module.out_features, module.in_features
-        return None
-
-    def linear_names(self, model: Module) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, (Linear, LoRALinear))]
-
-    def get(self, layer: Any, name: str) -> np.ndarray:
-        return getattr(layer, name).data
-
-    def set(self, layer: Any, name: str, value: np.ndarray) -> None:
-        param = getattr(layer, name)
-        param.data = np.ascontiguousarray(value, dtype=param.dtype)
-
-    def attach(self, model: Module, path: str, options: dict[str, Any]) -> Any:
-        parent, _, child = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        layer = LoRALinear(getattr(owner, child), **options)
-        setattr(owner, child, layer)
-        return layer
-
-    def freeze_base(self, model: Module) -> None:
-        for name, p in model.named_parameters():
-            p.requires_grad = ".lora_" in f".{name}"
-
-
-def _backend(model: Any) -> Any:
-    if isinstance(model, Module):
-        return NumpyBackend()
-    if type(model).__module__.startswith("torch") or hasattr(model, "state_dict"):
-        from loralab.torch.adapter_backend import (
-            TorchBackend,  # torch only when given a torch model
-        )
-
-        return TorchBackend()
-    raise TypeError(
-        f"expected a loralab.nn.Module or a torch.nn.Module, got {type(model).__name__}"
-    )
 
 
 # ----- writing ------------------------------------------------------------------------------------
@@ -185,7 +133,7 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     FileExistsError
         ``directory`` is a file, or a folder holding other files (they would be lost).
     """
-    backend = _backend(model)
+    backend = backend_for(model, "save_adapter")
     layers = backend.lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers; call inject_lora first")
@@ -421,7 +369,7 @@ def _plan(
         layer = existing.get(path)
         a_shape = found["lora_A"].shape
         r = layer.r if layer is not None else (a_shape[0] if len(a_shape) == 2 else -1)
-        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        expected: dict[str, tuple[int, ...]] = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
         if config.use_dora:
             expected[magnitude] = (out_f,)
         for attr, want in expected.items():
@@ -497,7 +445,7 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         tensor for a module the model lacks, a tensor of the wrong shape or dtype, NaN or inf.
         In every case the model is left exactly as it was.
     """
-    backend = _backend(model)
+    backend = backend_for(model, "load_adapter")
     config_path, weights_path = _paths(directory)
     config = read_config(config_path)
     specs = read_header(weights_path)

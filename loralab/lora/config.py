@@ -14,7 +14,8 @@ Rules (strict, as JSON files are edited by hand):
 - a wrong type is a TypeError, a wrong value a ValueError; the message names the field and value
   (and, via ``from_dict(..., source=path)``, the file).
 
-This module imports nothing from loralab: it sits below the layers, injection and file format.
+This module sits below the layers, injection and file format; it imports only the shared
+validators (`loralab._validate`) and the variants' tables (`loralab.lora.variants`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,25 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
+
+from loralab._validate import boolean, positive_int, probability
+from loralab.lora.variants import INITS, SCALINGS
 
 __all__ = [
     "LoraConfig",
     "LORA_INITS",
     "INIT_TO_PEFT",
-    "check_bool",
-    "check_positive_int",
-    "check_positive_number",
-    "check_dropout",
-    "check_init",
+    "positive_number",
+    "lora_init",
     "check_rank_fits",
-    "check_target_modules",
+    "target_names",
     "pattern_key",
+    "lora_scaling",
 ]
 
-LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
+LORA_INITS = tuple(INITS)
 """loralab's names for A's (and B's) initialisation, as `LoRALinear(init=...)` takes them."""
 
 INIT_TO_PEFT: dict[str, bool | str] = {
@@ -54,51 +56,20 @@ INIT_TO_PEFT: dict[str, bool | str] = {
 ALL_LINEAR = "all-linear"
 
 
-# ----- one validator per rule ------------------------------------------------------------------------
-def check_bool(value: Any, name: str, where: str) -> bool:
-    """``value`` if it is a real boolean; TypeError otherwise (``"false"`` and ``0`` included)."""
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"{where}: {name} must be a boolean (True or False), got {name}={value!r} "
-            f"({type(value).__name__})"
-        )
-    return value
-
-
-def check_positive_int(value: Any, name: str, where: str) -> int:
-    """``value`` as an int if it is an integer (not a bool, not a float) and > 0."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{where}: {name} must be positive, got {name}={value!r}")
-    return int(value)
-
-
-def check_positive_number(value: Any, name: str, where: str) -> float:
-    """``value`` if it is a finite real number (not a bool) and > 0."""
+# ----- validators (the general ones, positive_int, probability, boolean, are loralab._validate's) ---
+def positive_number(name: str, value: Any, where: str) -> float:
+    """``value`` if it is a finite real number (not a bool) greater than 0, such as alpha."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
             f"{where}: {name} must be a positive number, got {name}={value!r} "
             f"({type(value).__name__})"
         )
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and float(value) > 0):
         raise ValueError(f"{where}: {name} must be a positive number, got {name}={value!r}")
-    return value
+    return value  # type: ignore[return-value]  # a Real, kept as given (an int stays an int)
 
 
-def check_dropout(value: Any, name: str, where: str) -> float:
-    """``value`` if it is a real number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(
-            f"{where}: {name} must be a number in [0, 1), got {name}={value!r} "
-            f"({type(value).__name__})"
-        )
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{where}: {name} must be in [0, 1), got {name}={value!r}")
-    return float(value)
-
-
-def check_init(value: Any, name: str, where: str) -> str:
+def lora_init(name: str, value: Any, where: str) -> str:
     """``value`` if it is one of loralab's `LORA_INITS`."""
     if not isinstance(value, str) or value not in LORA_INITS:
         raise ValueError(f"{where}: {name} must be one of {list(LORA_INITS)}, got {name}={value!r}")
@@ -118,7 +89,7 @@ def check_rank_fits(r: int, in_features: int, out_features: int, where: str) -> 
         )
 
 
-def check_target_modules(value: Any, name: str, where: str) -> str | tuple[str, ...]:
+def target_names(name: str, value: Any, where: str) -> str | tuple[str, ...]:
     """A regular expression string (or ``"all-linear"``) or a non-empty sequence of module names."""
     if isinstance(value, str):
         if value != ALL_LINEAR:
@@ -139,7 +110,7 @@ def _compile(pattern: str, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name}: invalid regular expression {pattern!r}: {exc}") from exc
 
 
-def _check_pattern(value: Any, name: str, where: str, check_value: Any) -> dict[str, Any]:
+def _check_pattern(name: str, value: Any, where: str, check_value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(
             f"{where}: {name} must be a dict of module-name patterns, got {name}={value!r} "
@@ -150,7 +121,7 @@ def _check_pattern(value: Any, name: str, where: str, check_value: Any) -> dict[
         if not isinstance(key, str) or not key:
             raise TypeError(f"{where}: {name} keys must be non-empty strings, got {key!r}")
         _compile(key, name, where)
-        checked[key] = check_value(v, f"{name}[{key!r}]", where)
+        checked[key] = check_value(f"{name}[{key!r}]", v, where)
     return checked
 
 
@@ -258,14 +229,14 @@ class LoraConfig:
         where = "LoraConfig"
         if self.peft_type != "LORA":
             raise ValueError(f"{where}: peft_type must be 'LORA', got peft_type={self.peft_type!r}")
-        check_positive_int(self.r, "r", where)
-        check_positive_number(self.lora_alpha, "lora_alpha", where)
-        check_dropout(self.lora_dropout, "lora_dropout", where)
+        set_ = object.__setattr__  # frozen: values are normalised once, here
+        set_(self, "r", positive_int("r", self.r, where))
+        positive_number("lora_alpha", self.lora_alpha, where)
+        set_(self, "lora_dropout", probability("lora_dropout", self.lora_dropout, where))
         for name in ("use_rslora", "use_dora", "inference_mode"):
-            check_bool(getattr(self, name), name, where)
+            set_(self, name, boolean(name, getattr(self, name), where))
         if self.target_modules is not None:
-            targets = check_target_modules(self.target_modules, "target_modules", where)
-            object.__setattr__(self, "target_modules", targets)
+            set_(self, "target_modules", target_names("target_modules", self.target_modules, where))
         init = self.init_lora_weights
         if not any(init is v if isinstance(v, bool) else init == v for v in _PEFT_INITS):
             raise ValueError(
@@ -273,10 +244,13 @@ class LoraConfig:
                 f"{list(_PEFT_INITS)} (PEFT's pissa_niter_K, corda, loftq, eva, lora_ga, "
                 "orthogonal, ... are not implemented)"
             )
-        ranks = _check_pattern(self.rank_pattern, "rank_pattern", where, check_positive_int)
-        alphas = _check_pattern(self.alpha_pattern, "alpha_pattern", where, check_positive_number)
-        object.__setattr__(self, "rank_pattern", ranks)
-        object.__setattr__(self, "alpha_pattern", alphas)
+        set_(
+            self,
+            "rank_pattern",
+            _check_pattern("rank_pattern", self.rank_pattern, where, positive_int),
+        )
+        alphas = _check_pattern("alpha_pattern", self.alpha_pattern, where, positive_number)
+        set_(self, "alpha_pattern", alphas)
         for name in ("task_type", "base_model_name_or_path", "revision"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -375,5 +349,5 @@ def _short(value: Any) -> str:
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (rank-stabilised)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (`loralab.lora.variants.SCALINGS`)."""
+    return SCALINGS[use_rslora](alpha, r)

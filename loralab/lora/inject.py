@@ -1,4 +1,7 @@
-"""LoRA on whole models: put adapters on the Linear layers chosen by name, merge them, count them.
+"""LoRA on whole models: put adapters on the linear layers chosen by name, merge them, count them.
+
+Written once for every backend (`loralab.lora.backend`): the same functions serve NumPy models
+and, once `loralab.torch` is imported, torch models.
 
 Matching follows HF PEFT: a list of names matches a module whose full dotted name equals an entry
 or ends with ``"." + entry`` (so ``"q"`` matches ``"blocks.0.attn.q"``); a string is a regular
@@ -7,25 +10,22 @@ expression that must match the full name.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from loralab._validate import boolean, positive_int, probability
+from loralab.lora.backend import Backend, backend_for
 from loralab.lora.config import (
     ALL_LINEAR,
     INIT_TO_PEFT,
     LoraConfig,
-    check_bool,
-    check_dropout,
-    check_init,
-    check_positive_int,
-    check_positive_number,
     check_rank_fits,
-    check_target_modules,
+    lora_init,
+    positive_number,
+    target_names,
 )
-from loralab.nn import Linear, LoRALinear, Module
 from loralab.nn.module import make_rng
 
 __all__ = [
@@ -38,8 +38,7 @@ __all__ = [
     "match_target",
 ]
 
-
-_DEFAULTS: dict[str, Any] = {
+_DEFAULTS: dict[str, Any] = {  # inject_lora's option keywords and their defaults
     "r": 8,
     "alpha": 16,
     "dropout": 0.0,
@@ -86,13 +85,13 @@ def make_config(target_modules: Any, options: dict[str, Any]) -> LoraConfig:
         return target_modules
     where = "inject_lora"
     o = options
-    check_target_modules(target_modules, "target_modules", where)
-    check_positive_int(o["r"], "r", where)
-    check_positive_number(o["alpha"], "alpha", where)
-    check_dropout(o["dropout"], "dropout", where)
-    check_init(o["init"], "init", where)
-    check_bool(o["use_rslora"], "use_rslora", where)
-    check_bool(o["use_dora"], "use_dora", where)
+    target_names("target_modules", target_modules, where)
+    positive_int("r", o["r"], where)
+    positive_number("alpha", o["alpha"], where)
+    probability("dropout", o["dropout"], where)
+    lora_init("init", o["init"], where)
+    boolean("use_rslora", o["use_rslora"], where)
+    boolean("use_dora", o["use_dora"], where)
     return LoraConfig(
         r=int(o["r"]),
         lora_alpha=o["alpha"],
@@ -104,15 +103,10 @@ def make_config(target_modules: Any, options: dict[str, Any]) -> LoraConfig:
     )
 
 
-def select_targets(
-    model: Any, target_modules: str | Sequence[str], linear_type: type, lora_type: type
-) -> list[str]:
-    """Names of the ``linear_type`` modules that ``target_modules`` selects, with PEFT's rules.
-
-    Shared by the NumPy and the torch ``inject_lora`` (``model`` needs only ``named_modules``),
-    so both match the same names and raise the same errors.
-    """
-    check_target_modules(target_modules, "target_modules", "inject_lora")
+def select_targets(model: Any, target_modules: str | Sequence[str], backend: Backend) -> list[str]:
+    """Names of the linear modules that ``target_modules`` selects, with PEFT's rules."""
+    target_names("target_modules", target_modules, "inject_lora")
+    linear_type, lora_type = backend.linear_types(), backend.lora_type
     modules = dict(model.named_modules())
     chosen = []
     for name, module in modules.items():
@@ -138,16 +132,8 @@ def select_targets(
     return chosen
 
 
-def wrap_targets(
-    model: Any,
-    config: LoraConfig,
-    *,
-    linear_type: type,
-    lora_type: type,
-    build: Callable[..., Any],
-    seed: int | None,
-) -> Any:
-    """Replace the Linear modules ``config`` selects by ``build(base, rng=rng, **options)``, all or nothing.
+def wrap_targets(model: Any, config: LoraConfig, backend: Backend, seed: int | None) -> Any:
+    """Replace the linear modules ``config`` selects by ``backend.build(base, ...)``, all or nothing.
 
     Each layer's r and alpha come from ``config`` (``rank_pattern``/``alpha_pattern`` matched as
     PEFT does). Everything is checked for every target before anything changes (a model whose
@@ -155,14 +141,14 @@ def wrap_targets(
     all parameters are frozen and the LoRA layers (whose A and B require gradients) put in place,
     drawing their initial values in module order from one generator built from ``seed``.
     """
-    merged = [n for n, m in model.named_modules() if isinstance(m, lora_type) and m.merged]
+    merged = [n for n, m in backend.lora_layers(model) if m.merged]
     if merged:
         raise ValueError(
             f"inject_lora: the model's LoRA layers {merged} are merged into W0; unmerge first "
             "(unmerge_lora)"
         )
     assert config.target_modules is not None
-    chosen = select_targets(model, config.target_modules, linear_type, lora_type)
+    chosen = select_targets(model, config.target_modules, backend)
     modules = dict(model.named_modules())
     options = {}
     for name in chosen:
@@ -182,15 +168,15 @@ def wrap_targets(
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        layer = build(modules[name], rng=rng, **options[name])
+        layer = backend.build(modules[name], rng=rng, **options[name])
         setattr(model.get_submodule(parent_name), child, layer)
     return model
 
 
-def set_merged(model: Any, lora_type: type, merged: bool) -> Any:
+def set_merged(model: Any, merged: bool) -> Any:
     """Merge (``merged=True``) or unmerge every LoRA layer of ``model``; all or nothing."""
     what = "merge_lora" if merged else "unmerge_lora"
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_type)]
+    layers = backend_for(model, what).lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
     wrong = [n for n, layer in layers if layer.merged == merged]
@@ -204,7 +190,7 @@ def set_merged(model: Any, lora_type: type, merged: bool) -> Any:
 
 
 def inject_lora(
-    model: Module,
+    model: Any,
     target_modules: str | Sequence[str] | LoraConfig,
     *,
     r: int = 8,
@@ -214,8 +200,8 @@ def inject_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
     seed: int | None = None,
-) -> Module:
-    """Replace the matching ``Linear`` modules of ``model`` by ``LoRALinear`` wrappers, in place.
+) -> Any:
+    """Replace the matching linear modules of ``model`` by LoRA layers, in place.
 
     Every parameter that is not a LoRA A or B (or a DoRA magnitude) is frozen. Right after
     injection the model computes exactly what it computed before: every B is zero (for PiSSA and
@@ -223,13 +209,15 @@ def inject_lora(
 
     Parameters
     ----------
-    model : Module
+    model : loralab.nn.Module or torch.nn.Module
+        A torch model gets `loralab.torch.LoRALinear` layers (`loralab.torch.inject_lora` adds
+        the torch-only ``use_custom_backward`` option).
     target_modules : list of str, str or LoraConfig
         Module names (exact or dotted suffix), one regular expression for the full name, or
         ``"all-linear"`` for every Linear layer (as PEFT); or a `loralab.lora.LoraConfig`
         holding them and every option (then the option keywords must keep their defaults).
     r, alpha, dropout, init, use_rslora, use_dora
-        As in `loralab.nn.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each adapted W0
+        As in `loralab.lora.LoRALinear` (``init="pissa"`` or ``"olora"`` replaces each adapted W0
         by its residual, see `loralab.lora.variants`). Types are strict: ``use_dora="false"`` is a TypeError.
     seed : int, optional
         One generator built from it initialises the adapters in module order.
@@ -256,43 +244,38 @@ def inject_lora(
     options = dict(
         r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora, use_dora=use_dora
     )
-    return wrap_targets(
-        model,
-        make_config(target_modules, options),
-        linear_type=Linear,
-        lora_type=LoRALinear,
-        build=LoRALinear,
-        seed=seed,
-    )
+    backend = backend_for(model, "inject_lora")
+    return wrap_targets(model, make_config(target_modules, options), backend, seed)
 
 
-def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
-    """(dotted name, layer) for every LoRALinear in ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def lora_layers(model: Any) -> list[tuple[str, Any]]:
+    """(dotted name, layer) for every LoRA layer in ``model``, in module order."""
+    return backend_for(model, "lora_layers").lora_layers(model)
 
 
-def merge_lora(model: Module) -> Module:
+def merge_lora(model: Any) -> Any:
     """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
-    return set_merged(model, LoRALinear, True)
+    return set_merged(model, True)
 
 
-def unmerge_lora(model: Module) -> Module:
+def unmerge_lora(model: Any) -> Any:
     """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
-    return set_merged(model, LoRALinear, False)
+    return set_merged(model, False)
 
 
-def lora_state_dict(model: Module) -> dict[str, np.ndarray]:
-    """Copies of the LoRA parameters only: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``."""
+def lora_state_dict(model: Any) -> dict[str, Any]:
+    """Copies of the LoRA parameters only: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``
+    (and ``"<path>.lora_magnitude_vector"`` with DoRA); ndarrays or detached torch tensors."""
+    backend = backend_for(model, "lora_state_dict")
     return {
-        f"{name}.{pname}" if name else pname: p.data.copy()
-        for name, layer in lora_layers(model)
-        for pname, p in layer._parameters.items()
-        if pname.startswith("lora_")
+        f"{name}.{pname}" if name else pname: backend.copy(getattr(layer, pname))
+        for name, layer in backend.lora_layers(model)
+        for pname in ("lora_A", "lora_B", *layer.kind.extra_names)
     }
 
 
-def count_parameters(model: Module) -> tuple[int, int]:
-    """(trainable, total) number of parameter values in ``model``.
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) number of parameter values in ``model`` (NumPy or torch).
 
     Examples
     --------
@@ -302,6 +285,7 @@ def count_parameters(model: Module) -> tuple[int, int]:
     """
     trainable = total = 0
     for p in model.parameters():
-        total += p.size
-        trainable += p.size if p.requires_grad else 0
+        size = math.prod(p.shape)
+        total += size
+        trainable += size if p.requires_grad else 0
     return trainable, total

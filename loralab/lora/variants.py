@@ -1,141 +1,123 @@
-"""LoRA variants in plain NumPy: DoRA's fused op, PiSSA and OLoRA initialisation, LoRA+ groups.
+"""LoRA's variants as small objects, shared by the NumPy and torch layers (PEFT's ``LoraVariant`` idea).
 
-rsLoRA needs nothing here: it only changes the scaling s = alpha / r to alpha / sqrt(r)
-(``LoRALinear(use_rslora=True)``). Everything below is named as in HF PEFT, whose options
-``use_dora``, ``init_lora_weights="pissa" | "olora"`` and ``loraplus_lr_ratio`` these implement.
+A LoRA layer is three independent choices, each an object here instead of ``if`` branches:
 
-DoRA (Liu et al., 2024) splits the adapted weight into a magnitude and a direction:
+- its **scaling rule** (`SCALINGS`): s = alpha / r, or rsLoRA's alpha / sqrt(r) (Kalajdzievski, 2023);
+- its **initialisation** (`INITS`): ``"kaiming"``/``"gaussian"`` draw A and set B = 0 (PEFT's
+  ``init_lora_weights=True``/``"gaussian"``); ``"pissa"``/``"olora"`` move the principal part of W0
+  into A and B and leave the residual W0 - s B A frozen in the base (Meng et al., 2024;
+  Büyükakyüz, 2024), so the output is unchanged at first either way;
+- its **kind** (`KINDS`): plain LoRA, or DoRA (Liu et al., 2024), which adds a magnitude vector m and
+  changes the forward (`loralab.lora.ops.dora_forward`) and merging.
 
-    W' = m * (W0 + s B A) / ||W0 + s B A||_row          (m: one trainable number per output row)
+LoRA+ (Hayou et al., 2024) changes only the optimizer: `loraplus_param_groups`.
 
-where ``||.||_row`` is the norm of each row (over the input dimension), treated as a constant in
-the backward ("detached", as the DoRA paper recommends and PEFT does). With c = m / ||W0 + s B A||
-and z = x W0^T + s (x A^T) B^T (the plain LoRA output without bias), the layer computes
+Everything here works on arrays: NumPy for initialisation (so both backends start from the same
+values, bit for bit), and anything with ``@``, ``+=``, ``*=`` and ``[:, None]`` (NumPy arrays or
+torch tensors) for merging. This module imports only `loralab.lora.ops`.
 
-    y = c * z + b,     so   dm = sum_batch(dy * z) / ||W0 + s B A||,   dz = c * dy
-
-and dz flows into the LoRA backward for dx, dA and dB. With dropout on the adapter's input x_d,
-PEFT computes y = x W0^T + b + (c - 1) * (x_d W0^T) + c s (x_d A^T) B^T; so does `dora_forward`.
+Adding a variant: write its object here (an init with ``__call__``, or a kind with
+``extra_parameters``/``merge``/``unmerge`` and a ``name`` the layers map to their forward
+Function), register it in `INITS` or `KINDS`, then give both layers (`loralab.lora.layer` and
+`loralab.torch.layers`) a Function for the new forward if it needs one.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, Protocol
 
 import numpy as np
 
-from loralab.lora.functional import LoRACache, lora_backward, lora_forward
-from loralab.tensor import Function
+from loralab.lora.ops import row_norms
 
 __all__ = [
-    "dora_forward",
-    "dora_backward",
-    "DoRALinear",
-    "row_norms",
+    "SCALINGS",
+    "INITS",
+    "KINDS",
+    "Scaling",
+    "RandomInit",
+    "PrincipalInit",
+    "PlainLoRA",
+    "DoRA",
     "pissa_init",
     "olora_init",
     "loraplus_param_groups",
 ]
 
 
-def row_norms(W0: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) -> np.ndarray:
-    """||W0 + s B A|| of each row: shape (out,). DoRA's magnitude starts here and divides by it."""
-    return np.linalg.norm(W0 + scaling * (B @ A), axis=1)
+# ----- scaling --------------------------------------------------------------------------------------
+class Scaling:
+    """s as a function of (alpha, r): ``alpha / r`` or, for rsLoRA, ``alpha / sqrt(r)``.
 
+    rsLoRA's argument: with s = alpha / r the update's scale falls as r grows, so large ranks
+    learn no better; alpha / sqrt(r) keeps it stable.
 
-class DoRACache(NamedTuple):
-    lora: LoRACache  # of the LoRA part, fed with x_d
-    z: np.ndarray  # (N, out): x_d W0^T + s (x_d A^T) B^T
-    c: np.ndarray  # (out,): m / ||W0 + s B A||
-    norm: np.ndarray  # (out,)
-    mask: np.ndarray | None
-    x_shape: tuple[int, ...]
-
-
-def dora_forward(
-    x: np.ndarray,
-    W0: np.ndarray,
-    b: np.ndarray | None,
-    A: np.ndarray,
-    B: np.ndarray,
-    m: np.ndarray,
-    scaling: float,
-    dropout_mask: np.ndarray | None = None,
-) -> tuple[np.ndarray, DoRACache]:
-    """Forward of a DoRA layer: ``y = (m / ||W0 + s B A||_row) * (x W0^T + s (x A^T) B^T) + b``.
-
-    Parameters
-    ----------
-    x : ndarray of shape (..., in)
-    W0 : ndarray of shape (out, in)
-    b : ndarray of shape (out,) or None
-    A : ndarray of shape (r, in)
-    B : ndarray of shape (out, r)
-    m : ndarray of shape (out,)
-        The magnitude vector.
-    scaling : float
-    dropout_mask : ndarray of shape (..., in), optional
-        Dropout on the adapter's input, already divided by (1 - p) (PEFT's convention, see the
-        module docstring).
-
-    Returns
-    -------
-    y : ndarray of shape (..., out)
-    cache : what `dora_backward` needs
+    >>> SCALINGS[False](16, 4), SCALINGS[True](16, 4)
+    (4.0, 8.0)
     """
-    xd = x if dropout_mask is None else x * dropout_mask
-    z, lora = lora_forward(xd, W0, None, A, B, scaling)
-    z = z.reshape(-1, W0.shape[0])
-    norm = row_norms(W0, A, B, scaling)
-    c = m / norm
-    y = c * z
-    if dropout_mask is not None:  # PEFT keeps the undropped x in the frozen path
-        y += (x.reshape(-1, x.shape[-1]) - lora.x2) @ W0.T
-    if b is not None:
-        y += b
-    cache = DoRACache(lora, z, c, norm, dropout_mask, x.shape)
-    return y.reshape(x.shape[:-1] + (W0.shape[0],)), cache
+
+    def __init__(self, name: str, root: bool):
+        self.name, self.root = name, root
+
+    def __call__(self, alpha: float, r: int) -> float:
+        return alpha / math.sqrt(r) if self.root else alpha / r
+
+    def __repr__(self) -> str:
+        return f"Scaling({self.name!r})"
 
 
-def dora_backward(
-    dy: np.ndarray, cache: DoRACache, need_dx: bool = True
-) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Backward of `dora_forward`: (dx or None, dA, dB, dm, db), the norm held constant.
+SCALINGS = {
+    False: Scaling("alpha / r", root=False),
+    True: Scaling("rslora: alpha / sqrt(r)", root=True),
+}
+"""``use_rslora`` -> the scaling rule."""
 
-    dm = sum(dy * z) / ||W0 + s B A||; dx, dA, dB are LoRA's backward of dz = (m / ||.||) * dy.
+
+# ----- initialisation ----------------------------------------------------------------------------------
+class Init(Protocol):
+    name: str
+    moves_W0: bool
+
+    def __call__(
+        self,
+        W0: np.ndarray | None,
+        r: int,
+        scaling: float,
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+
+
+class RandomInit:
+    """A random, B = 0, W0 untouched, so ΔW = 0 at first. All float64; shape = (out, in).
+
+    "kaiming": A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with a=sqrt(5));
+    "gaussian": A ~ N(0, (1/r)^2).
     """
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dm = (dy2 * cache.z).sum(axis=0) / cache.norm
-    dxd, dA, dB, _ = lora_backward(dy2 * cache.c, cache.lora, need_dx=need_dx)
-    db = dy2.sum(axis=0)
-    dx = None
-    if need_dx:
-        dx = dxd.reshape(-1, dxd.shape[-1])
-        if cache.mask is not None:
-            frozen = dy2 @ cache.lora.W0
-            dx = frozen + (dx - frozen) * cache.mask.reshape(dx.shape)
-        dx = dx.reshape(cache.x_shape)
-    return dx, dA, dB, dm, db
+
+    moves_W0 = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(
+        self,
+        W0: np.ndarray | None,
+        r: int,
+        scaling: float,
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+    ) -> tuple[np.ndarray, np.ndarray, None]:
+        out_features, in_features = shape
+        if self.name == "kaiming":
+            bound = 1.0 / math.sqrt(in_features)
+            A = rng.uniform(-bound, bound, size=(r, in_features))
+        else:
+            A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+        return A, np.zeros((out_features, r)), None
 
 
-class DoRALinear(Function):
-    """The fused DoRA op over (x, W0, b, A, B, m); W0 gets no gradient (it is frozen under DoRA)."""
-
-    @staticmethod
-    def forward(ctx, x, W0, b, A, B, m, scaling, mask):
-        y, cache = dora_forward(x, W0, b, A, B, m, scaling, mask)
-        ctx.save_for_backward(cache, b is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        cache, has_bias = ctx.saved
-        need = ctx.needs_input_grad
-        dx, dA, dB, dm, db = dora_backward(grad, cache, need_dx=need[0])
-        return dx, None, db if has_bias and need[2] else None, dA, dB, dm
-
-
-# ----- initialisations that move the principal part of W0 into the adapter ------------------------
 def pissa_init(W0: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PiSSA (Meng et al., 2024): the top-r singular triplets of W0 become the adapter.
 
@@ -183,6 +165,85 @@ def olora_init(W0: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.n
     return A.astype(W0.dtype), B.astype(W0.dtype), (W - scaling * (B @ A)).astype(W0.dtype)
 
 
+class PrincipalInit:
+    """PiSSA or OLoRA: A and B from W0's decomposition, the residual W0 - s B A replaces W0."""
+
+    moves_W0 = True
+
+    def __init__(self, name: str, split: Any):
+        self.name, self.split = name, split
+
+    def __call__(
+        self,
+        W0: np.ndarray | None,
+        r: int,
+        scaling: float,
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if W0 is None:
+            raise ValueError(f"init={self.name!r} needs the base's W0 as an array")
+        return self.split(W0, r, scaling)
+
+
+INITS: dict[str, Init] = {
+    "kaiming": RandomInit("kaiming"),
+    "gaussian": RandomInit("gaussian"),
+    "pissa": PrincipalInit("pissa", pissa_init),
+    "olora": PrincipalInit("olora", olora_init),
+}
+"""loralab's ``init`` name -> its initialisation."""
+
+
+# ----- kinds: plain LoRA and DoRA ----------------------------------------------------------------------
+class PlainLoRA:
+    """h = W0 x + b + s B A x; merging adds ΔW = s B A into W0 and unmerging subtracts it."""
+
+    name = "lora"
+    extra_names: tuple[str, ...] = ()  # parameters beyond A and B, passed to the forward Function
+
+    def extra_parameters(
+        self, W0: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float
+    ) -> dict[str, np.ndarray]:
+        return {}
+
+    def merge(self, layer: Any, W: Any) -> None:
+        W += layer.delta_weight()
+
+    def unmerge(self, layer: Any, W: Any) -> None:
+        W -= layer.delta_weight()
+
+
+class DoRA(PlainLoRA):
+    """W' = m * (W0 + s B A) / ||W0 + s B A||_row, with m (out,) trainable, starting at the norm.
+
+    Merging writes W' into W0 and keeps the row norm (``layer._merge_norm``) for unmerging. The
+    layer supplies ``layer.weight_row_norms(W)`` for its array type.
+    """
+
+    name = "dora"
+    extra_names = ("lora_magnitude_vector",)
+
+    def extra_parameters(
+        self, W0: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float
+    ) -> dict[str, np.ndarray]:
+        return {"lora_magnitude_vector": row_norms(W0, A, B, scaling).astype(W0.dtype)}
+
+    def merge(self, layer: Any, W: Any) -> None:
+        W += layer.delta_weight()
+        layer._merge_norm = layer.weight_row_norms(W)
+        W *= (layer.lora_magnitude_vector.data / layer._merge_norm)[:, None]
+
+    def unmerge(self, layer: Any, W: Any) -> None:
+        W *= (layer._merge_norm / layer.lora_magnitude_vector.data)[:, None]
+        layer._merge_norm = None
+        W -= layer.delta_weight()
+
+
+KINDS = {False: PlainLoRA(), True: DoRA()}
+"""``use_dora`` -> the layer's kind."""
+
+
 # ----- LoRA+ --------------------------------------------------------------------------------------
 def loraplus_param_groups(
     model: Any, *, lr: float, loraplus_lr_ratio: float = 16.0
@@ -215,7 +276,8 @@ def loraplus_param_groups(
     """
     if not loraplus_lr_ratio > 0:
         raise ValueError(f"loraplus_lr_ratio must be positive, got {loraplus_lr_ratio!r}")
-    group_b, others = [], []
+    group_b: list[Any] = []
+    others: list[Any] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (group_b if "lora_B" in name.split(".") else others).append(p)

@@ -1,7 +1,6 @@
-"""Layers and models on the autograd engine: ``Module``, ``Linear``, ``LoRALinear`` and friends."""
+"""Layers and models on the autograd engine: ``Module``, ``Linear`` and friends (LoRA: `loralab.lora`)."""
 
 from loralab.nn.layers import GELU, MLP, Dropout, Embedding, LayerNorm, Linear, ReLU, Sequential
-from loralab.nn.lora import LoRALinear
 from loralab.nn.module import Module, Parameter
 
 __all__ = [
@@ -15,5 +14,4 @@ __all__ = [
     "Dropout",
     "Sequential",
     "MLP",
-    "LoRALinear",
 ]

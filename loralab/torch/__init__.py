@@ -3,8 +3,9 @@
 The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
 
 - `LoRALinear` and `LoRALinearFunction` (the hand-derived backward, in torch);
-- `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_state_dict`,
-  `lora_layers`, `count_parameters` for torch models;
+- `inject_lora` (with the torch-only ``use_custom_backward``); `merge_lora`, `unmerge_lora`,
+  `lora_state_dict`, `lora_layers`, `count_parameters` are `loralab.lora`'s own functions,
+  which serve torch models through the backend registered below;
 - `to_torch` / `to_numpy` and the converter registry (`register_converter`,
   `register_numpy_converter`);
 - `check_equivalence` (the harness) and `shared_dropout_masks`;
@@ -29,7 +30,17 @@ except ImportError as exc:  # pragma: no cover
         "loralab.torch needs PyTorch: pip install 'loralab[torch]' (torch>=2.2,<2.14)"
     ) from exc
 
-from loralab.lora.adapter import load_adapter, save_adapter
+from loralab.lora import (
+    count_parameters,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    register_backend,
+    save_adapter,
+    unmerge_lora,
+)
+from loralab.torch.adapter_backend import TorchBackend, is_torch_model
 from loralab.torch.convert import (
     Container,
     param_to_numpy,
@@ -45,14 +56,7 @@ from loralab.torch.equivalence import (
     relative_difference,
     shared_dropout_masks,
 )
-from loralab.torch.inject import (
-    count_parameters,
-    inject_lora,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    unmerge_lora,
-)
+from loralab.torch.inject import inject_lora
 from loralab.torch.layers import LoRALinear, LoRALinearFunction
 from loralab.torch.quant import Linear4bit  # registers the 4-bit base with to_torch / to_numpy
 
@@ -80,6 +84,9 @@ __all__ = [
     "save_adapter",
     "load_adapter",
 ]
+
+# loralab.lora's functions serve torch models through this backend (the core never imports torch).
+register_backend(is_torch_model, TorchBackend())
 
 # The GPT's converters register themselves with the registry on import.
 from loralab.torch import gpt as _gpt  # noqa: E402, F401

@@ -1,7 +1,9 @@
-"""How `loralab.lora.adapter` (the one implementation of PEFT's format) reads and writes torch models.
+"""The torch backend of `loralab.lora` (injection, merging, the adapter format), registered on import.
 
-``save_adapter`` and ``load_adapter`` pick this backend when given a ``torch.nn.Module``; it has
-the same methods as `loralab.lora.adapter.NumpyBackend`.
+`loralab.torch` registers `TorchBackend` with `loralab.lora.register_backend`, so the one
+implementation of ``inject_lora``, ``merge_lora``, ``lora_layers``, ``save_adapter`` and
+``load_adapter`` in `loralab.lora` also serves ``torch.nn.Module`` models; the core never
+imports torch.
 """
 
 from __future__ import annotations
@@ -11,50 +13,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralab.lora.backend import Backend
 from loralab.torch.layers import LoRALinear
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "is_torch_model"]
 
 
-class TorchBackend:
-    """The torch side of the adapter format: find LoRA layers, read and write A, B and DoRA's m.
+def is_torch_model(model: Any) -> bool:
+    return isinstance(model, torch.nn.Module)
 
-    ``name`` is a parameter name of `LoRALinear`: ``"lora_A"``, ``"lora_B"`` or
-    ``"lora_magnitude_vector"``; ``options`` are `LoRALinear`'s keyword arguments (``use_dora``
-    included).
+
+class TorchBackend(Backend):
+    """Find, build, read and write `loralab.torch.LoRALinear` layers of a torch model.
+
+    ``use_custom_backward`` is passed to every layer it builds (see `LoRALinear`).
     """
 
-    def lora_layers(self, model: torch.nn.Module) -> list[tuple[str, LoRALinear]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    lora_type = LoRALinear
 
-    def linear_shape(self, model: torch.nn.Module, path: str) -> tuple[int, int] | None:
-        """(out, in) of the Linear or LoRALinear at ``path``; None if there is none."""
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            return None
-        if isinstance(module, (torch.nn.Linear, LoRALinear)):
-            return module.out_features, module.in_features
-        return None
+    def __init__(self, use_custom_backward: bool = True):
+        self.use_custom_backward = use_custom_backward
 
-    def linear_names(self, model: torch.nn.Module) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, LoRALinear))]
+    def linear_types(self) -> tuple[type, ...]:
+        return (torch.nn.Linear,)
 
-    def get(self, layer: LoRALinear, name: str) -> np.ndarray:
+    def build(self, base: Any, **options: Any) -> LoRALinear:
+        return LoRALinear(base, use_custom_backward=self.use_custom_backward, **options)
+
+    def get(self, layer: Any, name: str) -> np.ndarray:
         return getattr(layer, name).detach().cpu().numpy()
 
-    def set(self, layer: LoRALinear, name: str, value: np.ndarray) -> None:
+    def set(self, layer: Any, name: str, value: np.ndarray) -> None:
         param = getattr(layer, name)
         with torch.no_grad():  # copy_ casts to the parameter's dtype and device
             param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
-    def attach(self, model: torch.nn.Module, path: str, options: dict[str, Any]) -> LoRALinear:
-        parent, _, child = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        layer = LoRALinear(getattr(owner, child), **options)
-        setattr(owner, child, layer)
-        return layer
+    def copy(self, param: Any) -> torch.Tensor:
+        return param.detach().clone()
 
-    def freeze_base(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(".lora_" in f".{name}")
+    def set_trainable(self, param: Any, flag: bool) -> None:
+        param.requires_grad_(flag)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralab import nn
+from loralab import lora, nn
 from loralab.torch.layers import LoRALinear
 
 __all__ = [
@@ -181,7 +181,7 @@ def _sequential_to_torch(m: nn.Sequential, convert: Any, dtype: Any) -> torch.nn
     return t
 
 
-def _lora_to_torch(m: nn.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
+def _lora_to_torch(m: lora.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
     base = convert(m.base)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
     # Built as a plain "kaiming" layer: a PiSSA / OLoRA base already holds the residual and must
@@ -221,7 +221,7 @@ register_converter(nn.ReLU, lambda m, convert, dtype: torch.nn.ReLU())
 register_converter(nn.GELU, lambda m, convert, dtype: torch.nn.GELU(approximate="tanh"))
 register_converter(nn.Dropout, lambda m, convert, dtype: torch.nn.Dropout(m.p))
 register_converter(nn.Sequential, _sequential_to_torch)  # MLP included: same child names
-register_converter(nn.LoRALinear, _lora_to_torch)
+register_converter(lora.LoRALinear, _lora_to_torch)
 
 
 def to_torch(model: nn.Module, dtype: Any = None, device: Any = None) -> torch.nn.Module:
@@ -313,7 +313,7 @@ def _lora_to_numpy(t: LoRALinear, convert: Any) -> nn.Module:
     base = convert(t.base)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
     # As in _lora_to_torch: a plain layer first (no second PiSSA / OLoRA split), values copied next.
-    m = nn.LoRALinear(
+    m = lora.LoRALinear(
         base, r=t.r, alpha=t.alpha, dropout=t.dropout, use_rslora=t.use_rslora, seed=0
     )
     for n, p in base.named_parameters():

@@ -1,6 +1,6 @@
 """``LoRALinear`` in PyTorch, with the same hand-derived backward as the NumPy fused op.
 
-`LoRALinearFunction` is `loralab.lora.functional` written in torch: a
+`LoRALinearFunction` is `loralab.lora.ops` written in torch: a
 ``torch.autograd.Function`` whose backward forms dx, dA, dB and db but never dW0 = dy^T x
 unless W0 itself asks for a gradient. That skipped (out, in) matmul is what a real framework
 saves under LoRA too.
@@ -12,10 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loralab._validate import boolean
 from loralab.functional import dropout_mask
-from loralab.nn.lora import lora_scaling, random_A, validate_lora_options
+from loralab.lora.layer import LoRALayerMixin
 from loralab.nn.module import make_rng
-from loralab.torch.variants import DoRALinearFunction, dora_magnitude, principal_init
+from loralab.torch.variants import DoRALinearFunction
 
 __all__ = ["LoRALinear", "LoRALinearFunction", "numpy_dtype"]
 
@@ -86,33 +87,20 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dW0, db, dA, dB, None, None
 
 
-class LoRALinear(torch.nn.Module):
+class LoRALinear(LoRALayerMixin, torch.nn.Module):
     """A frozen ``torch.nn.Linear`` plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
 
-    The twin of `loralab.nn.LoRALinear`: same options, same validation messages, same
-    parameter names (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``,
-    ``lora_magnitude_vector``) and, for the same ``seed``, the same initial A, B, residual W0 and
-    magnitude, bit for bit.
+    The twin of `loralab.lora.LoRALinear`, sharing its code (`loralab.lora.layer.LoRALayerMixin`:
+    options, validation messages, initialisation, merging, repr): same parameter names
+    (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``, ``lora_magnitude_vector``) and, for
+    the same ``seed``, the same initial A, B, residual W0 and magnitude, bit for bit.
 
     Parameters
     ----------
     base : torch.nn.Linear
         The pre-trained layer; kept as the field ``base`` and frozen.
-    r : int, default 8
-        Rank of the update, 1 <= r <= min(in_features, out_features).
-    alpha : float, default 16
-        scaling = alpha / r (alpha / sqrt(r) with ``use_rslora``).
-    dropout : float in [0, 1), default 0.0
-        Dropout on the LoRA branch's input (training mode only), as in PEFT.
-    init : "kaiming", "gaussian", "pissa" or "olora"
-        A ~ U(-1/sqrt(in), 1/sqrt(in)) or A ~ N(0, (1/r)^2), with B = 0 so ΔW = 0 at first; or the
-        NumPy layer's PiSSA / OLoRA split of W0 (`loralab.torch.variants.principal_init`): the
-        residual W0 - s B A replaces ``base.weight`` and the output is unchanged at first.
-    use_rslora : bool, default False
-        Rank-stabilised scaling alpha / sqrt(r).
-    use_dora : bool, default False
-        DoRA: a trainable magnitude m per output row, W' = m * (W0 + s B A) / ||W0 + s B A||_row,
-        the norm held constant in the backward; m starts at ||W0 + s B A||_row.
+    r, alpha, dropout, init, use_rslora, use_dora
+        As in `loralab.lora.LoRALinear`.
     use_custom_backward : bool, default True
         Run through `LoRALinearFunction` (or `loralab.torch.variants.DoRALinearFunction`),
         whose backward is derived by hand and forms no dW0, or, when False, through plain autograd
@@ -160,81 +148,36 @@ class LoRALinear(torch.nn.Module):
             raise TypeError(
                 f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__name__}"
             )
-        validate_lora_options(
-            base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
-        )
         super().__init__()
-        base.requires_grad_(False)
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
-        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
-        self.use_custom_backward = bool(use_custom_backward)
-        self.generator = generator
-        self.mask_rng: np.random.Generator | None = None
-        W0 = base.weight
-        dtype, like = numpy_dtype(W0.dtype), {"dtype": W0.dtype, "device": W0.device}
-        np_rng = make_rng(seed, rng)
-        if init in ("kaiming", "gaussian"):
-            A = random_A(np_rng, init, self.r, self.in_features)
-            # Cast in NumPy first, as the NumPy layer does, so float32 values agree bit for bit.
-            lora_A = torch.from_numpy(A.astype(dtype)).to(**like)
-            lora_B = torch.zeros(self.out_features, self.r, **like)
-        else:  # the principal part of W0 moves into the adapter; the residual stays frozen
-            lora_A, lora_B = principal_init(base, init, self.r, self.scaling)
-        self.lora_A = torch.nn.Parameter(lora_A)
-        self.lora_B = torch.nn.Parameter(lora_B)
-        if self.use_dora:
-            m = dora_magnitude(W0, lora_A, lora_B, self.scaling)
-            self.lora_magnitude_vector = torch.nn.Parameter(m)
         # ||W0 + ΔW||_row while a DoRA layer is merged (for unmerge); moves with .to(), not saved.
         self.register_buffer("_merge_norm", None, persistent=False)
-        self.merged = False
+        self.use_custom_backward = boolean("use_custom_backward", use_custom_backward, "LoRALinear")
+        self.generator = generator
+        self.mask_rng: np.random.Generator | None = None
+        self._init_lora(
+            base,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            rng=make_rng(seed, rng),
+        )
 
-    @property
-    def weight(self) -> torch.nn.Parameter:
-        """The base weight W0 (ΔW included while merged)."""
-        return self.base.weight
+    def _weight_array(self, base: torch.nn.Linear) -> np.ndarray:
+        return base.weight.detach().cpu().numpy()
 
-    @property
-    def bias(self) -> torch.nn.Parameter | None:
-        return self.base.bias
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = scaling * B A, a tensor of shape (out_features, in_features) (no graph)."""
+    def _set_weight(self, array: np.ndarray) -> None:
+        W = self.base.weight
         with torch.no_grad():
-            return self.scaling * (self.lora_B @ self.lora_A)
+            W.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(W.device))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency).
+    def _parameter(self, array: np.ndarray) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.from_numpy(array).to(self.base.weight.device))
 
-        With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
-        `unmerge`.
-        """
-        if self.merged:
-            raise ValueError(
-                "LoRALinear.merge(): the layer is already merged; call unmerge() first"
-            )
-        W = self.base.weight
-        W += self.delta_weight()
-        if self.use_dora:
-            self._merge_norm = torch.linalg.norm(W, dim=1)
-            W *= (self.lora_magnitude_vector / self._merge_norm)[:, None]
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
-        if not self.merged:
-            raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
-        W = self.base.weight
-        if self.use_dora:
-            W *= (self._merge_norm / self.lora_magnitude_vector)[:, None]
-            self._merge_norm = None
-        W -= self.delta_weight()
-        self.merged = False
+    def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(W, dim=1)
 
     def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted-dropout mask of x's shape: 0 with probability p, else 1 / (1 - p)."""
@@ -249,25 +192,23 @@ class LoRALinear(torch.nn.Module):
         """x of shape (..., in_features) -> h of shape (..., out_features)."""
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.r}): expected x of shape (..., {self.in_features}), got {tuple(x.shape)}"
+                f"{self._describe()}: expected x of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
-        W0, b = self.base.weight, self.base.bias
         if self.merged:
-            return F.linear(x, W0, b)
+            return self.base(x)
         mask = None
         if self.training and self.dropout > 0.0:
             mask = self._dropout_mask(x)
-        A, B, s = self.lora_A, self.lora_B, self.scaling
-        if self.use_dora:
-            m = self.lora_magnitude_vector
-            if self.use_custom_backward:
-                return DoRALinearFunction.apply(x, W0, b, A, B, m, s, mask)
-            return self._dora_autograd(x, W0, b, m, mask)
+        W0, b, A, B, s = self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling
+        extra = [getattr(self, name) for name in self.kind.extra_names]
         if self.use_custom_backward:
-            return LoRALinearFunction.apply(x, W0, b, A, B, s, mask)
+            return _FUNCTIONS[self.kind.name].apply(x, W0, b, A, B, *extra, s, mask)
+        return getattr(self, f"_{self.kind.name}_autograd")(x, W0, b, *extra, mask)
+
+    def _lora_autograd(self, x, W0, b, mask):
+        """LoRA through plain autograd: x W0^T + b + s ((x * mask) A^T) B^T."""
         xd = x if mask is None else x * mask
-        return F.linear(x, W0, b) + s * F.linear(F.linear(xd, A), B)
+        return F.linear(x, W0, b) + self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
 
     def _dora_autograd(self, x, W0, b, m, mask):
         """DoRA through plain autograd, PEFT's formula: the norm detached, the undropped x in the frozen path.
@@ -283,11 +224,5 @@ class LoRALinear(torch.nn.Module):
             y = y + F.linear(x - xd, W0)
         return y if b is None else y + b
 
-    def extra_repr(self) -> str:
-        rs = ", use_rslora=True" if self.use_rslora else ""
-        rs += ", use_dora=True" if self.use_dora else ""
-        rs += f", init={self.init!r}" if self.init in ("pissa", "olora") else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"
-        )
+
+_FUNCTIONS = {"lora": LoRALinearFunction, "dora": DoRALinearFunction}  # kind -> hand backward

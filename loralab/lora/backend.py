@@ -1,0 +1,132 @@
+"""Backends: how the one implementation of injection, merging and the adapter format reaches a model.
+
+`loralab.lora.inject` and `loralab.lora.adapter` are written once, for any kind of model; what
+differs between a `loralab.nn.Module` and a ``torch.nn.Module`` is small and lives in a
+`Backend`: which layer type is the LoRA layer, which types it wraps, how to build one, and how to
+move arrays in and out of parameters. The NumPy backend is registered here; the torch twin
+registers its own from `loralab.torch` (the core never imports torch):
+
+    register_backend(lambda model: isinstance(model, torch.nn.Module), TorchBackend())
+
+`backend_for(model)` picks the first registered backend whose predicate accepts the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from loralab.lora.layer import LINEAR_TYPES, LoRALinear
+from loralab.nn.module import Module
+
+__all__ = ["Backend", "NumpyBackend", "register_backend", "backend_for"]
+
+
+class Backend:
+    """What a kind of model must tell loralab's LoRA functions; subclasses fill in the blanks.
+
+    ``lora_type`` is the backend's LoRA layer class; ``linear_types()`` the module types it wraps;
+    ``build(base, **options)`` makes a LoRA layer (options as `LoRALinear`'s keywords, ``rng``
+    included); ``get``/``set`` read and write a parameter of a LoRA layer as an ndarray;
+    ``copy`` returns a detached copy of a parameter; ``set_trainable`` sets its requires_grad.
+    """
+
+    lora_type: type
+
+    def linear_types(self) -> tuple[type, ...]:
+        raise NotImplementedError
+
+    def build(self, base: Any, **options: Any) -> Any:
+        return self.lora_type(base, **options)
+
+    def get(self, layer: Any, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def set(self, layer: Any, name: str, value: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def copy(self, param: Any) -> Any:
+        raise NotImplementedError
+
+    def set_trainable(self, param: Any, flag: bool) -> None:
+        raise NotImplementedError
+
+    # ----- written once, from the blanks above -----
+    def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
+        """(dotted name, layer) for every LoRA layer of ``model``, in module order."""
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, self.lora_type)]
+
+    def linear_shape(self, model: Any, path: str) -> tuple[int, int] | None:
+        """(out, in) of the linear or LoRA layer at ``path``; None if there is none."""
+        try:
+            module: Any = model.get_submodule(path)
+        except AttributeError:
+            return None
+        if not isinstance(module, (*self.linear_types(), self.lora_type)):
+            return None
+        layer: Any = module  # a linear-like module: in_features and out_features
+        return layer.out_features, layer.in_features
+
+    def linear_names(self, model: Any) -> list[str]:
+        kinds = (*self.linear_types(), self.lora_type)
+        return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+    def attach(self, model: Any, path: str, options: dict[str, Any]) -> Any:
+        """Wrap the module at ``path`` in a LoRA layer built with ``options``; return the layer."""
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        layer = self.build(getattr(owner, child), **options)
+        setattr(owner, child, layer)
+        return layer
+
+    def freeze_base(self, model: Any) -> None:
+        """Only the LoRA parameters (``lora_*``) stay trainable."""
+        for name, p in model.named_parameters():
+            self.set_trainable(p, ".lora_" in f".{name}")
+
+
+class NumpyBackend(Backend):
+    """The backend of `loralab.nn.Module` models."""
+
+    lora_type = LoRALinear
+
+    def linear_types(self) -> tuple[type, ...]:
+        return tuple(LINEAR_TYPES)
+
+    def get(self, layer: Any, name: str) -> np.ndarray:
+        return getattr(layer, name).data
+
+    def set(self, layer: Any, name: str, value: np.ndarray) -> None:
+        param = getattr(layer, name)
+        param.data = np.ascontiguousarray(value, dtype=param.dtype)
+
+    def copy(self, param: Any) -> np.ndarray:
+        return param.data.copy()
+
+    def set_trainable(self, param: Any, flag: bool) -> None:
+        param.requires_grad = flag
+
+
+_BACKENDS: list[tuple[Callable[[Any], bool], Backend]] = [
+    (lambda model: isinstance(model, Module), NumpyBackend())
+]
+
+
+def register_backend(predicate: Callable[[Any], bool], backend: Backend) -> None:
+    """Serve models for which ``predicate(model)`` is true with ``backend`` (checked in order)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend: expected a Backend, got {type(backend).__name__}")
+    _BACKENDS.append((predicate, backend))
+
+
+def backend_for(model: Any, what: str = "loralab.lora") -> Backend:
+    """The registered backend for ``model``; TypeError naming ``what`` if there is none."""
+    for predicate, backend in _BACKENDS:
+        if predicate(model):
+            return backend
+    raise TypeError(
+        f"{what}: expected a loralab.nn.Module (or a torch.nn.Module, once loralab.torch is "
+        f"imported), got {type(model).__name__}"
+    )

@@ -1,0 +1,123 @@
+"""loralab's import graph, read from the source with ``ast``: layered, without cycles.
+
+Every import counts, also one inside a function (a lazy import is still a dependency). A "part"
+is a top-level module or package of loralab (``loralab.nn``, ``loralab.lora``, ...); the package
+``loralab/__init__.py`` itself is the facade that re-exports them and is left out.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "loralab"
+CORE = ("loralab.tensor", "loralab.functional", "loralab.nn", "loralab.optim", "loralab.lora")
+
+
+def module_name(path):
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path):
+    """The loralab modules that ``path`` imports anywhere (``from loralab import nn`` -> loralab.nn)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("loralab"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
+                )
+                base = base.rstrip(".")
+            if not base.startswith("loralab"):
+                continue
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # a submodule, if it is one
+    return found
+
+
+def graph():
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    return {
+        name: {m for m in imports_of(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def part(name):
+    return ".".join(name.split(".")[:2])
+
+
+def find_cycle(edges):
+    """A cycle as a list of nodes, or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_sees_lazy_imports():
+    edges = graph()
+    assert "loralab.lora.layer" in edges["loralab.lora"]
+    assert "loralab.nn.module" in edges["loralab.lora.layer"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_cycle_between_loralabs_parts():
+    edges: dict[str, set[str]] = {}
+    for name, targets in graph().items():
+        if name == "loralab":
+            continue
+        for target in targets:
+            if target != "loralab" and part(target) != part(name):
+                edges.setdefault(part(name), set()).add(part(target))
+    assert find_cycle(edges) is None, f"import cycle between parts: {find_cycle(edges)}"
+
+
+def test_no_cycle_inside_the_lora_package():
+    edges = {
+        name: {t for t in targets if t.startswith("loralab.lora.")}
+        for name, targets in graph().items()
+        if name.startswith("loralab.lora.")
+    }
+    assert find_cycle(edges) is None, find_cycle(edges)
+
+
+def test_the_core_never_imports_the_torch_twin_not_even_lazily():
+    offenders = {
+        name: sorted(t for t in targets if t.startswith("loralab.torch"))
+        for name, targets in graph().items()
+        if name.startswith(CORE)
+    }
+    assert {n: t for n, t in offenders.items() if t} == {}
+
+
+def test_the_engine_does_not_import_lora():
+    engine = ("loralab.tensor", "loralab.functional", "loralab.nn", "loralab.optim")
+    offenders = {
+        name: sorted(t for t in targets if t.startswith("loralab.lora"))
+        for name, targets in graph().items()
+        if name.startswith(engine)
+    }
+    assert {n: t for n, t in offenders.items() if t} == {}
+
+
+def test_lora_ops_imports_nothing_of_loralab():
+    assert graph()["loralab.lora.ops"] == set()
