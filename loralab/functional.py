@@ -146,6 +146,10 @@ def gelu(x: Any) -> Tensor:
 
 
 class SoftmaxFn(Function):
+    """y = exp(x) / sum(exp(x)) along ``axis``. Backward: dx = y * (dy - sum(dy * y)),
+    the softmax Jacobian (diag(y) - y y^T) applied to dy without forming it.
+    """
+
     @staticmethod
     def forward(ctx, x, axis):
         e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -165,6 +169,10 @@ def softmax(x: Any, axis: int = -1) -> Tensor:
 
 
 class LogSoftmaxFn(Function):
+    """y = x - log(sum(exp(x))) along ``axis``. Backward: dx = dy - softmax(x) * sum(dy),
+    with softmax(x) = exp(y).
+    """
+
     @staticmethod
     def forward(ctx, x, axis):
         shifted = x - x.max(axis=axis, keepdims=True)
@@ -237,6 +245,8 @@ def cross_entropy(logits: Any, targets: Any) -> Tensor:
 
 
 class MSELossFn(Function):
+    """L = mean((p - t)^2) over all n elements. Backward: dp = 2 (p - t) dL / n, dt = -dp."""
+
     @staticmethod
     def forward(ctx, pred, target):
         diff = pred - target
@@ -318,6 +328,10 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
 
 
 class EmbeddingFn(Function):
+    """y = W[indices]. Backward: each row of dy is added into the row of dW it was read
+    from (``np.add.at``: a token used twice gets both contributions); other rows stay 0.
+    """
+
     @staticmethod
     def forward(ctx, indices, weight):
         ctx.save_for_backward(indices, weight.shape, weight.dtype)
