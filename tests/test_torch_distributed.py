@@ -192,6 +192,14 @@ def test_params_reports_gradient_communication_per_step(capsys):
     assert "gradient all-reduce per step" in text
 
 
+def test_ring_allreduce_sends_twice_the_payload_times_n_minus_one_over_n():
+    assert counting.ring_allreduce_bytes(1000, 1) == 0  # alone, nothing to send
+    assert counting.ring_allreduce_bytes(1000, 2) == 1000
+    assert counting.ring_allreduce_bytes(1000, 8) == 1750
+    with pytest.raises(ValueError, match="world_size must be a positive integer, got 0"):
+        counting.ring_allreduce_bytes(1000, 0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_on_gpus_with_nccl_the_same_equivalence_and_bytes():
     nproc = min(2, torch.cuda.device_count())
