@@ -177,6 +177,9 @@ def test_bad_requests_are_refused_before_any_process_starts(capsys):
         D.train_ddp([D.RunConfig()], nproc=0)
     assert cli_main(["ddp", "--batch", "7"]) == 2
     assert "global_batch=7 is not divisible by nproc=2" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["ddp", "--device", "cuda"]) == 2
+        assert "CUDA is not available here" in capsys.readouterr().err
 
 
 def test_params_reports_gradient_communication_per_step(capsys):
