@@ -102,3 +102,79 @@ def test_a_refused_quantize_model_leaves_the_model_as_it_was():
     with pytest.raises(TypeError):
         quantize_model(model, dtype=4)
     assert isinstance(model.a, Linear) and isinstance(model.b, Linear)
+
+
+def test_layers_sharing_a_workspace_get_the_right_gradients():
+    model = quantize_model(MLP([64, 48, 8], seed=13))
+    layers = [model.get_submodule("0"), model.get_submodule("2")]
+    assert layers[0].workspace is layers[1].workspace
+    x = Tensor(np.random.default_rng(14).standard_normal((5, 64)), requires_grad=True)
+    g = np.random.default_rng(15).standard_normal((5, 8))
+    model(x).backward(g)
+    W0, W2 = (layer.dequantized_weight().astype(np.float64) for layer in layers)
+    h = x.data @ W0.T + layers[0].bias.data
+    dh = (g @ W2) * (h > 0)
+    np.testing.assert_allclose(x.grad, dh @ W0, rtol=1e-6, atol=1e-8)
+
+
+def test_between_forward_and_backward_only_the_codes_are_kept():
+    layer = Linear4bit(make_linear(256, 128, seed=16))
+    x = Tensor(np.random.default_rng(17).standard_normal((4, 256)), requires_grad=True)
+    y = layer(x)
+    saved = [v for v in y._ctx.saved if isinstance(v, np.ndarray)]
+    assert not any(v.size >= 128 * 256 for v in saved)  # no float copy of W0 rides on the graph
+    assert layer.workspace.nbytes == 4 * 128 * 256  # one scratch W0, reused
+
+
+# ----- QLoRA: inject_lora on a quantized model ---------------------------------------------------------
+def qlora(seed=20):
+    from loralab.lora import inject_lora
+
+    model = quantize_model(MLP([64, 32, 10], seed=seed))
+    before = model(np.ones((1, 64), np.float32)).data
+    inject_lora(model, ["0", "2"], r=4, alpha=8, seed=seed)
+    return model, before
+
+
+def test_inject_lora_on_a_quantized_model_starts_as_the_quantized_model():
+    model, before = qlora()
+    np.testing.assert_array_equal(model(np.ones((1, 64), np.float32)).data, before)  # B = 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+    assert isinstance(model.get_submodule("0.base"), Linear4bit)
+
+
+def test_qlora_gradients_reach_the_adapters_and_nothing_else():
+    model, _ = qlora()
+    rng = np.random.default_rng(21)
+    for name in ("0", "2"):
+        model.get_submodule(name).lora_B.data[...] = rng.uniform(
+            -0.1, 0.1, (model.get_submodule(name).out_features, 4)
+        )
+    model(rng.standard_normal((8, 64)).astype(np.float32)).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+        if p.grad is not None:
+            assert np.abs(p.grad).max() > 0, name
+
+
+def test_merge_lora_requantizes_the_sum_into_the_4bit_base():
+    from loralab.lora import merge_lora
+
+    model, _ = qlora()
+    layer = model.get_submodule("2")
+    layer.lora_B.data[...] = np.random.default_rng(22).uniform(-0.1, 0.1, layer.lora_B.shape)
+    W0 = layer.base.dequantized_weight()
+    delta = layer.scaling * (layer.lora_B.data @ layer.lora_A.data)
+    merge_lora(model)
+    expected = quantize(W0 + delta, "nf4", 64, True).dequantize()
+    np.testing.assert_array_equal(layer.base.dequantized_weight(), expected)
+
+
+def test_variants_that_need_w0_itself_are_refused_on_a_4bit_base():
+    from loralab.lora import inject_lora
+
+    for options in ({"use_dora": True}, {"init": "pissa"}):
+        model = quantize_model(MLP([64, 32, 10], seed=23))
+        with pytest.raises((TypeError, ValueError), match="Linear4bit|base"):
+            inject_lora(model, ["0"], r=4, alpha=8, seed=0, **options)

@@ -28,6 +28,7 @@ Rounding follows bitsandbytes' CPU code exactly, so codes match it byte for byte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,17 @@ def _pair_table(levels: np.ndarray) -> np.ndarray:
 
 
 _PAIRS = {name: _pair_table(levels) for name, levels in LEVELS.items() if _BITS[name] == 4}
+
+
+@cache
+def _quad_table(dtype: str) -> np.ndarray:
+    # two bytes read as one little-endian uint16 v (v & 0xFF is the first byte) -> their four
+    # levels, shape (65536, 4), 1 MiB: one gather per two bytes, about 15% faster than per byte
+    pairs = _PAIRS[dtype]
+    v = np.arange(65536)
+    table = np.concatenate([pairs[v & 0xFF], pairs[v >> 8]], axis=1)
+    table.flags.writeable = False
+    return table
 
 
 def pack_4bit(codes: np.ndarray) -> np.ndarray:
@@ -259,14 +271,27 @@ class QuantizedTensor:
             return self.codes
         return unpack_4bit(self.codes, self.size)
 
-    def dequantize(self) -> np.ndarray:
-        """``LEVELS[code] * absmax`` of each value's block, float32, of the original shape."""
+    def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
+        """``LEVELS[code] * absmax`` of each value's block, float32, of the original shape.
+
+        ``out``, a float32 array of at least `workspace_size` elements, is written to instead
+        of a new array (the result is then a view of it).
+        """
         n, bs = self.size, self.block_size
         if _BITS[self.dtype] == 4:
-            # one gather per byte: both of its levels at once (4x faster than unpack, then index)
-            values = np.take(_PAIRS[self.dtype], self.codes, axis=0).reshape(-1)[:n]
+            # gather the levels of two bytes at once (not unpack, then index: 4x slower)
+            if self.codes.size % 2 == 0:
+                table, index = _quad_table(self.dtype), self.codes.view("<u2")
+            else:
+                table, index = _PAIRS[self.dtype], self.codes
         else:
-            values = np.take(LEVELS[self.dtype], self.codes)
+            table, index = LEVELS[self.dtype][:, None], self.codes
+        width = table.shape[1]
+        if out is None:
+            out = np.empty(index.size * width, dtype=np.float32)
+        gathered = out[: index.size * width].reshape(-1, width)
+        np.take(table, index, axis=0, out=gathered, mode="clip")  # indices are in range
+        values = out[:n]
         absmax = self.absmax
         full = n - n % bs
         head = values[:full].reshape(-1, bs)
@@ -274,6 +299,11 @@ class QuantizedTensor:
         if full < n:
             values[full:] *= absmax[-1]
         return values.reshape(self.shape)
+
+    @property
+    def workspace_size(self) -> int:
+        """The float32 elements `dequantize` writes (n, plus one pad value for an odd 4-bit n)."""
+        return self.codes.size * (2 if _BITS[self.dtype] == 4 else 1)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""

@@ -4,6 +4,13 @@ QLoRA (Dettmers et al. 2023, Eq. 5) computes ``Y = X doubleDequant(c1, c2, W_NF4
 the base weight lives in NF4 and is dequantized to the compute dtype whenever it is used; only
 the adapter (A, B) is trained, so the backward pass needs dX through the dequantized W0 and never
 a gradient of W0 (which would have nowhere to go: 4-bit codes are not trainable).
+
+`Linear4bitFn` does what bitsandbytes' 4-bit matmul does: W0 is dequantized in the forward pass
+and again in the backward pass, so that between the two only the 4-bit codes are held (keeping
+every layer's float32 W0 until its backward would give the memory back). Both dequantize into a
+`Workspace`, one float32 array reused by all the layers of a model: NumPy hands a freed large
+array back to the operating system, and a fresh W0 per call cost as much in page faults as the
+dequantization itself (torch's caching allocator spares bitsandbytes this).
 """
 
 from __future__ import annotations
@@ -13,16 +20,68 @@ from typing import Any
 
 import numpy as np
 
-from loralab import functional as F
 from loralab.lora.inject import match_target
+from loralab.lora.layer import register_linear_type
 from loralab.nn import Linear, Module, Parameter
 from loralab.nn.layers import check_input
 from loralab.quant.blockwise import QuantizedTensor, quantize
-from loralab.tensor import Tensor
+from loralab.tensor import Function, Tensor
 
-__all__ = ["Linear4bit", "quantize_model"]
+__all__ = ["Linear4bit", "Linear4bitFn", "Workspace", "quantize_model"]
 
 
+class Workspace:
+    """A float32 scratch array for dequantized weights, grown to the largest request.
+
+    `Linear4bit` layers dequantize W0 into it in the forward and the backward pass; the layers
+    of one model share one (`quantize_model` gives them the same), so it holds one layer's W0.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.float32)
+
+    def get(self, size: int) -> np.ndarray:
+        """A float32 array of at least ``size`` elements (its contents are scratch)."""
+        if self._buffer.size < size:
+            self._buffer = np.empty(size, dtype=np.float32)
+        return self._buffer
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buffer.nbytes)
+
+
+class Linear4bitFn(Function):
+    """``y = x W0^T + b`` with ``W0 = weight.dequantize()``, rebuilt in backward instead of saved.
+
+    Backward: dx = dy W0 (W0 dequantized again); no dW0; db = sum of dy over rows if b needs it.
+    Keyword options ``weight`` (a `QuantizedTensor` of shape (out, in)) and ``workspace``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b, *, weight, workspace):
+        W0 = weight.dequantize(out=workspace.get(weight.workspace_size))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ W0.T
+        if b is not None:
+            y += b
+        ctx.save_for_backward(weight, workspace, x.shape, b is not None)
+        return y.reshape(x.shape[:-1] + (W0.shape[0],))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, workspace, x_shape, has_bias = ctx.saved
+        need_x, need_b = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = None
+        if need_x:
+            W0 = weight.dequantize(out=workspace.get(weight.workspace_size))
+            dx = (g @ W0).reshape(x_shape)
+        db = g.sum(axis=0) if has_bias and need_b else None
+        return dx, db
+
+
+@register_linear_type
 class Linear4bit(Module):
     """``y = x dequantize(W0)^T + b`` with W0 quantized blockwise (NF4 by default) and frozen.
 
@@ -42,11 +101,16 @@ class Linear4bit(Module):
         Not a Parameter: it has no gradient and is not in ``parameters()`` or ``state_dict()``.
     bias : Parameter of shape (out_features,), requires_grad False, or None
     in_features, out_features : int
+    compute_dtype : numpy dtype
+        float32: what forward returns (and what LoRA's A and B are made of on this base).
+
+    workspace : Workspace
+        Where W0 is dequantized during forward and backward (shared by `quantize_model`'s layers).
 
     Notes
     -----
-    ``forward`` dequantizes W0 once per call (n multiplications) and uses it for y and, in the
-    backward pass, for dx = dy W0; no dW0 is ever formed.
+    ``forward`` dequantizes W0 once per call (n multiplications) for y, and the backward pass
+    dequantizes it once more for dx = dy W0 (`Linear4bitFn`); no dW0 is ever formed.
     """
 
     def __init__(
@@ -77,6 +141,8 @@ class Linear4bit(Module):
 
     def _store(self, weight: QuantizedTensor, bias: Any) -> None:
         self.out_features, self.in_features = weight.shape
+        self.compute_dtype = np.dtype(np.float32)
+        self.workspace = Workspace()
         self.weight = weight
         self.bias = (
             None if bias is None else Parameter(np.asarray(bias, np.float32), requires_grad=False)
@@ -89,7 +155,7 @@ class Linear4bit(Module):
     def forward(self, x: Any) -> Tensor:
         """x of shape (..., in_features) -> y of shape (..., out_features)."""
         x = check_input(f"Linear4bit(in_features={self.in_features})", x, self.in_features)
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return Linear4bitFn.apply(x, self.bias, weight=self.weight, workspace=self.workspace)
 
     def add_delta_(self, delta: Any) -> Linear4bit:
         """Merge ``delta`` (ΔW = s B A, shape (out_features, in_features)) into the 4-bit W0.
@@ -161,7 +227,9 @@ def quantize_model(
         )
         for name in chosen
     }
+    workspace = Workspace()
     for name, layer in built.items():
+        layer.workspace = workspace
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     return model
