@@ -5,6 +5,7 @@ import pytest
 
 from loralab import functional as F
 from loralab.lora import (
+    LoraConfig,
     LoRALinear,
     count_parameters,
     inject_lora,
@@ -147,3 +148,49 @@ def test_injection_is_reproducible_from_a_seed():
     for (_, la), (_, lb) in zip(lora_layers(a), lora_layers(b), strict=True):
         np.testing.assert_array_equal(la.lora_A.data, lb.lora_A.data)
     assert isinstance(a[0], LoRALinear) and isinstance(a[0].base, Linear)
+
+
+def test_inject_with_a_lora_config_equals_the_keyword_form():
+    config = LoraConfig(
+        r=3, lora_alpha=6, lora_dropout=0.1, target_modules=["q", "v"], use_rslora=True
+    )
+    a = inject_lora(Net(), config, seed=4)
+    b = inject_lora(Net(), ["q", "v"], r=3, alpha=6, dropout=0.1, use_rslora=True, seed=4)
+    assert [n for n, _ in lora_layers(a)] == [n for n, _ in lora_layers(b)]
+    for (_, la), (_, lb) in zip(lora_layers(a), lora_layers(b), strict=True):
+        np.testing.assert_array_equal(la.lora_A.data, lb.lora_A.data)
+        assert (la.r, la.alpha, la.scaling, la.dropout) == (lb.r, lb.alpha, lb.scaling, lb.dropout)
+    with pytest.raises(TypeError, match=r"LoraConfig and the keyword options \['alpha'\]"):
+        inject_lora(Net(), config, alpha=5)
+    with pytest.raises(ValueError, match="has no target_modules"):
+        inject_lora(Net(), LoraConfig(r=2))
+
+
+def test_a_config_rank_and_alpha_pattern_apply_at_injection_as_in_peft():
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q", "v"],
+        rank_pattern={r"layers\.2\.q": 3},
+        alpha_pattern={"v": 8},
+    )
+    layers = dict(lora_layers(inject_lora(Net(), config, seed=0)))
+    assert layers["layers.2.q"].r == 3 and layers["layers.0.q"].r == 2
+    assert layers["layers.0.v"].alpha == layers["layers.2.v"].alpha == 8
+    assert layers["layers.0.q"].alpha == 4
+
+
+def test_lora_config_round_trips_and_is_strict():
+    config = LoraConfig(r=4, lora_alpha=8.5, target_modules=("a", "b"), init_lora_weights="pissa")
+    assert LoraConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["target_modules"] == ["a", "b"] and config.init == "pissa"
+    with pytest.raises(TypeError, match="LoraConfig: use_dora must be True or False, got 'false'"):
+        LoraConfig(use_dora="false")
+    with pytest.raises(
+        ValueError, match="lora_alpha must be a positive number, got lora_alpha=inf"
+    ):
+        LoraConfig(lora_alpha=float("inf"))
+    with pytest.raises(ValueError, match="x.json: unsupported bias='all'"):
+        LoraConfig.from_dict(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "bias": "all"}, source="x.json"
+        )

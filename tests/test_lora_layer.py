@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from loralab import Tensor, gradcheck
-from loralab.lora import LoRALinear
-from loralab.nn import Linear, ReLU
+from loralab import functional as F
+from loralab.lora import LoRALinear, inject_lora, lora_layers, register_linear_type
+from loralab.lora.layer import LoRABranchFn
+from loralab.nn import Linear, Module, Parameter, ReLU, Sequential
 
 
 def lora_layer(r=2, alpha=4.0, seed=0, **kw):
@@ -101,3 +103,87 @@ def test_lora_dropout_only_in_training_and_reproducible():
     again = lora_layer(r=2, dropout=0.5, seed=1)
     again.lora_B.data[:] = 1.0
     np.testing.assert_array_equal(again(x).data, y_train)
+
+
+# ----- a linear-like base that is not a plain Linear (the interface a quantized base implements) ----
+class Rescaled(Module):
+    """y = x (c W)^T: W0 = c W held in another form, as a quantized base holds it in codes."""
+
+    def __init__(self, linear, c=2.0, mergeable=True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.half = Parameter(linear.weight.data / c, requires_grad=False)
+        self.c = c
+        self.compute_dtype = np.float64  # the dtype A and B get
+        if mergeable:
+            self.add_delta_ = self._add_delta
+
+    def forward(self, x):
+        return F.linear(x, Tensor(self.c * self.half.data), None)
+
+    def _add_delta(self, delta):
+        self.half.data = self.half.data + delta / self.c
+        return self
+
+
+register_linear_type(Rescaled)
+
+
+def rescaled_layer(mergeable=True, **kw):
+    base = Rescaled(Linear(7, 5, bias=False, seed=0, dtype=np.float64), mergeable=mergeable)
+    layer = LoRALinear(base, r=2, alpha=4.0, seed=0, **kw)
+    layer.lora_B.data = np.random.default_rng(1).standard_normal((5, 2))
+    return layer
+
+
+def test_a_registered_linear_like_base_runs_base_plus_branch_with_a_hand_backward():
+    layer = rescaled_layer(dropout=0.3)
+    W0 = 2.0 * layer.base.half.data
+    x = np.random.default_rng(2).standard_normal((3, 7))
+    expected = x @ (W0 + layer.delta_weight()).T
+    np.testing.assert_allclose(layer.eval()(x).data, expected, rtol=1e-13)
+    layer.train()
+    mask = (np.random.default_rng(3).random((2, 4, 7)) > 0.3) / 0.7
+    xt = Tensor(np.random.default_rng(4).standard_normal((2, 4, 7)), requires_grad=True)
+    gradcheck(
+        lambda x, A, B: LoRABranchFn.apply(x, A, B, scaling=layer.scaling, mask=mask),
+        xt,
+        layer.lora_A,
+        layer.lora_B,
+    )
+    gradcheck(lambda x, A, B: layer.eval()(x), xt, layer.lora_A, layer.lora_B)
+    assert layer.base.half.grad is None
+
+
+def test_merging_into_such_a_base_goes_through_add_delta_or_is_refused():
+    layer = rescaled_layer()
+    x = np.random.default_rng(5).standard_normal((3, 7))
+    before = layer(x).data
+    layer.merge()
+    np.testing.assert_allclose(layer(x).data, before, rtol=1e-12)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.base(x).data, x @ (2.0 * layer.base.half.data).T)
+    frozen = rescaled_layer(mergeable=False)
+    with pytest.raises(TypeError, match="Rescaled base has no add_delta_"):
+        frozen.merge()
+    assert not frozen.merged
+
+
+@pytest.mark.parametrize("kwargs", [{"use_dora": True}, {"init": "pissa"}, {"init": "olora"}])
+def test_variants_that_need_W0_are_refused_on_such_a_base(kwargs):
+    base = Rescaled(Linear(7, 5, seed=0))
+    with pytest.raises(ValueError, match="need W0 itself, which a Rescaled base does not hold"):
+        LoRALinear(base, r=2, **kwargs)
+    assert base.half.requires_grad is False  # and nothing else was touched
+
+
+def test_inject_lora_targets_registered_linear_types():
+    model = Sequential(Rescaled(Linear(7, 5, seed=0)), ReLU(), Linear(5, 3, seed=0))
+    inject_lora(model, "all-linear", r=2, seed=0)
+    assert [n for n, _ in lora_layers(model)] == ["0", "2"]
+    assert isinstance(model.get_submodule("0").base, Rescaled)
+
+
+def test_register_linear_type_wants_a_module_class():
+    with pytest.raises(TypeError, match="expected a loralab.nn.Module class"):
+        register_linear_type(int)

@@ -42,6 +42,7 @@ import numpy as np
 from loralab.fileio import atomic_directory
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
+from loralab.lora.variants import INITS
 
 __all__ = [
     "save_adapter",
@@ -100,9 +101,7 @@ def adapter_config(layers: list[tuple[str, Any]]) -> LoraConfig:
         lora_dropout=_most_common([float(layer.dropout) for _, layer in layers]),
         target_modules=tuple(sorted(name for name, _ in layers)),
         use_rslora=bool(_most_common([bool(layer.use_rslora) for _, layer in layers])),
-        use_dora=bool(
-            _most_common([bool(getattr(layer, "use_dora", False)) for _, layer in layers])
-        ),
+        use_dora=bool(_most_common([layer.use_dora for _, layer in layers])),
         init_lora_weights=INIT_TO_PEFT.get(init, init),
         rank_pattern={name: layer.r for name, layer in layers if layer.r != r},
         alpha_pattern={name: layer.alpha for name, layer in layers if layer.alpha != alpha},
@@ -153,8 +152,8 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     for path, layer in layers:
         for suffix, attr in _SUFFIXES.items():
             tensors[f"{PREFIX}{path}{suffix}"] = np.asarray(backend.get(layer, attr))
-        if getattr(layer, "use_dora", False):
-            tensors[f"{PREFIX}{path}{_MAGNITUDE}"] = np.asarray(backend.get(layer, _MAGNITUDE[1:]))
+        for name in layer.kind.extra_names:  # DoRA's lora_magnitude_vector (PEFT: no ".weight")
+            tensors[f"{PREFIX}{path}.{name}"] = np.asarray(backend.get(layer, name))
     return write_adapter(directory, adapter_config(layers), tensors)
 
 
@@ -399,9 +398,8 @@ def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:
             f"load_adapter: config has use_dora={config.use_dora} but the model's layer {path!r} has "
             f"use_dora={not config.use_dora}"
         )
-    principal = ("pissa", "olora")
-    init = getattr(layer, "init", "kaiming")
-    if (init in principal or config.init in principal) and (
+    init = layer.init
+    if (INITS[init].moves_W0 or INITS[config.init].moves_W0) and (
         init != config.init or layer.scaling != config.scaling_for(path)
     ):
         raise ValueError(

@@ -152,16 +152,15 @@ class LoRALayerMixin:
     def _init_lora(
         self,
         base: Any,
-        *,
-        r: int,
-        alpha: float,
-        dropout: float,
-        init: str,
-        use_rslora: bool,
-        use_dora: bool,
         rng: np.random.Generator,
+        r: Any,
+        alpha: Any,
+        dropout: Any,
+        init: Any,
+        use_rslora: Any,
+        use_dora: Any,
     ) -> None:
-        """Validate, freeze ``base``, then create A, B (and DoRA's m) with ``init``."""
+        """Validate the options (the layer's keywords), freeze ``base``, then create A, B (and DoRA's m)."""
         validate_lora_options(
             base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
         )
@@ -440,16 +439,7 @@ class LoRALinear(LoRALayerMixin, Module):
             )
         super().__init__()
         self.rng = make_rng(seed, rng)
-        self._init_lora(
-            base,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            rng=self.rng,
-        )
+        self._init_lora(base, self.rng, r, alpha, dropout, init, use_rslora, use_dora)
 
     def _weight_array(self, base: Any) -> np.ndarray | None:
         return base.weight.data if isinstance(base, Linear) else None

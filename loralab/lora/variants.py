@@ -25,7 +25,7 @@ Function), register it in `INITS` or `KINDS`, then give both layers (`loralab.lo
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -75,22 +75,11 @@ SCALINGS = {
 
 
 # ----- initialisation ----------------------------------------------------------------------------------
-class Init(Protocol):
-    name: str
-    moves_W0: bool
-
-    def __call__(
-        self,
-        W0: np.ndarray | None,
-        r: int,
-        scaling: float,
-        rng: np.random.Generator,
-        shape: tuple[int, int],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
-
-
 class RandomInit:
     """A random, B = 0, W0 untouched, so ΔW = 0 at first. All float64; shape = (out, in).
+
+    An init is called as ``init(W0 or None, r, scaling, rng, (out, in))`` and returns
+    (A (r, in), B (out, r), the residual that replaces W0 or None).
 
     "kaiming": A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with a=sqrt(5));
     "gaussian": A ~ N(0, (1/r)^2).
@@ -186,7 +175,7 @@ class PrincipalInit:
         return self.split(W0, r, scaling)
 
 
-INITS: dict[str, Init] = {
+INITS: dict[str, RandomInit | PrincipalInit] = {
     "kaiming": RandomInit("kaiming"),
     "gaussian": RandomInit("gaussian"),
     "pissa": PrincipalInit("pissa", pissa_init),

@@ -112,12 +112,8 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
 
     Attributes
     ----------
-    lora_A : Parameter of shape (r, in_features)
-    lora_B : Parameter of shape (out_features, r)
-    lora_magnitude_vector : Parameter of shape (out_features,), only with ``use_dora``
-    scaling : float
-    merged : bool
-        Whether ΔW is currently added into ``base.weight``.
+    lora_A, lora_B, lora_magnitude_vector, scaling, merged
+        As in `loralab.lora.LoRALinear` (torch Parameters and tensors here).
     mask_rng : numpy.random.Generator or None
         When set, dropout masks are drawn from it with `loralab.functional.dropout_mask`,
         exactly as the NumPy layer draws them (see `loralab.torch.shared_dropout_masks`).
@@ -154,16 +150,8 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         self.use_custom_backward = boolean("use_custom_backward", use_custom_backward, "LoRALinear")
         self.generator = generator
         self.mask_rng: np.random.Generator | None = None
-        self._init_lora(
-            base,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            rng=make_rng(seed, rng),
-        )
+        np_rng = make_rng(seed, rng)
+        self._init_lora(base, np_rng, r, alpha, dropout, init, use_rslora, use_dora)
 
     def _weight_array(self, base: torch.nn.Linear) -> np.ndarray:
         return base.weight.detach().cpu().numpy()
