@@ -178,19 +178,3 @@ def test_a_config_rank_and_alpha_pattern_apply_at_injection_as_in_peft():
     assert layers["layers.2.q"].r == 3 and layers["layers.0.q"].r == 2
     assert layers["layers.0.v"].alpha == layers["layers.2.v"].alpha == 8
     assert layers["layers.0.q"].alpha == 4
-
-
-def test_lora_config_round_trips_and_is_strict():
-    config = LoraConfig(r=4, lora_alpha=8.5, target_modules=("a", "b"), init_lora_weights="pissa")
-    assert LoraConfig.from_dict(config.to_dict()) == config
-    assert config.to_dict()["target_modules"] == ["a", "b"] and config.init == "pissa"
-    with pytest.raises(TypeError, match="LoraConfig: use_dora must be True or False, got 'false'"):
-        LoraConfig(use_dora="false")
-    with pytest.raises(
-        ValueError, match="lora_alpha must be a positive number, got lora_alpha=inf"
-    ):
-        LoraConfig(lora_alpha=float("inf"))
-    with pytest.raises(ValueError, match="x.json: unsupported bias='all'"):
-        LoraConfig.from_dict(
-            {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "bias": "all"}, source="x.json"
-        )
