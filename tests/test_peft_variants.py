@@ -6,10 +6,12 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from test_torch_variants import base, numpy_lora, perturbed  # noqa: E402
 from test_variants import dora_model, rand  # noqa: E402
 
 from loralab.lora import inject_lora, load_adapter, lora_layers, merge_lora  # noqa: E402
 from loralab.nn import MLP  # noqa: E402
+from loralab.torch import save_adapter, to_torch  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.peft]
 
@@ -79,3 +81,15 @@ def test_principal_inits_match_peft(init):
         if init == "olora":
             np.testing.assert_allclose(A, layer.lora_A.data, atol=2e-5)
             np.testing.assert_allclose(B, layer.lora_B.data, atol=2e-5)
+
+
+def test_peft_loads_a_dora_adapter_saved_from_a_torch_model(tmp_path):
+    twin = to_torch(perturbed(numpy_lora(use_dora=True)))
+    save_adapter(twin, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(to_torch(base()), tmp_path).eval()
+    assert loaded.peft_config["default"].use_dora
+    x = torch.tensor(rand(5, 6))
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            loaded(x).numpy(), twin.eval()(x).numpy(), rtol=1e-10, atol=1e-12
+        )
