@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from loralab import counting
-from loralab.params_report import format_params_report, format_presets
+from loralab.params_report import format_params_report, format_presets, format_qlora_memory
+from loralab.quant.memory import qlora_memory
 
 
 class UsageError(Exception):
@@ -71,6 +72,14 @@ def _add_params_parser(subparsers) -> argparse.ArgumentParser:
     )
     lora.add_argument("--dtype", choices=tuple(counting.DTYPE_BYTES), default="fp16")
     lora.add_argument("--optimizer", choices=tuple(counting.OPTIMIZER_STATES), default="adam")
+    lora.add_argument(
+        "--quant",
+        choices=("nf4", "fp4", "int4", "int8"),
+        help="QLoRA: the frozen base quantized blockwise (blocks of 64), see loralab.quant",
+    )
+    lora.add_argument(
+        "--double-quant", action="store_true", help="with --quant: the absmax constants in 8 bits"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -132,11 +141,14 @@ def _run_params(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(f"loralab params: error: {e}") from None
+    if args.double_quant and args.quant is None:
+        raise UsageError("loralab params: error: --double-quant needs --quant")
+    qlora = None if args.quant is None else qlora_memory(est, args.quant, args.double_quant)
     if args.json:
         report = {"model": shape.name, **est.to_dict(), "embeddings_included": shape.vocab_size > 0}
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report | ({"qlora": qlora} if qlora else {}), indent=2))
     else:
-        print(format_params_report(shape, est))
+        print(format_params_report(shape, est) + (format_qlora_memory(qlora) if qlora else ""))
     return 0
 
 

@@ -149,3 +149,15 @@ def format_params_report(shape: counting.TransformerShape, est: counting.MemoryE
         "(they depend on batch size, sequence length and checkpointing)."
     )
     return "\n".join(lines)
+
+
+def format_qlora_memory(qlora: dict) -> str:
+    """The lines `loralab params --quant` adds to its report."""
+    how = f"{qlora['quant']}{' with double quantization' if qlora['double_quant'] else ''}"
+    return (
+        f"\n  QLoRA: the frozen base in {how}, {qlora['bits_per_parameter']:.4g} bits per parameter:"
+        f"\n    base weights {human_bytes(qlora['base_weights_bytes'])} instead of "
+        f"{human_bytes(qlora['base_weights_bytes_unquantized'])}; training memory "
+        f"{human_bytes(qlora['memory_qlora_bytes'])} (the adapter, its gradients and optimizer "
+        "states as for LoRA; activations excluded)."
+    )

@@ -241,3 +241,27 @@ def test_bad_input_is_refused_by_name(kwargs, error, words):
         quantize(**args)
     for word in words:
         assert word in str(info.value)
+
+
+# ----- the memory arithmetic ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", sorted(LEVELS))
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bits_per_parameter_is_what_a_large_tensor_stores(dtype, double_quant):
+    from loralab.quant import bits_per_parameter
+
+    W = weights((256, 256), seed=13)  # 1024 blocks of 64: 4 whole groups of 256 constants
+    q = quantize(W, dtype, block_size=64, double_quant=double_quant)
+    per_tensor = 32 / W.size if double_quant else 0  # the float32 mean of the constants
+    assert q.bits_per_parameter == pytest.approx(
+        bits_per_parameter(dtype, block_size=64, double_quant=double_quant) + per_tensor, rel=1e-12
+    )
+
+
+def test_quantized_bytes_gives_the_papers_llama_65b_figure():
+    from loralab.quant import quantized_bytes
+
+    assert (
+        quantized_bytes(65e9, "nf4", double_quant=True) == 65e9 * (4 + 8 / 64 + 32 / 64 / 256) / 8
+    )
+    with pytest.raises(ValueError, match="dtype"):
+        quantized_bytes(10, "nf5")

@@ -4,7 +4,8 @@
   bitsandbytes' 8-bit dynamic map for double quantization), each derived in code.
 - `blockwise`: `quantize` -> `QuantizedTensor` (packed codes, absmax constants, optional double
   quantization), equal byte for byte to bitsandbytes' CPU kernels.
-- `layer`: `Linear4bit`, a frozen quantized base layer, and `quantize_model`.
+- `layer`: `Linear4bit`, a frozen quantized base layer (LoRA wraps it: QLoRA), and `quantize_model`.
+- `memory`: `bits_per_parameter` and `quantized_bytes`, the paper's memory arithmetic.
 
 NumPy only: torch and bitsandbytes are never imported here (the tests import them to compare).
 """
@@ -19,7 +20,7 @@ from loralab.quant.blockwise import (
     quantize_blockwise_8bit,
     unpack_4bit,
 )
-from loralab.quant.layer import Linear4bit, quantize_model
+from loralab.quant.layer import Linear4bit, Linear4bitFn, Workspace, quantize_model
 from loralab.quant.levels import (
     DYNAMIC8_VALUES,
     FP4_VALUES,
@@ -28,6 +29,7 @@ from loralab.quant.levels import (
     NF4_VALUES,
     normal_float_levels,
 )
+from loralab.quant.memory import bits_per_parameter, quantized_bytes
 
 __all__ = [
     "NF4_VALUES",
@@ -45,5 +47,9 @@ __all__ = [
     "pack_4bit",
     "unpack_4bit",
     "Linear4bit",
+    "Linear4bitFn",
+    "Workspace",
     "quantize_model",
+    "bits_per_parameter",
+    "quantized_bytes",
 ]

@@ -371,10 +371,10 @@ def quantize(
 
     Examples
     --------
-    >>> W = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    >>> W = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
     >>> q = quantize(W, "nf4", double_quant=True)
     >>> q.dequantize().shape, round(q.bits_per_parameter, 3)
-    ((64, 64), 4.127)
+    ((256, 256), 4.127)
     """
     if not isinstance(dtype, str):
         raise TypeError(f"quantize: dtype must be a str, got {type(dtype).__name__}")
