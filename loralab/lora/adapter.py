@@ -453,17 +453,10 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     for plan in plans:  # nothing below can fail on a checked file: the model changes from here on
         layer = existing.get(plan.path)
         if layer is None:
-            options = {
-                "r": plan.r,
-                "alpha": plan.alpha,
-                "dropout": config.lora_dropout,
-                "use_rslora": config.use_rslora,
-                "use_dora": config.use_dora,
-                # PiSSA/OLoRA adapters were trained on the residual W0 - s B0 A0: split W0 again,
-                # as PEFT does on loading, before the file's A and B replace B0 and A0.
-                "init": config.init,
-                "seed": 0,
-            }
+            # With the file's init: PiSSA/OLoRA adapters were trained on the residual
+            # W0 - s B0 A0, so W0 is split again (as PEFT does on loading) before the file's A
+            # and B replace B0 and A0.
+            options = {**config.layer_options(plan.path), "seed": 0}
             layer = backend.attach(model, plan.path, options)
         layer.alpha, layer.use_rslora = plan.alpha, config.use_rslora
         layer.scaling = lora_scaling(plan.alpha, plan.r, config.use_rslora)

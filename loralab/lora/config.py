@@ -274,6 +274,17 @@ class LoraConfig:
         key = pattern_key(list(self.alpha_pattern), path)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
+    def layer_options(self, path: str) -> dict[str, Any]:
+        """`LoRALinear`'s keyword options for the layer at ``path`` (its r and alpha by pattern)."""
+        return {
+            "r": self.rank_for(path),
+            "alpha": self.alpha_for(path),
+            "dropout": self.lora_dropout,
+            "init": self.init,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+        }
+
     def scaling_for(self, path: str) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA, for the layer at ``path``."""
         return lora_scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)

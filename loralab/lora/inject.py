@@ -150,25 +150,15 @@ def wrap_targets(model: Any, config: LoraConfig, backend: Backend, seed: int | N
     assert config.target_modules is not None
     chosen = select_targets(model, config.target_modules, backend)
     modules = dict(model.named_modules())
-    options = {}
     for name in chosen:
         base = modules[name]
-        r = config.rank_for(name)
         where = f"LoRALinear(in_features={base.in_features}, out_features={base.out_features})"
-        check_rank_fits(r, base.in_features, base.out_features, where)
-        options[name] = {
-            "r": r,
-            "alpha": config.alpha_for(name),
-            "dropout": config.lora_dropout,
-            "init": config.init,
-            "use_rslora": config.use_rslora,
-            "use_dora": config.use_dora,
-        }
+        check_rank_fits(config.rank_for(name), base.in_features, base.out_features, where)
     rng = make_rng(seed)
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        layer = backend.build(modules[name], rng=rng, **options[name])
+        layer = backend.build(modules[name], rng=rng, **config.layer_options(name))
         setattr(model.get_submodule(parent_name), child, layer)
     return model
 
