@@ -3,7 +3,8 @@
 One package, in layers (each module imports only those above it in this list):
 
 - `loralab.lora.ops`: the pure-NumPy forwards and hand-derived backwards (LoRA, the LoRA branch
-  alone, DoRA); imports nothing of loralab;
+  alone, DoRA); imports nothing of loralab. Beside it, as pure: `loralab.lora.embedding` (LoRA
+  on an embedding table) and `loralab.lora.grouped` (one batch, many adapters);
 - `loralab.lora.variants`: scaling rules, initialisations (PiSSA, OLoRA), DoRA as small objects; LoRA+;
 - `loralab.lora.config`: `LoraConfig` (PEFT's field names, validated once) and the validators;
 - `loralab.lora.layer`: `LoRALinear`, its Functions, and the mixin the torch layer shares;

@@ -191,7 +191,8 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         extra = [getattr(self, name) for name in self.kind.extra_names]
         if self.use_custom_backward:
             return _FUNCTIONS[self.kind.name].apply(x, W0, b, A, B, *extra, s, mask)
-        return getattr(self, f"_{self.kind.name}_autograd")(x, W0, b, *extra, mask)
+        autograd = {"lora": self._lora_autograd, "dora": self._dora_autograd}[self.kind.name]
+        return autograd(x, W0, b, *extra, mask)
 
     def _lora_autograd(self, x, W0, b, mask):
         """LoRA through plain autograd: x W0^T + b + s ((x * mask) A^T) B^T."""
