@@ -6,6 +6,7 @@
   quantization), equal byte for byte to bitsandbytes' CPU kernels.
 - `layer`: `Linear4bit`, a frozen quantized base layer (LoRA wraps it: QLoRA), and `quantize_model`.
 - `memory`: `bits_per_parameter` and `quantized_bytes`, the paper's memory arithmetic.
+- `loftq`: LoftQ's initialisation (alternate quantizing and a rank-r SVD of the residual).
 
 NumPy only: torch and bitsandbytes are never imported here (the tests import them to compare).
 """
@@ -29,6 +30,7 @@ from loralab.quant.levels import (
     NF4_VALUES,
     normal_float_levels,
 )
+from loralab.quant.loftq import LoftQResult, loftq
 from loralab.quant.memory import bits_per_parameter, quantized_bytes
 
 __all__ = [
@@ -52,4 +54,6 @@ __all__ = [
     "quantize_model",
     "bits_per_parameter",
     "quantized_bytes",
+    "loftq",
+    "LoftQResult",
 ]
