@@ -8,7 +8,14 @@ import pytest
 
 from loralab import Tensor, gradcheck
 from loralab import functional as F
-from loralab.lora import LoRALinear, inject_lora, lora_layers, register_linear_type
+from loralab.lora import (
+    LoRALinear,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    register_linear_type,
+    save_adapter,
+)
 from loralab.lora.layer import LoRABranchFn
 from loralab.nn import Linear, Module, Parameter, ReLU, Sequential
 
@@ -187,3 +194,16 @@ def test_inject_lora_targets_registered_linear_types():
 def test_register_linear_type_wants_a_module_class():
     with pytest.raises(TypeError, match="expected a loralab.nn.Module class"):
         register_linear_type(int)
+
+
+@pytest.mark.parametrize("kwargs", [{"use_dora": True}, {"init": "pissa"}])
+def test_loading_a_W0_variant_onto_such_a_base_is_refused_before_anything_changes(tmp_path, kwargs):
+    plain = Sequential(Linear(7, 5, seed=0), ReLU(), Linear(5, 3, seed=0))
+    save_adapter(inject_lora(plain, ["0", "2"], r=2, seed=0, **kwargs), tmp_path)
+    model = Sequential(Linear(7, 5, seed=0), ReLU(), Rescaled(Linear(5, 3, seed=0)))
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    weight = model.get_submodule("0").weight.data.copy()
+    with pytest.raises(ValueError, match="need W0 itself, which the base at '2' \\(Rescaled\\)"):
+        load_adapter(model, tmp_path)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+    np.testing.assert_array_equal(model.get_submodule("0").weight.data, weight)

@@ -385,6 +385,12 @@ def _plan(
         check_rank_fits(r, in_f, out_f, f"load_adapter: layer {path!r} (out={out_f}, in={in_f})")
         if layer is not None:
             _check_compatible(layer, path, config)
+        elif (config.use_dora or INITS[config.init].moves_W0) and not backend.holds_W0(model, path):
+            raise ValueError(
+                f"load_adapter: use_dora={config.use_dora}, init_lora_weights="
+                f"{config.init_lora_weights!r} need W0 itself, which the base at {path!r} "
+                f"({type(model.get_submodule(path)).__name__}) does not hold"
+            )
         plans.append(
             _LayerPlan(path, {a: s.key for a, s in found.items()}, r, config.alpha_for(path))
         )

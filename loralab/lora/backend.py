@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from loralab.lora.layer import LINEAR_TYPES, LoRALinear
+from loralab.nn.layers import Linear
 from loralab.nn.module import Module
 
 __all__ = ["Backend", "NumpyBackend", "register_backend", "backend_for"]
@@ -69,6 +70,10 @@ class Backend:
         layer: Any = module  # a linear-like module: in_features and out_features
         return layer.out_features, layer.in_features
 
+    def holds_W0(self, model: Any, path: str) -> bool:
+        """Whether the linear module at ``path`` keeps W0 as a plain weight (DoRA, PiSSA, OLoRA need it)."""
+        return True
+
     def linear_names(self, model: Any) -> list[str]:
         kinds = (*self.linear_types(), self.lora_type)
         return [n for n, m in model.named_modules() if isinstance(m, kinds)]
@@ -94,6 +99,9 @@ class NumpyBackend(Backend):
 
     def linear_types(self) -> tuple[type, ...]:
         return tuple(LINEAR_TYPES)
+
+    def holds_W0(self, model: Any, path: str) -> bool:
+        return isinstance(model.get_submodule(path), Linear)
 
     def get(self, layer: Any, name: str) -> np.ndarray:
         return getattr(layer, name).data
