@@ -207,3 +207,10 @@ def test_loading_a_W0_variant_onto_such_a_base_is_refused_before_anything_change
         load_adapter(model, tmp_path)
     assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
     np.testing.assert_array_equal(model.get_submodule("0").weight.data, weight)
+
+
+def test_injecting_a_W0_variant_onto_such_a_base_is_refused_before_anything_changes():
+    model = Sequential(Linear(7, 5, seed=0), ReLU(), Rescaled(Linear(5, 3, seed=0)))
+    with pytest.raises(ValueError, match="inject_lora: use_dora=True.*base at '2' \\(Rescaled\\)"):
+        inject_lora(model, "all-linear", r=2, use_dora=True)
+    assert not lora_layers(model) and model.get_submodule("0").weight.requires_grad

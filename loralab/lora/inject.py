@@ -26,6 +26,7 @@ from loralab.lora.config import (
     positive_number,
     target_names,
 )
+from loralab.lora.variants import INITS
 from loralab.nn.module import make_rng
 
 __all__ = [
@@ -154,6 +155,11 @@ def wrap_targets(model: Any, config: LoraConfig, backend: Backend, seed: int | N
         base = modules[name]
         where = f"LoRALinear(in_features={base.in_features}, out_features={base.out_features})"
         check_rank_fits(config.rank_for(name), base.in_features, base.out_features, where)
+        if (config.use_dora or INITS[config.init].moves_W0) and not backend.holds_W0(model, name):
+            raise ValueError(
+                f"inject_lora: use_dora={config.use_dora}, init={config.init!r} need W0 itself, "
+                f"which the base at {name!r} ({type(base).__name__}) does not hold"
+            )
     rng = make_rng(seed)
     model.requires_grad_(False)
     for name in chosen:
