@@ -30,14 +30,14 @@ def _pairs(levels: np.ndarray) -> torch.Tensor:
 class Linear4bit(torch.nn.Module):
     """``y = x dequantize(W0)^T + b``, W0 stored blockwise in 4 (or 8) bits and frozen.
 
+    Build one from the NumPy layer with `from_numpy` (or convert a whole model with
+    `loralab.torch.to_torch`).
+
     Parameters
     ----------
     weight : loralab.quant.QuantizedTensor of shape (out_features, in_features)
     bias : torch.Tensor of shape (out_features,), optional
         Kept as a frozen Parameter.
-
-    Build one from the NumPy layer with `from_numpy` (or convert a whole model with
-    `loralab.torch.to_torch`).
     """
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None):
