@@ -7,11 +7,11 @@
   whole site; a current copy is reused. A notebook that fails to execute is reported with a
   warning (so a strict build fails) and left out.
 - **API reference**: one mkdocstrings page per public module in ``API_MODULES`` that exists.
-- **Home page**: the list of tutorials replaces ``<!-- loralab:tutorial-list -->`` in ``index.md``;
-  guides in ``OPTIONAL_GUIDES`` join the Guides section of the nav when their page exists.
+- **Home page**: the list of tutorials replaces ``<!-- loralab:tutorial-list -->`` in ``index.md``.
 - **Benchmarks**: ``docs/benchmarks/results.md`` (written by ``loralab bench``) is inlined into
   ``benchmarks.md`` with its figures; a note says how to produce it when it is missing.
-- A download link on every tutorial page.
+- A download link on every tutorial page, and links between notebooks and to the guides (written
+  for Jupyter, relative to ``tutorials/``) pointed at their pages on the site.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import html
 import importlib.util
 import json
 import logging
+import posixpath
 import re
 import sys
 from pathlib import Path
@@ -59,11 +60,6 @@ API_MODULES = [
 
 BENCH_MARKER = "<!-- loralab:benchmark-results -->"
 TUTORIAL_LIST_MARKER = "<!-- loralab:tutorial-list -->"
-# Guides that other parts of the project add with their tutorials: put in the nav when present.
-OPTIONAL_GUIDES = [
-    ("QLoRA: a quantized base", "guides/qlora.md"),
-    ("Distributed training", "guides/distributed.md"),
-]
 FIGURE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".webp")
 
 _state: dict = {}
@@ -173,18 +169,6 @@ def _replace_nav_section(nav: list, title: str, section: list) -> None:
     nav.append({title: section})
 
 
-def _add_optional_guides(nav: list, docs_dir: Path) -> None:
-    """Append each guide of ``OPTIONAL_GUIDES`` that exists to the Guides section, once."""
-    for item in nav:
-        if isinstance(item, dict) and isinstance(item.get("Guides"), list):
-            listed = {next(iter(e.values())) for e in item["Guides"] if isinstance(e, dict)}
-            item["Guides"].extend(
-                {title: path}
-                for title, path in OPTIONAL_GUIDES
-                if (docs_dir / path).is_file() and path not in listed
-            )
-
-
 def tutorial_list(tutorials: list[dict], prefix: str = "") -> str:
     """A Markdown list of the tutorials (top-level notebooks, titles as written), linked from ``prefix``."""
     lines = [f"- [{t['title']}]({prefix}{t['uri']})" for t in tutorials if t["group"] == "."]
@@ -198,7 +182,6 @@ def on_config(config):
     _state.update(tutorials=tutorials, modules=modules)
     if config["nav"] is not None:
         _replace_nav_section(config["nav"], "Tutorials", _tutorial_nav(tutorials))
-        _add_optional_guides(config["nav"], docs_dir)
         api_nav = [{"Overview": "api/index.md"}] + [{name: f"api/{name}.md"} for name, _ in modules]
         _replace_nav_section(config["nav"], "API reference", api_nav)
     return config
@@ -348,9 +331,44 @@ def on_page_markdown(markdown, page, config, files):
     return markdown
 
 
+def notebook_link_target(href: str, src_uri: str) -> tuple[str, str] | None:
+    """The docs file (uri, anchor) that a relative link in notebook ``src_uri`` points to.
+
+    Notebook links are written for Jupyter, relative to the notebook's folder in the repository:
+    ``exercises/04_x.ipynb`` or ``../docs/guides/math.md#scaling`` from ``tutorials/``. On the site
+    ``tutorials/`` is ``docs/tutorials/``. Returns None for absolute links, anchors and other hosts.
+    """
+    if re.match(r"^([a-z][a-z0-9+.-]*:|/|#)", href):
+        return None
+    path, _, anchor = href.partition("#")
+    if not path.endswith((".ipynb", ".md")):
+        return None
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(src_uri), path))
+    return target.removeprefix("docs/"), anchor
+
+
+def _relink_notebook_page(content: str, page, files) -> str:
+    """Point a notebook page's links to other notebooks and guides at their pages on the site."""
+
+    def fix(match: re.Match) -> str:
+        found = notebook_link_target(html.unescape(match.group(1)), page.file.src_uri)
+        if found is None:
+            return match.group(0)
+        uri, anchor = found
+        target = files.get_file_from_path(uri)
+        if target is None:
+            log.warning(f"{page.file.src_uri} links to {match.group(1)}, which is not in the site")
+            return match.group(0)
+        url = target.url_relative_to(page.file) + (f"#{anchor}" if anchor else "")
+        return f'href="{html.escape(url)}"'
+
+    return re.sub(r'href="([^"]+)"', fix, content)
+
+
 def on_page_content(content, page, config, files):
     if not page.file.src_uri.endswith(".ipynb"):
         return content
+    content = _relink_notebook_page(content, page, files)
     name = Path(page.file.src_uri).name
     source = next(
         (t["source"] for t in _state.get("tutorials", []) if t["uri"] == page.file.src_uri), name

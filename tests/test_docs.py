@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import html.parser
 import http.server
 import importlib
@@ -373,6 +374,28 @@ def test_notebook_is_stored_without_outputs(nb_path):
     assert not dirty, f"{nb_path.name}: cells {dirty} carry outputs; strip them before committing"
 
 
+TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9]*.ipynb"))
+
+
+@pytest.mark.parametrize("nb_path", TUTORIALS, ids=lambda p: p.name)
+def test_tutorial_teaches_in_the_common_pattern(nb_path):
+    """A predict-then-run question, a "What we learned" summary, a link to an exercise notebook;
+    every relative link to a notebook or a docs page points at a file that exists."""
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    text = "\n".join(
+        "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        for c in nb["cells"]
+        if c["cell_type"] == "markdown"
+    )
+    assert re.search(r"predict,? then run", text, flags=re.I), "no predict-then-run question"
+    assert "## What we learned" in text, "no 'What we learned' summary"
+    exercises = re.findall(r"\]\((exercises/[^)#]+\.ipynb)\)", text)
+    assert exercises, "no link to an exercise notebook"
+    links = re.findall(r"\]\(([^)#\s]+\.(?:ipynb|md))(?:#[^)]*)?\)", text)
+    missing = [link for link in links if not (nb_path.parent / link).resolve().is_file()]
+    assert not missing, f"links to files that do not exist: {missing}"
+
+
 def _write_notebook(path: Path, *sources: str) -> None:
     import nbformat
 
@@ -553,7 +576,7 @@ def test_home_page_example_runs():
     assert 0 < trainable < total
 
 
-def test_home_page_lists_every_tutorial_and_optional_guides_join_the_nav(tmp_path):
+def test_home_page_lists_every_tutorial():
     tutorials = [
         {"uri": "tutorials/01_a.ipynb", "title": "1. First", "group": "."},
         {"uri": "tutorials/11_q.ipynb", "title": "11. QLoRA", "group": "."},
@@ -565,15 +588,17 @@ def test_home_page_lists_every_tutorial_and_optional_guides_join_the_nav(tmp_pat
         "- [11. QLoRA](tutorials/11_q.ipynb)",
     ]
     assert hooks.TUTORIAL_LIST_MARKER in (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
-    title, path = hooks.OPTIONAL_GUIDES[0]
-    nav = [{"Guides": [{"Math": "guides/math.md"}]}]
-    hooks._add_optional_guides(nav, tmp_path)  # the page does not exist: nothing added
-    assert nav == [{"Guides": [{"Math": "guides/math.md"}]}]
-    (tmp_path / path).parent.mkdir(parents=True)
-    (tmp_path / path).write_text("# page")
-    hooks._add_optional_guides(nav, tmp_path)
-    hooks._add_optional_guides(nav, tmp_path)  # only once
-    assert nav == [{"Guides": [{"Math": "guides/math.md"}, {title: path}]}]
+
+
+def test_notebook_links_written_for_jupyter_are_mapped_to_site_files():
+    src = "tutorials/06_fine_tuning_with_lora.ipynb"
+    target = hooks.notebook_link_target
+    assert target("exercises/04_merge.ipynb", src) == ("tutorials/exercises/04_merge.ipynb", "")
+    assert target("05b_build.ipynb", src) == ("tutorials/05b_build.ipynb", "")
+    assert target("../docs/guides/math.md#scaling", src) == ("guides/math.md", "scaling")
+    assert target("../../index.md", "tutorials/exercises/01.ipynb") == ("index.md", "")
+    for other in ("https://arxiv.org/abs/2106.09685", "#scaling", "/abs.md", "data.csv"):
+        assert target(other, src) is None
 
 
 def test_block_diagram_is_drawn_deterministically(tmp_path):
@@ -626,6 +651,23 @@ def test_strict_build_executes_missing_and_stale_notebooks_itself(built):
         dest = execute_notebooks.output_path(src)
         recorded = json.loads(dest.read_text(encoding="utf-8"))["metadata"]["loralab"]
         assert recorded["source_sha256"] == execute_notebooks.source_digest(src)
+
+
+def test_tutorial_pages_link_to_site_pages_not_to_notebook_files(built):
+    site = Path(built["build"]["site"])
+    stale = {}
+    for page in built["build"]["pages"]:
+        if not page.startswith("tutorials/") or page == "tutorials/index.html":
+            continue
+        text = (site / page).read_text(encoding="utf-8")
+        # every link but the download button (which fetches the notebook file itself)
+        hrefs = re.findall(r'<a (?![^>]*\bdownload\b)[^>]*href="([^"]+)"', text)
+        bad = [
+            h for h in hrefs if hooks.notebook_link_target(html.unescape(h), "tutorials/x.ipynb")
+        ]
+        if bad:
+            stale[page] = bad[:3]
+    assert not stale, stale
 
 
 def test_search_index_exists(built):
