@@ -245,7 +245,7 @@ class QuantizedTensor:
     @property
     def absmax(self) -> np.ndarray:
         """The per-block scales, shape (n_blocks,), float32 (dequantized if double quantized)."""
-        if not self.double_quant:
+        if self.absmax_scale is None:
             return self.absmax_stored
         centred = dequantize_blockwise_8bit(
             self.absmax_stored, self.absmax_scale, DOUBLE_QUANT_BLOCK_SIZE
@@ -256,7 +256,7 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes actually stored: packed codes plus the constants (the shared code books excluded)."""
         total = self.codes.nbytes + self.absmax_stored.nbytes
-        if self.double_quant:
+        if self.absmax_scale is not None:
             total += self.absmax_scale.nbytes + np.dtype(np.float32).itemsize
         return int(total)
 

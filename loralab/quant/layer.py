@@ -214,16 +214,16 @@ def quantize_model(
         ``target_modules`` matches no Linear (the message lists the Linear modules).
     """
     modules = dict(model.named_modules())
-    linears = [name for name, m in modules.items() if name and isinstance(m, Linear)]
+    linears = {name: m for name, m in modules.items() if name and isinstance(m, Linear)}
     chosen = [n for n in linears if target_modules is None or match_target(n, target_modules)]
     if not chosen:
         raise ValueError(
             f"quantize_model: target_modules={target_modules!r} matched no Linear; "
-            f"the Linear modules of this model are {linears}"
+            f"the Linear modules of this model are {list(linears)}"
         )
     built = {
         name: Linear4bit(
-            modules[name], dtype=dtype, block_size=block_size, double_quant=double_quant
+            linears[name], dtype=dtype, block_size=block_size, double_quant=double_quant
         )
         for name in chosen
     }
