@@ -165,3 +165,15 @@ def test_an_adapter_trained_on_a_4bit_base_loads_onto_the_unquantized_base_in_pe
     # onto the original float32 base, as people deploy it: what loralab computes with that adapter
     expected = load_adapter(MLP([64, 32, 10], seed=20), tmp_path)(x).data
     np.testing.assert_allclose(peft_output(original), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_twins_backward_passes_gradcheck_and_keeps_no_w0():
+    twin = TorchLinear4bit.from_numpy(numpy_layer((6, 8), seed=30, block_size=16))
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(twin, (x,))
+    twin.bias.requires_grad_(True)  # db, when the bias is trained
+    g = torch.randn(3, 6, dtype=torch.float64)
+    twin(x).backward(g)
+    torch.testing.assert_close(twin.bias.grad, g.sum(0).float())
+    saved = getattr(twin(x).grad_fn, "saved_tensors", ())
+    assert not any(t.shape == (6, 8) for t in saved)  # no float copy of W0 on the graph

@@ -2,7 +2,8 @@
 
 The codes and constants are the NumPy `QuantizedTensor`'s, held as buffers (they move with
 ``.to(device)``); `Linear4bit.dequantized_weight` repeats the NumPy dequantization op for op in
-float32, so the weights the two sides compute with are equal bit for bit. Quantizing (and
+float32, so the weights the two sides compute with are equal bit for bit. As on the NumPy side,
+`Linear4bitFunction` dequantizes W0 in the forward pass and again in the backward pass. Quantizing (and
 re-quantizing in `Linear4bit.add_delta_`) is done once, by the NumPy reference.
 """
 
@@ -18,7 +19,7 @@ from loralab.quant.blockwise import DOUBLE_QUANT_BLOCK_SIZE, LEVELS, QuantizedTe
 from loralab.quant.levels import DYNAMIC8_VALUES
 from loralab.torch.convert import register_converter, register_numpy_converter
 
-__all__ = ["Linear4bit"]
+__all__ = ["Linear4bit", "Linear4bitFunction"]
 
 
 def _pairs(levels: np.ndarray) -> torch.Tensor:
@@ -81,27 +82,40 @@ class Linear4bit(torch.nn.Module):
             np.float32(self.absmax_offset.item()) if dq else None,
         )
 
-    def absmax(self) -> torch.Tensor:
-        """Per-block scales, shape (n_blocks,), float32 (dequantized if double quantized)."""
-        if not self.double_quant:
-            return self.absmax_stored
-        scale = self.absmax_scale.repeat_interleave(DOUBLE_QUANT_BLOCK_SIZE)
-        centred = self.dynamic8[self.absmax_stored.long()] * scale[: self.absmax_stored.numel()]
-        return centred + self.absmax_offset
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        # the stored tensors; add_delta_ replaces them (never writes into them), so a snapshot
+        # taken in forward still describes the W0 that forward used
+        return (self.codes, self.absmax_stored, self.absmax_scale, self.absmax_offset)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """W0, shape (out_features, in_features), float32, equal to the NumPy layer's."""
+    def _absmax(
+        self, stored: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.double_quant:
+            return stored
+        spread = scale.repeat_interleave(DOUBLE_QUANT_BLOCK_SIZE)[: stored.numel()]
+        return self.dynamic8[stored.long()] * spread + offset
+
+    def _dequantize(self, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        codes, stored, scale, offset = state
         n, bs = self.out_features * self.in_features, self.block_size
         if self.levels.ndim == 2:  # 4-bit: each byte gives its two levels at once
-            values = self.levels[self.codes.long()].reshape(-1)[:n]
+            values = self.levels[codes.long()].reshape(-1)[:n]
         else:
-            values = self.levels[self.codes.long()]
-        absmax = self.absmax()
+            values = self.levels[codes.long()]
+        absmax = self._absmax(stored, scale, offset)
         full = n - n % bs
         head = values[:full].reshape(-1, bs) * absmax[: full // bs, None]
         if full < n:
             head = torch.cat([head.reshape(-1), values[full:] * absmax[-1]])
         return head.reshape(self.out_features, self.in_features)
+
+    def absmax(self) -> torch.Tensor:
+        """Per-block scales, shape (n_blocks,), float32 (dequantized if double quantized)."""
+        return self._absmax(self.absmax_stored, self.absmax_scale, self.absmax_offset)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W0, shape (out_features, in_features), float32, equal to the NumPy layer's."""
+        return self._dequantize(self._state())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x of shape (..., in_features) -> (..., out_features); no gradient for W0."""
@@ -110,9 +124,7 @@ class Linear4bit(torch.nn.Module):
                 f"Linear4bit(in_features={self.in_features}): expected x of shape "
                 f"(..., {self.in_features}), got {tuple(x.shape)}"
             )
-        W0 = self.dequantized_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, W0, bias)
+        return Linear4bitFunction.apply(x, self.bias, self, self._state())
 
     @torch.no_grad()
     def add_delta_(self, delta: Any) -> Linear4bit:
@@ -141,6 +153,27 @@ class Linear4bit(torch.nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, dtype={self.dtype}, block_size={self.block_size}{dq}"
         )
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """``y = x W0^T + b``, W0 dequantized in forward and again in backward (the NumPy `Linear4bitFn`).
+
+    Between the two passes only the 4-bit codes are referenced, as in bitsandbytes' 4-bit matmul.
+    Backward: dx = dy W0; no dW0; db = the sum of dy over rows, if b requires a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, state):
+        ctx.layer, ctx.state = layer, state
+        W0 = layer._dequantize(state).to(x.dtype)
+        return torch.nn.functional.linear(x, W0, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        need_x, need_b = ctx.needs_input_grad[:2]
+        dx = grad @ ctx.layer._dequantize(ctx.state).to(grad.dtype) if need_x else None
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if need_b else None
+        return dx, db, None, None
 
 
 def _to_numpy(t: Linear4bit, convert: Any) -> quant.Linear4bit:
