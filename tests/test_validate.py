@@ -5,7 +5,16 @@ import re
 import numpy as np
 import pytest
 
-from loralab._validate import boolean, positive_int, probability
+from loralab._validate import (
+    boolean,
+    fraction,
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+    positive_number,
+    probability,
+)
 
 
 def test_positive_int():
@@ -40,3 +49,62 @@ def test_boolean():
     for bad in ("false", 0, 1, None):
         with pytest.raises(TypeError, match=r"^Linear: bias must be True or False, got"):
             boolean("bias", bad, "Linear")
+
+
+def test_non_negative_int():
+    assert (
+        non_negative_int("seed", 0, "X") == 0
+        and type(non_negative_int("n", np.int8(3), "X")) is int
+    )
+    for bad in (True, 2.0, "4", None):
+        with pytest.raises(TypeError, match=r"^X: n must be an integer >= 0, got"):
+            non_negative_int("n", bad, "X")
+    with pytest.raises(ValueError, match=r"^X: n must be an integer >= 0, got -1$"):
+        non_negative_int("n", -1, "X")
+
+
+def test_positive_number():
+    assert positive_number("alpha", 16, "X") == 16 and positive_number("lr", np.float32(0.5), "X")
+    for bad in (True, "1e-3", None, [1.0]):
+        with pytest.raises(TypeError, match=r"^X: lr must be a positive number, got lr="):
+            positive_number("lr", bad, "X")
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^X: lr must be a positive number, got lr="):
+            positive_number("lr", bad, "X")
+
+
+def test_non_negative_number():
+    assert non_negative_number("temperature", 0, "X") == 0.0
+    assert type(non_negative_number("temperature", np.float32(0.5), "X")) is float
+    for bad in (True, "0", None):
+        with pytest.raises(TypeError, match=r"^X: t must be a finite number >= 0, got t="):
+            non_negative_number("t", bad, "X")
+    for bad in (-1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^X: t must be a finite number >= 0, got t="):
+            non_negative_number("t", bad, "X")
+
+
+def test_fraction():
+    assert fraction("test_fraction", 0.25, "X") == 0.25
+    for bad in (False, "0.5", None):
+        with pytest.raises(TypeError, match=r"^X: f must be a number in \(0, 1\), got f="):
+            fraction("f", bad, "X")
+    for bad in (0, 1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^X: f must be a number in \(0, 1\), got f="):
+            fraction("f", bad, "X")
+
+
+def test_one_of():
+    assert one_of("optimizer", "adam", ("adam", "sgd"), "X") == "adam"
+    assert one_of("fault", None, (None, "raise"), "X") is None
+    assert one_of("dtype", "fp16", {"fp16": 2, "fp32": 4}, "X") == "fp16"  # a dict: its keys
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape("X: optimizer must be one of ['adam', 'sgd'], got optimizer='lion'")
+        + "$",
+    ):
+        one_of("optimizer", "lion", ("adam", "sgd"), "X")
+    for bad in (3, None, ["adam"], b"adam"):  # not a str at all (a list is not even hashable)
+        with pytest.raises(TypeError, match=r"^X: optimizer must be one of \['adam', 'sgd'\], got"):
+            one_of("optimizer", bad, ("adam", "sgd"), "X")

@@ -20,14 +20,12 @@ validators (`loralab._validate`) and the variants' tables (`loralab.lora.variant
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from numbers import Real
 from typing import Any
 
-from loralab._validate import boolean, positive_int, probability
+from loralab._validate import boolean, positive_int, positive_number, probability
 from loralab.lora.variants import INITS, SCALINGS
 
 __all__ = [
@@ -56,19 +54,7 @@ INIT_TO_PEFT: dict[str, bool | str] = {
 ALL_LINEAR = "all-linear"
 
 
-# ----- validators (the general ones, positive_int, probability, boolean, are loralab._validate's) ---
-def positive_number(name: str, value: Any, where: str) -> float:
-    """``value`` if it is a finite real number (not a bool) greater than 0, such as alpha."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(
-            f"{where}: {name} must be a positive number, got {name}={value!r} "
-            f"({type(value).__name__})"
-        )
-    if not (math.isfinite(value) and float(value) > 0):
-        raise ValueError(f"{where}: {name} must be a positive number, got {name}={value!r}")
-    return value  # type: ignore[return-value]  # a Real, kept as given (an int stays an int)
-
-
+# ----- validators (the general ones, positive_int, positive_number, ..., are loralab._validate's) --
 def lora_init(name: str, value: Any, where: str) -> str:
     """``value`` if it is one of loralab's `LORA_INITS`."""
     if not isinstance(value, str) or value not in LORA_INITS:
