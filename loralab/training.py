@@ -18,12 +18,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from loralab import functional as F
 from loralab import optim
+from loralab._validate import (
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+    positive_number,
+)
 from loralab.datasets import Dataset
 from loralab.nn import Module
 from loralab.tensor import Tensor, no_grad
@@ -95,6 +102,14 @@ def batch_indices(n: int, *, batch_size: int, steps: int, seed: int = 0) -> Iter
     >>> [b.tolist() for b in batch_indices(5, batch_size=2, steps=3, seed=0)]
     [[2, 4], [3, 0], [4, 1]]
     """
+    # Checked here, at the call: the generator below would only check at the first next().
+    n = positive_int("n", n, "batch_indices")
+    batch_size = positive_int("batch_size", batch_size, "batch_indices")
+    steps = non_negative_int("steps", steps, "batch_indices")
+    return _batch_indices(n, batch_size, steps, seed)
+
+
+def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     order, pos = rng.permutation(n), 0
     for _ in range(steps):
@@ -124,11 +139,6 @@ def evaluate(model: Module, data: Dataset) -> tuple[float, float]:
     model.train(was_training)
     accuracy = float((logits.data.argmax(axis=-1) == data.y).mean())
     return loss, accuracy
-
-
-def _check_positive_int(caller: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
 
 
 def train_step(optimizer: optim.Optimizer, compute_loss: Callable[[], Tensor]) -> float:
@@ -208,8 +218,8 @@ def fit(
     -------
     History
     """
-    _check_positive_int("fit", "steps", steps)
-    _check_positive_int("fit", "eval_every", eval_every)
+    steps = positive_int("steps", steps, "fit")
+    eval_every = positive_int("eval_every", eval_every, "fit")
     history = History()
     initial_lr = [group["lr"] for group in optimizer.param_groups]
 
@@ -280,12 +290,13 @@ def train_classifier(
     steps : int
         Number of optimizer steps (> 0).
     lr : float
-        Learning rate.
+        Learning rate (> 0).
     batch_size : int, default 64
     seed : int, default 0
         Seed of the batch order.
     optimizer : {"adam", "adamw", "sgd"}
     weight_decay : float, default 0
+        Passed to the optimizer; >= 0.
     eval_data : Dataset, optional
         Evaluated (loss and accuracy) before training, every ``eval_every`` steps and at the end.
     eval_every : int, default 50
@@ -301,14 +312,22 @@ def train_classifier(
     Returns
     -------
     History
+
+    Raises
+    ------
+    TypeError
+        For an option of the wrong type (``steps=2.5``, ``lr="1e-2"``).
+    ValueError
+        For an option of the wrong value (``steps=0``, ``optimizer="lbfgs"``), data whose x and y
+        differ in rows, a model with nothing to train, or merged LoRA layers.
     """
-    _check_positive_int("train_classifier", "steps", steps)
-    _check_positive_int("train_classifier", "batch_size", batch_size)
-    _check_positive_int("train_classifier", "eval_every", eval_every)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"train_classifier: optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}"
-        )
+    where = "train_classifier"
+    steps = positive_int("steps", steps, where)
+    batch_size = positive_int("batch_size", batch_size, where)
+    eval_every = positive_int("eval_every", eval_every, where)
+    lr = positive_number("lr", lr, where)
+    weight_decay = non_negative_number("weight_decay", weight_decay, where)
+    one_of("optimizer", optimizer, OPTIMIZERS, where)
     if len(data.x) != len(data.y):
         raise ValueError(
             f"train_classifier: data.x has {len(data.x)} rows but data.y has {len(data.y)}"

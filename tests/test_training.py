@@ -102,19 +102,60 @@ def test_training_visits_every_row_exactly_once_per_epoch(n, batch_size, per_epo
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("error", "kwargs", "match"),
     [
-        ({"steps": 0}, "steps must be a positive int"),
-        ({"steps": 2.5}, "steps must be a positive int"),
-        ({"batch_size": 0}, "batch_size must be a positive int"),
-        ({"eval_every": 0}, "eval_every must be a positive int"),
-        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        (ValueError, {"steps": 0}, "train_classifier: steps must be a positive integer, got 0"),
+        (TypeError, {"steps": 2.5}, "train_classifier: steps must be a positive integer, got 2.5"),
+        (TypeError, {"steps": True}, "steps must be a positive integer, got True"),
+        (ValueError, {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        (TypeError, {"batch_size": "64"}, "batch_size must be a positive integer, got '64'"),
+        (ValueError, {"eval_every": -1}, "eval_every must be a positive integer, got -1"),
+        (ValueError, {"lr": 0.0}, "lr must be a positive number, got lr=0.0"),
+        (ValueError, {"lr": float("nan")}, "lr must be a positive number, got lr=nan"),
+        (TypeError, {"lr": "1e-2"}, "lr must be a positive number, got lr='1e-2'"),
+        (ValueError, {"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        (TypeError, {"weight_decay": None}, "weight_decay must be a finite number >= 0"),
+        (ValueError, {"optimizer": "lbfgs"}, "optimizer must be one of .*got optimizer='lbfgs'"),
+        (TypeError, {"optimizer": optim.Adam}, "optimizer must be one of"),
     ],
 )
-def test_bad_options_raise_naming_the_argument(kwargs, match):
+def test_bad_options_raise_naming_the_argument(error, kwargs, match):
+    """A wrong type is a TypeError, a wrong value a ValueError; the message names both."""
     options = {"steps": 2, "lr": 1e-2, "progress": False, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         train_classifier(MLP([4, 8, 3], seed=0), blobs(), **options)
+
+
+@pytest.mark.parametrize(
+    ("error", "kwargs", "match"),
+    [
+        (ValueError, {"steps": 0}, "fit: steps must be a positive integer, got 0"),
+        (TypeError, {"steps": 3.0}, "fit: steps must be a positive integer, got 3.0"),
+        (ValueError, {"eval_every": 0}, "fit: eval_every must be a positive integer, got 0"),
+        (TypeError, {"eval_every": None}, "fit: eval_every must be a positive integer, got None"),
+    ],
+)
+def test_fit_refuses_bad_counts(error, kwargs, match):
+    model = MLP([4, 3], seed=0)
+    opt = optim.SGD(list(model.parameters()), lr=0.1)
+    with pytest.raises(error, match=match):
+        fit(lambda b: model(b).sum(), [np.zeros((1, 4))] * 3, opt, **{"steps": 1, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("error", "kwargs", "match"),
+    [
+        (ValueError, {"n": 0}, "batch_indices: n must be a positive integer, got 0"),
+        (TypeError, {"n": 5.0}, "batch_indices: n must be a positive integer, got 5.0"),
+        (ValueError, {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        (ValueError, {"steps": -1}, "batch_indices: steps must be an integer >= 0, got -1"),
+        (TypeError, {"steps": "3"}, "batch_indices: steps must be an integer >= 0, got '3'"),
+    ],
+)
+def test_batch_indices_refuses_bad_arguments_when_called(error, kwargs, match):
+    """Checked at the call, not at the first ``next()`` (it is a generator underneath)."""
+    with pytest.raises(error, match=match):
+        batch_indices(**{"n": 5, "batch_size": 2, "steps": 3, **kwargs})
 
 
 def test_a_fully_frozen_model_is_refused():
