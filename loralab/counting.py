@@ -5,7 +5,8 @@ and A of shape (r, k), so one adapted matrix trains r (d + k) numbers instead of
 applies that count to whole transformers described by their published shapes (the presets in
 ``loralab/data/presets.json``) and turns counts into bytes for full fine-tuning and for LoRA.
 
-Pure Python: the CLI (``loralab params``) and the tutorial notebooks both use these functions.
+Integer arithmetic, no arrays: the CLI (``loralab params``) and the tutorial notebooks both use
+these functions.
 
 >>> gpt3 = get_preset("gpt3-175b")
 >>> lora_params_for_model(gpt3, 4, targets=("q", "v"))
@@ -15,10 +16,11 @@ Pure Python: the CLI (``loralab params``) and the tutorial notebooks both use th
 from __future__ import annotations
 
 import json
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
+
+from loralab._validate import boolean, non_negative_int, one_of, positive_int
 
 #: Matrices LoRA can adapt in one transformer block, in the block's order.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -28,25 +30,14 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 OPTIMIZER_STATES = {"adam": 2, "sgd": 0}
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {number}")
-    return number
-
-
 def full_param_count(d: int, k: int) -> int:
     """Number of entries of a dense weight W0 of shape (d, k): ``d * k``.
 
     >>> full_param_count(4096, 4096)
     16777216
     """
-    return _positive_int("d", d) * _positive_int("k", k)
+    where = "full_param_count"
+    return positive_int("d", d, where) * positive_int("k", k, where)
 
 
 def lora_param_count(d: int, k: int, r: int) -> int:
@@ -57,7 +48,9 @@ def lora_param_count(d: int, k: int, r: int) -> int:
     >>> lora_param_count(4096, 4096, 8)
     65536
     """
-    return _positive_int("r", r) * (_positive_int("d", d) + _positive_int("k", k))
+    where = "lora_param_count"
+    r, d, k = (positive_int(name, v, where) for name, v in (("r", r), ("d", d), ("k", k)))
+    return r * (d + k)
 
 
 @dataclass(frozen=True)
@@ -115,24 +108,22 @@ class TransformerShape:
     published_params: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "d_ff", "n_heads"):
-            _positive_int(name, getattr(self, name))
+        where = "TransformerShape"
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
-        if self.vocab_size < 0 or self.context_length < 0:
-            raise ValueError(
-                f"vocab_size and context_length must be >= 0, "
-                f"got {self.vocab_size} and {self.context_length}"
-            )
+        for name in ("d_model", "n_layers", "d_ff", "n_heads", "n_kv_heads"):
+            positive_int(name, getattr(self, name), where)
+        for name in ("vocab_size", "context_length"):
+            non_negative_int(name, getattr(self, name), where)
+        for name in ("learned_positions", "gated_mlp", "tied_embeddings", "bias"):
+            boolean(name, getattr(self, name), where)
+        one_of("norm", self.norm, ("layernorm", "rmsnorm"), where)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
             )
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
 
     @property
     def head_dim(self) -> int:
@@ -194,6 +185,8 @@ def load_presets() -> dict[str, TransformerShape]:
 
 def get_preset(name: str) -> TransformerShape:
     """The preset called ``name``; a ValueError lists the known names when there is none."""
+    if not isinstance(name, str):
+        raise TypeError(f"get_preset: name must be a str, got {name!r} ({type(name).__name__})")
     presets = load_presets()
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(presets)}")
@@ -203,7 +196,10 @@ def get_preset(name: str) -> TransformerShape:
 def _check_targets(shape: TransformerShape, targets: Iterable[str] | str) -> tuple[str, ...]:
     if isinstance(targets, str):
         targets = targets.split(",")
-    chosen = tuple(t.strip() for t in targets)
+    names = tuple(targets) if isinstance(targets, Iterable) else None
+    if names is None or not all(isinstance(t, str) for t in names):
+        raise TypeError(f"targets must be names (str), got {targets!r}")
+    chosen = tuple(t.strip() for t in names)
     valid = shape.targets
     unknown = [t for t in chosen if t not in valid]
     if unknown or not chosen:
@@ -232,7 +228,7 @@ def lora_params_by_target(
     targets : iterable of str or str
         Names among `TransformerShape.targets` (``"q,v"`` also works).
     """
-    r = _positive_int("r", r)
+    r = positive_int("r", r, "lora_params_by_target")
     if r > shape.d_model:
         raise ValueError(
             f"r={r} exceeds d_model={shape.d_model}: ΔW = B A of a (out, in) weight has rank at "
@@ -338,13 +334,10 @@ def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
     >>> ring_allreduce_bytes(1000, 4)
     1500
     """
-    return 2 * (_positive_int("world_size", world_size) - 1) * int(payload_bytes) // world_size
-
-
-def _check_choice(name: str, value: str, choices: dict) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-    return value
+    where = "ring_allreduce_bytes"
+    payload_bytes = non_negative_int("payload_bytes", payload_bytes, where)
+    world_size = positive_int("world_size", world_size, where)
+    return 2 * (world_size - 1) * payload_bytes // world_size
 
 
 def memory_estimate(
@@ -388,11 +381,12 @@ def memory_estimate(
     -------
     MemoryEstimate
     """
-    _check_choice("dtype", dtype, DTYPE_BYTES)
-    _check_choice("optimizer", optimizer, OPTIMIZER_STATES)
-    state_dtype = (
-        dtype if state_dtype is None else _check_choice("state_dtype", state_dtype, DTYPE_BYTES)
-    )
+    where = "memory_estimate"
+    one_of("dtype", dtype, DTYPE_BYTES, where)
+    one_of("optimizer", optimizer, OPTIMIZER_STATES, where)
+    if state_dtype is None:
+        state_dtype = dtype
+    one_of("state_dtype", state_dtype, DTYPE_BYTES, where)
     by_target = lora_params_by_target(shape, r, targets)
     trainable = sum(by_target.values())
     total = shape.num_params()

@@ -16,6 +16,7 @@ from loralab.counting import (
     lora_params_by_target,
     lora_params_for_model,
     memory_estimate,
+    ring_allreduce_bytes,
 )
 
 PRESET_NAMES = [
@@ -40,14 +41,39 @@ def test_lora_param_count_is_size_of_B_plus_A(d, k, r):
 
 @pytest.mark.parametrize("r", [0, -3])
 def test_nonpositive_rank_is_a_value_error(r):
-    with pytest.raises(ValueError, match=f"r must be a positive integer, got {r}"):
+    with pytest.raises(
+        ValueError, match=f"^lora_param_count: r must be a positive integer, got {r}$"
+    ):
         lora_param_count(8, 8, r)
+    with pytest.raises(
+        ValueError, match=f"lora_params_by_target: r must be a positive integer, got {r}"
+    ):
+        lora_params_for_model(get_preset("gpt2"), r)
 
 
 @pytest.mark.parametrize("r", [2.5, True, "4"])
 def test_non_integer_rank_is_a_type_error(r):
-    with pytest.raises(TypeError, match="r must be a positive integer"):
+    with pytest.raises(TypeError, match="^lora_param_count: r must be a positive integer"):
         lora_param_count(8, 8, r)
+    with pytest.raises(TypeError, match="r must be a positive integer"):
+        memory_estimate(get_preset("gpt2"), r)
+
+
+def test_full_param_count_and_ring_allreduce_check_their_arguments():
+    assert full_param_count(np.int64(3), 4) == 12
+    with pytest.raises(ValueError, match="^full_param_count: k must be a positive integer, got 0$"):
+        full_param_count(3, 0)
+    with pytest.raises(TypeError, match="^full_param_count: d must be a positive integer, got 3.0"):
+        full_param_count(3.0, 4)
+    assert ring_allreduce_bytes(0, 2) == 0
+    for kwargs, error, message in [
+        ({"world_size": 0}, ValueError, "world_size must be a positive integer, got 0"),
+        ({"world_size": 2.0}, TypeError, "world_size must be a positive integer, got 2.0"),
+        ({"payload_bytes": -8}, ValueError, "payload_bytes must be an integer >= 0, got -8"),
+        ({"payload_bytes": 8.5}, TypeError, "payload_bytes must be an integer >= 0, got 8.5"),
+    ]:
+        with pytest.raises(error, match=f"^ring_allreduce_bytes: {message}"):
+            ring_allreduce_bytes(**{"payload_bytes": 1000, "world_size": 4, **kwargs})
 
 
 def test_numpy_integers_are_accepted():
@@ -198,6 +224,26 @@ def test_bad_shapes(kwargs, message):
         TransformerShape(**{**base, **kwargs})
 
 
+@pytest.mark.parametrize(
+    ("error", "kwargs", "message"),
+    [
+        (TypeError, dict(d_model=8.0), "d_model must be a positive integer, got 8.0"),
+        (TypeError, dict(n_kv_heads="2"), "n_kv_heads must be a positive integer, got '2'"),
+        (ValueError, dict(vocab_size=-1), "vocab_size must be an integer >= 0, got -1"),
+        (TypeError, dict(context_length=None), "context_length must be an integer >= 0, got None"),
+        (TypeError, dict(gated_mlp="false"), "gated_mlp must be True or False, got 'false'"),
+        (TypeError, dict(bias=1), "bias must be True or False, got 1"),
+        (TypeError, dict(norm=None), "norm must be one of .*got norm=None"),
+        (ValueError, dict(norm="batchnorm"), "norm must be one of .*got norm='batchnorm'"),
+    ],
+)
+def test_shape_fields_wrong_type_or_value(error, kwargs, message):
+    """A wrong type is a TypeError, a wrong value a ValueError, each naming field and value."""
+    base = dict(d_model=8, n_layers=2, d_ff=16, n_heads=2)
+    with pytest.raises(error, match=f"^TransformerShape: {message}"):
+        TransformerShape(**{**base, **kwargs})
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_memory_adam_conventions(dtype):
     shape = get_preset("gpt2")
@@ -236,6 +282,25 @@ def test_memory_sgd_keeps_no_state_and_state_dtype_is_separate():
 def test_memory_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory_estimate(get_preset("gpt2"), 4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(dtype=16), "dtype must be one of .*got dtype=16"),
+        (dict(state_dtype=b"fp32"), "state_dtype must be one of"),
+        (dict(targets=["q", 1]), r"targets must be names \(str\), got \['q', 1\]"),
+        (dict(targets=5), r"targets must be names \(str\), got 5"),
+    ],
+)
+def test_memory_wrong_types_are_type_errors(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        memory_estimate(get_preset("gpt2"), 4, **kwargs)
+
+
+def test_get_preset_refuses_a_name_that_is_not_a_string():
+    with pytest.raises(TypeError, match="get_preset: name must be a str, got 2 \\(int\\)"):
+        get_preset(2)
 
 
 def test_to_dict_is_json_ready():
