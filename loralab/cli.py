@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from loralab import counting
+from loralab._validate import positive_int
 from loralab.params_report import format_params_report, format_presets, format_qlora_memory
 from loralab.quant.memory import qlora_memory
 
@@ -28,6 +29,16 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and call sys.exit
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _check_positive(args: argparse.Namespace, prog: str, **flags: str) -> None:
+    """Refuse any of ``flags`` (dest -> flag) given with a value < 1 (argparse made it an int)."""
+    for dest, flag in flags.items():
+        if getattr(args, dest) is not None:
+            try:
+                positive_int(flag, getattr(args, dest), f"{prog}: error")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +143,7 @@ def _run_params(args: argparse.Namespace) -> int:
     if args.list_presets:
         print(format_presets(as_json=args.json))
         return 0
-    if args.r <= 0:
-        raise UsageError(f"loralab params: error: --r must be a positive integer, got {args.r}")
+    _check_positive(args, "loralab params", r="--r")
     shape = _shape_from_args(args)
     try:
         est = counting.memory_estimate(
@@ -260,13 +270,10 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from loralab import bench
 
+    _check_positive(args, "loralab bench", repeats="--repeats", threads="--threads")
     config = bench.BenchConfig.tiny() if args.quick else bench.BenchConfig()
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise UsageError(f"loralab bench: error: --repeats must be >= 1, got {args.repeats}")
         config = dataclasses.replace(config, repeats=args.repeats)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"loralab bench: error: --threads must be >= 1, got {args.threads}")
     config = dataclasses.replace(config, seed=args.seed, threads=args.threads, clock=args.clock)
     out = Path(args.out)
     try:
