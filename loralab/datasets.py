@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from loralab._validate import fraction, one_of
+
 __all__ = ["Dataset", "load_digits", "shift_digits", "SHIFTS", "train_test_split"]
 
 SHIFTS = ("none", "rotate90", "mirror", "invert")
@@ -59,8 +61,7 @@ def shift_digits(data: Dataset, shift: str) -> Dataset:
     shift : "none", "rotate90" (images turned a quarter turn), "mirror" (left-right) or
         "invert" (ink and paper swapped)
     """
-    if shift not in SHIFTS:
-        raise ValueError(f"shift_digits: shift must be one of {list(SHIFTS)}, got {shift!r}")
+    one_of("shift", shift, SHIFTS, "shift_digits")
     images = data.x.reshape(-1, 8, 8)
     if shift == "rotate90":
         images = np.rot90(images, k=1, axes=(1, 2))
@@ -75,8 +76,7 @@ def train_test_split(
     data: Dataset, test_fraction: float = 0.25, *, seed: int = 0
 ) -> tuple[Dataset, Dataset]:
     """A seeded random split into (train, test)."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"train_test_split: test_fraction must be in (0, 1), got {test_fraction}")
+    test_fraction = fraction("test_fraction", test_fraction, "train_test_split")
     order = np.random.default_rng(seed).permutation(len(data))
     n_test = int(round(test_fraction * len(data)))
     test, train = order[:n_test], order[n_test:]

@@ -89,6 +89,11 @@ def test_attention_rejects_bad_shapes():
         causal_attention(np.zeros((1, 2, 6)), np.zeros((1, 2, 6)), np.zeros((1, 2, 6)), 4)
     with pytest.raises(ValueError, match="one shape"):
         causal_attention(np.zeros((1, 2, 6)), np.zeros((1, 3, 6)), np.zeros((1, 2, 6)), 2)
+    q = np.zeros((1, 2, 6))
+    with pytest.raises(TypeError, match="causal_attention: n_heads must be a positive integer"):
+        causal_attention(q, q, q, 2.0)
+    with pytest.raises(ValueError, match="causal_attention: n_heads must be a positive integer"):
+        causal_attention(q, q, q, 0)
 
 
 # ----- the model -------------------------------------------------------------------------------------
@@ -131,12 +136,41 @@ def test_gpt_rejects_bad_config(kw, match):
         small_gpt(**kw)
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"d_model": 8.0}, "GPT: d_model must be a positive integer, got 8.0"),
+        ({"n_heads": True}, "GPT: n_heads must be a positive integer, got True"),
+        ({"tied_head": "false"}, "GPT: tied_head must be True or False, got 'false'"),
+    ],
+)
+def test_gpt_config_of_the_wrong_type_is_a_type_error(kw, match):
+    with pytest.raises(TypeError, match=match):
+        small_gpt(**kw)
+
+
 def test_gpt_rejects_bad_input():
     model = small_gpt()
     with pytest.raises(ValueError, match="exceeds context_length=6"):
         model(tokens((1, 7)))
-    with pytest.raises(ValueError, match=r"shape \(batch, T\)"):
+    with pytest.raises(ValueError, match=r"shape \(batch, T\), got shape \(6,\)"):
+        model(tokens(6))
+    with pytest.raises(TypeError, match="GPT: expected integer token ids, got dtype float64"):
         model(np.zeros((2, 3)))
+
+
+def test_generate_rejects_bad_options():
+    model = small_gpt()
+    prompt = np.array([1, 2])
+    for kw, error, match in [
+        ({"temperature": -1.0}, ValueError, "temperature must be a finite number >= 0"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a finite number >= 0"),
+        ({"n": -1}, ValueError, "GPT.generate: n must be an integer >= 0, got -1"),
+        ({"n": 2.0}, TypeError, "GPT.generate: n must be an integer >= 0, got 2.0"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.generate(prompt, **{"n": 2, **kw})
+    assert len(model.generate(prompt, 0)) == 2  # n = 0: the prompt alone
 
 
 def test_lora_on_gpt_starts_as_the_base_and_trains_only_adapters():
@@ -187,6 +221,8 @@ def test_tokenizer_roundtrip_and_errors():
         tok.encode("café")
     with pytest.raises(ValueError, match="must not repeat"):
         CharTokenizer("aa")
+    with pytest.raises(TypeError, match=r"CharTokenizer: chars must be a str, got \['a'\]"):
+        CharTokenizer(["a"])
 
 
 def test_corpora_load_and_batches_shift_by_one():
@@ -198,6 +234,51 @@ def test_corpora_load_and_batches_shift_by_one():
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ValueError, match="name must be one of"):
         load_corpus("hamlet")
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: load_corpus(None), TypeError, "load_corpus: name must be one of .* got name=None"),
+        (
+            lambda: load_corpus("devil", val_fraction=1.0),
+            ValueError,
+            "val_fraction must be a number in",
+        ),
+        (
+            lambda: load_corpus("devil", val_fraction="0.1"),
+            TypeError,
+            "val_fraction must be a number in",
+        ),
+        (
+            lambda: get_batch(np.arange(50), 0, 8, np.random.default_rng(0)),
+            ValueError,
+            "get_batch: batch_size must be a positive integer, got 0",
+        ),
+        (
+            lambda: get_batch(np.arange(50), 2, 8.0, np.random.default_rng(0)),
+            TypeError,
+            "get_batch: context_length must be a positive integer, got 8.0",
+        ),
+        (
+            lambda: get_batch(np.arange(8), 2, 8, np.random.default_rng(0)),
+            ValueError,
+            "the stream has 8 tokens",
+        ),
+    ],
+)
+def test_data_functions_refuse_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_a_small_val_fraction_still_splits_the_text():
+    """The validation tail is the last int(n * val_fraction) ids, and train the rest, even when
+    that is no id at all (``ids[:-0]`` would have left train empty)."""
+    full = load_corpus("devil", val_fraction=0.5)
+    n = len(full.train) + len(full.val)
+    tiny = load_corpus("devil", val_fraction=0.5 / n)
+    assert len(tiny.val) == 0 and len(tiny.train) == n
 
 
 def test_shipped_checkpoint_is_better_on_genesis_than_on_bierce():

@@ -12,6 +12,8 @@ from importlib import resources
 
 import numpy as np
 
+from loralab._validate import fraction, one_of, positive_int
+
 __all__ = ["CORPORA", "CHARS", "CharTokenizer", "load_corpus", "Corpus", "get_batch"]
 
 CORPORA = {"genesis": "kjv_genesis.txt", "devil": "devils_dictionary.txt"}
@@ -36,6 +38,10 @@ class CharTokenizer:
     """
 
     def __init__(self, chars: str = CHARS):
+        if not isinstance(chars, str):
+            raise TypeError(
+                f"CharTokenizer: chars must be a str, got {chars!r} ({type(chars).__name__})"
+            )
         if len(set(chars)) != len(chars):
             raise ValueError(f"CharTokenizer: chars must not repeat a character, got {chars!r}")
         self.chars = chars
@@ -89,10 +95,8 @@ def load_corpus(name: str, *, val_fraction: float = 0.1) -> Corpus:
     -------
     Corpus
     """
-    if name not in CORPORA:
-        raise ValueError(f"load_corpus: name must be one of {sorted(CORPORA)}, got {name!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"load_corpus: val_fraction must be in (0, 1), got {val_fraction!r}")
+    one_of("name", name, CORPORA, "load_corpus")
+    val_fraction = fraction("val_fraction", val_fraction, "load_corpus")
     text = (
         resources.files("loralab.data")
         .joinpath("corpora")
@@ -100,8 +104,8 @@ def load_corpus(name: str, *, val_fraction: float = 0.1) -> Corpus:
         .read_text(encoding="ascii")
     )
     ids = CharTokenizer().encode(text)
-    n_val = int(len(ids) * val_fraction)
-    return Corpus(name, ids[:-n_val], ids[-n_val:])
+    split = len(ids) - int(len(ids) * val_fraction)
+    return Corpus(name, ids[:split], ids[split:])
 
 
 def get_batch(
@@ -120,6 +124,8 @@ def get_batch(
     x, y : ndarrays of shape (batch_size, context_length), int64
         ``y[b, t] == ids[start_b + t + 1]`` is the character that follows ``x[b, t]``.
     """
+    batch_size = positive_int("batch_size", batch_size, "get_batch")
+    context_length = positive_int("context_length", context_length, "get_batch")
     if len(ids) <= context_length:
         raise ValueError(
             f"get_batch: the stream has {len(ids)} tokens, need more than context_length={context_length}"

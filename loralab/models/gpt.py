@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from loralab import functional as F
+from loralab._validate import boolean, non_negative_int, non_negative_number, positive_int
 from loralab.fileio import atomic_write
 from loralab.nn import GELU, Embedding, LayerNorm, Linear, Module, Sequential
 from loralab.nn.module import make_rng
@@ -117,6 +118,7 @@ def causal_attention(q: Any, k: Any, v: Any, n_heads: int) -> Tensor:
             f"causal_attention: expected q, k, v of one shape (batch, T, d), got {sorted(shapes)}"
         )
     d = next(iter(shapes))[2]
+    n_heads = positive_int("n_heads", n_heads, "causal_attention")
     if d % n_heads:
         raise ValueError(f"causal_attention: d={d} is not divisible by n_heads={n_heads}")
     return Attention.apply(q, k, v, n_heads=n_heads)
@@ -204,26 +206,19 @@ class GPT(Module):
         dtype: Any = np.float32,
         tied_head: bool = True,
     ):
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("context_length", context_length),
-            ("d_model", d_model),
-            ("n_layers", n_layers),
-            ("n_heads", n_heads),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"GPT: {name} must be a positive integer, got {value!r}")
+        sizes = {
+            "vocab_size": vocab_size,
+            "context_length": context_length,
+            "d_model": d_model,
+            "n_layers": n_layers,
+            "n_heads": n_heads,
+        }
+        config: dict[str, Any] = {k: positive_int(k, v, "GPT") for k, v in sizes.items()}
+        config["tied_head"] = boolean("tied_head", tied_head, "GPT")
         if d_model % n_heads:
             raise ValueError(f"GPT: d_model={d_model} is not divisible by n_heads={n_heads}")
         super().__init__()
-        self.config = {
-            "vocab_size": int(vocab_size),
-            "context_length": int(context_length),
-            "d_model": int(d_model),
-            "n_layers": int(n_layers),
-            "n_heads": int(n_heads),
-            "tied_head": bool(tied_head),
-        }
+        self.config = config
         rng = make_rng(seed)
         self.tok_emb = Embedding(vocab_size, d_model, rng=rng, dtype=dtype)
         self.pos_emb = Embedding(context_length, d_model, rng=rng, dtype=dtype)
@@ -243,10 +238,10 @@ class GPT(Module):
     def forward(self, idx: Any) -> Tensor:
         """Integer tokens of shape (batch, T), T <= context_length -> logits (batch, T, vocab_size)."""
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
-        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(
-                f"GPT: expected an integer array of shape (batch, T), got dtype {idx.dtype} shape {idx.shape}"
-            )
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"GPT: expected integer token ids, got dtype {idx.dtype}")
+        if idx.ndim != 2:
+            raise ValueError(f"GPT: expected token ids of shape (batch, T), got shape {idx.shape}")
         if idx.shape[1] > self.context_length:
             raise ValueError(f"GPT: T={idx.shape[1]} exceeds context_length={self.context_length}")
         x = self.tok_emb(idx) + self.pos_emb.weight[: idx.shape[1]]
@@ -303,8 +298,8 @@ class GPT(Module):
         ids = list(tok.encode(prompt) if tok else np.asarray(prompt, dtype=np.int64).reshape(-1))
         if not ids:
             raise ValueError("GPT.generate: prompt must hold at least one token")
-        if temperature < 0:
-            raise ValueError(f"GPT.generate: temperature must be >= 0, got {temperature!r}")
+        n = non_negative_int("n", n, "GPT.generate")
+        temperature = non_negative_number("temperature", temperature, "GPT.generate")
         rng = np.random.default_rng(seed)
         with no_grad():
             for _ in range(n):
