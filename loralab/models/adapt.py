@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from loralab import optim
+from loralab._validate import positive_int, positive_number
 from loralab.lora import count_parameters, inject_lora
 from loralab.lora.variants import loraplus_param_groups
 from loralab.models.data import get_batch, load_corpus
@@ -89,9 +90,22 @@ def adapt(
         A model to adapt in place instead of a fresh copy of the shipped checkpoint.
     **lora_options
         ``use_dora``, ``use_rslora``, ``init``, ``dropout`` for :func:`~loralab.lora.inject_lora`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an option of the wrong type or value, checked before ``base`` is changed.
     """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("val_tokens", val_tokens)):
+        positive_int(name, value, "adapt")
+    positive_number("lr", lr, "adapt")
+    context = positive_int("context", context, "adapt")
     data = load_corpus(corpus)
     model = base if base is not None else load_gpt()
+    if context > model.context_length:
+        raise ValueError(
+            f"adapt: context={context} exceeds the model's context_length={model.context_length}"
+        )
     inject_lora(model, target_modules, r=r, alpha=alpha, seed=seed, **lora_options)
     if loraplus_lr_ratio is None:
         groups: Any = [p for p in model.parameters() if p.requires_grad]
