@@ -147,12 +147,18 @@ def test_refuses_mismatched_models_and_options():
     twin[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match=r"requires_grad differs for \['0.bias'\]"):
         check_equivalence(model, twin, batches, steps=1, lr=0.1)
-    for kwargs, match in [
-        ({"optimizer": "lion"}, "optimizer must be one of"),
-        ({"loss": "hinge"}, "loss must be one of"),
-        ({"steps": 0}, "steps must be a positive int"),
+    for kwargs, error, match in [
+        ({"optimizer": "lion"}, ValueError, "optimizer must be one of .*got optimizer='lion'"),
+        ({"optimizer": None}, TypeError, "optimizer must be one of .*got optimizer=None"),
+        ({"loss": "hinge"}, ValueError, "loss must be one of .*got loss='hinge'"),
+        ({"loss": 2}, TypeError, "loss must be one of .*got loss=2"),
+        ({"steps": 0}, ValueError, "steps must be a positive integer, got 0"),
+        ({"steps": 1.0}, TypeError, "steps must be a positive integer, got 1.0"),
+        ({"lr": 0.0}, ValueError, "lr must be a positive number, got lr=0.0"),
+        ({"lr": "0.1"}, TypeError, "lr must be a positive number, got lr='0.1'"),
+        ({"training": "yes"}, TypeError, "training must be True or False, got 'yes'"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match="^check_equivalence: " + match):
             check_equivalence(model, to_torch(model), batches, **{"steps": 1, "lr": 0.1, **kwargs})
 
 

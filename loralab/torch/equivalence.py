@@ -34,6 +34,7 @@ import torch
 
 from loralab import functional as LF
 from loralab import lora, nn, optim
+from loralab._validate import boolean, one_of, positive_int, positive_number
 from loralab.tensor import Tensor
 from loralab.torch.layers import LoRALinear, numpy_dtype
 
@@ -294,6 +295,7 @@ def check_equivalence(
     steps : int
         Optimizer steps to take (>= 1).
     lr : float
+        The learning rate of both optimizers (> 0).
     optimizer : "adam", "adamw" or "sgd"
         ``loralab.optim.X`` against ``torch.optim.X``, on the parameters with requires_grad.
     loss : "cross_entropy" or "mse"
@@ -323,14 +325,12 @@ def check_equivalence(
     >>> report.max_param < 1e-12
     True
     """
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(
-            f"check_equivalence: optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}"
-        )
-    if loss not in _LOSSES:
-        raise ValueError(f"check_equivalence: loss must be one of {list(_LOSSES)}, got {loss!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"check_equivalence: steps must be a positive int, got {steps!r}")
+    where = "check_equivalence"
+    one_of("optimizer", optimizer, _OPTIMIZERS, where)
+    one_of("loss", loss, _LOSSES, where)
+    steps = positive_int("steps", steps, where)
+    positive_number("lr", lr, where)
+    training = boolean("training", training, where)
     batches = list(batches)
     if not batches:
         raise ValueError("check_equivalence: batches is empty")
