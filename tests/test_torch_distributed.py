@@ -175,11 +175,44 @@ def test_bad_requests_are_refused_before_any_process_starts(capsys):
         D.RunConfig(model="bert")
     with pytest.raises(ValueError, match="nproc must be a positive integer, got 0"):
         D.train_ddp([D.RunConfig()], nproc=0)
+    for kwargs, error, match in [
+        ({"nproc": 2.0}, TypeError, "nproc must be a positive integer, got 2.0"),
+        ({"timeout": 0}, ValueError, "timeout must be a positive number, got timeout=0"),
+        ({"timeout": "5"}, TypeError, "timeout must be a positive number, got timeout='5'"),
+        ({"runs": []}, ValueError, "runs is empty"),
+        ({"runs": [{"steps": 1}]}, TypeError, "runs must be a sequence of RunConfig"),
+    ]:
+        with pytest.raises(error, match="^train_ddp: " + match):
+            D.train_ddp(**{"runs": [D.RunConfig()], **kwargs})
     assert cli_main(["ddp", "--batch", "7"]) == 2
     assert "global_batch=7 is not divisible by nproc=2" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli_main(["ddp", "--device", "cuda"]) == 2
         assert "CUDA is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"model": "bert"}, ValueError, "model must be one of .*got model='bert'"),
+        ({"model": None}, TypeError, "model must be one of .*got model=None"),
+        ({"full": 1}, TypeError, "full must be True or False, got 1"),
+        ({"r": 0}, ValueError, "r must be a positive integer, got 0"),
+        ({"steps": 2.0}, TypeError, "steps must be a positive integer, got 2.0"),
+        ({"alpha": float("inf")}, ValueError, "alpha must be a positive number, got alpha=inf"),
+        ({"lr": "1e-2"}, TypeError, "lr must be a positive number, got lr='1e-2'"),
+        ({"bucket_cap_mb": -1.0}, ValueError, "bucket_cap_mb must be a positive number"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
+        ({"fault_rank": 1.0}, TypeError, "fault_rank must be an integer >= 0, got 1.0"),
+        ({"dtype": "float16"}, ValueError, "dtype must be one of .*got dtype='float16'"),
+        ({"fault": "crash"}, ValueError, "fault must be one of .*got fault='crash'"),
+        ({"fault": True}, TypeError, "fault must be one of .*got fault=True"),
+    ],
+)
+def test_run_config_wrong_type_or_value(kwargs, error, match):
+    """A wrong type is a TypeError, a wrong value a ValueError; both name the field and value."""
+    with pytest.raises(error, match="^RunConfig: " + match):
+        D.RunConfig(**kwargs)
 
 
 def test_params_reports_gradient_communication_per_step(capsys):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loralab._validate import positive_int, positive_number
 from loralab.fileio import atomic_write
 from loralab.torch.distributed.hook import BucketRecord
 from loralab.torch.distributed.rank import RankResult, backend_for, device_for, train_rank
@@ -241,19 +242,17 @@ def train_ddp(
         When the run outlasts ``timeout``.
     """
     runs = list(runs)
-    if not runs or not all(isinstance(r, RunConfig) for r in runs):
-        raise TypeError(f"train_ddp: runs must be a non-empty sequence of RunConfig, got {runs!r}")
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"train_ddp: nproc must be a positive integer, got {nproc!r}")
+    if not all(isinstance(r, RunConfig) for r in runs):
+        raise TypeError(f"train_ddp: runs must be a sequence of RunConfig, got {runs!r}")
+    if not runs:
+        raise ValueError("train_ddp: runs is empty; give at least one RunConfig")
+    nproc = positive_int("nproc", nproc, "train_ddp")
+    timeout = positive_number("timeout", timeout, "train_ddp")
     for run in runs:
         if run.global_batch % nproc:
             raise ValueError(
                 f"train_ddp: global_batch={run.global_batch} is not divisible by nproc={nproc}"
             )
-    if not (isinstance(timeout, (int, float)) and np.isfinite(timeout) and timeout > 0):
-        raise ValueError(
-            f"train_ddp: timeout must be a positive number of seconds, got {timeout!r}"
-        )
     dev = device_for(device, 0)
     with tempfile.TemporaryDirectory(prefix="loralab-ddp-") as out:
         store = dist.TCPStore(

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loralab._validate import boolean, non_negative_int, one_of, positive_int, positive_number
 from loralab.datasets import load_digits, shift_digits
 from loralab.models import get_batch, load_corpus, load_gpt
 from loralab.models.digits import load_digits_mlp
@@ -71,28 +72,17 @@ class RunConfig:
     fault_rank: int = 1
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(
-                f"RunConfig: model must be one of {sorted(MODELS)}, got {self.model!r}"
-            )
-        if not isinstance(self.full, bool):
-            raise TypeError(f"RunConfig: full must be a bool, got {self.full!r}")
+        where = "RunConfig"
+        one_of("model", self.model, MODELS, where)
+        boolean("full", self.full, where)
         for name in ("r", "steps", "global_batch", "context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RunConfig: {name} must be a positive integer, got {value!r}")
-        for name in ("alpha", "lr", "bucket_cap_mb"):
-            value = getattr(self, name)
-            if value is None and name == "lr":
-                continue
-            if isinstance(value, bool) or not np.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"RunConfig: {name} must be a positive finite number, got {value!r}"
-                )
-        if self.dtype not in ("float64", "float32"):
-            raise ValueError(f"RunConfig: dtype must be 'float64' or 'float32', got {self.dtype!r}")
-        if self.fault not in _FAULTS:
-            raise ValueError(f"RunConfig: fault must be one of {_FAULTS}, got {self.fault!r}")
+            positive_int(name, getattr(self, name), where)
+        for name in ("alpha", "bucket_cap_mb") + (() if self.lr is None else ("lr",)):
+            positive_number(name, getattr(self, name), where)
+        for name in ("seed", "fault_rank"):
+            non_negative_int(name, getattr(self, name), where)
+        one_of("dtype", self.dtype, ("float64", "float32"), where)
+        one_of("fault", self.fault, _FAULTS, where)
 
     @property
     def learning_rate(self) -> float:
