@@ -8,14 +8,27 @@ One package, in layers (each module imports only those above it in this list):
 - `loralab.lora.variants`: scaling rules, initialisations (PiSSA, OLoRA), DoRA as small objects; LoRA+;
 - `loralab.lora.config`: `LoraConfig` (PEFT's field names, validated once) and the validators;
 - `loralab.lora.layer`: `LoRALinear`, its Functions, and the mixin the torch layer shares;
+- `loralab.lora.embedding_layer`: `LoRAEmbedding` and its Function (LoRA on a token table);
 - `loralab.lora.backend`: how one implementation reaches NumPy and (registered) torch models;
 - `loralab.lora.inject`: `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting;
+- `loralab.lora.adapters`: named adapters (`set_adapter`, `delete_adapter`, `disable_adapters`),
+  mixed batches (`mixed_batch`) and `add_weighted_adapter`;
 - `loralab.lora.adapter`: `save_adapter` / `load_adapter` in HF PEFT's format.
 """
 
 from loralab.lora.adapter import load_adapter, save_adapter
+from loralab.lora.adapters import (
+    active_adapters,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+)
 from loralab.lora.backend import Backend, register_backend
 from loralab.lora.config import LoraConfig
+from loralab.lora.embedding_layer import LoRAEmbedding
 from loralab.lora.inject import (
     count_parameters,
     inject_lora,
@@ -30,6 +43,7 @@ from loralab.lora.variants import loraplus_param_groups
 __all__ = [
     "LoraConfig",
     "LoRALinear",
+    "LoRAEmbedding",
     "lora_linear",
     "inject_lora",
     "merge_lora",
@@ -40,6 +54,13 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "loraplus_param_groups",
+    "set_adapter",
+    "active_adapters",
+    "list_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "mixed_batch",
+    "add_weighted_adapter",
     "register_linear_type",
     "register_backend",
     "Backend",

@@ -26,6 +26,8 @@ from loralab.lora.config import (
     positive_number,
     target_names,
 )
+from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
+from loralab.lora.layer import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 from loralab.nn.module import make_rng
 
@@ -37,6 +39,9 @@ __all__ = [
     "lora_layers",
     "count_parameters",
     "match_target",
+    "check_known",
+    "adapter_names_of",
+    "active_names",
 ]
 
 _DEFAULTS: dict[str, Any] = {  # inject_lora's option keywords and their defaults
@@ -104,25 +109,37 @@ def make_config(target_modules: Any, options: dict[str, Any]) -> LoraConfig:
     )
 
 
-def select_targets(model: Any, target_modules: str | Sequence[str], backend: Backend) -> list[str]:
-    """Names of the linear modules that ``target_modules`` selects, with PEFT's rules."""
+def select_targets(
+    model: Any, target_modules: str | Sequence[str], backend: Backend, new_adapter: bool = False
+) -> list[str]:
+    """Names of the linear modules that ``target_modules`` selects, with PEFT's rules.
+
+    With ``new_adapter`` (a second adapter name) existing LoRA layers are targets too (the adapter
+    goes beside theirs); otherwise a LoRA layer matched is an error. Modules inside a LoRA layer
+    (its base, its other adapters) are never targets.
+    """
     target_names("target_modules", target_modules, "inject_lora")
-    linear_type, lora_type = backend.linear_types(), backend.lora_type
+    linear_type, lora_type = backend.linear_types(), backend.lora_types()
+    embedding_type = backend.embedding_types()
     modules = dict(model.named_modules())
+    lora_paths = [n for n, m in modules.items() if isinstance(m, lora_type)]
     chosen = []
     for name, module in modules.items():
         if not name or not match_target(name, target_modules):
             continue
-        if isinstance(modules.get(name.rpartition(".")[0]), lora_type):
-            continue  # the base inside an existing adapter
+        if any(name.startswith(p + ".") or not p for p in lora_paths if p != name):
+            continue  # the base or an adapter inside an existing LoRA layer
         if isinstance(module, lora_type):
-            raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
-        if not isinstance(module, linear_type):
+            if not new_adapter:
+                raise ValueError(f"inject_lora: module {name!r} already has a LoRA adapter")
+        elif not isinstance(module, linear_type):
             if target_modules == ALL_LINEAR:
-                continue
-            raise TypeError(
-                f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear layers take LoRA"
-            )
+                continue  # PEFT's "all-linear": Linear layers only, embeddings skipped
+            if not isinstance(module, embedding_type):
+                raise TypeError(
+                    f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear and "
+                    "Embedding layers take LoRA"
+                )
         chosen.append(name)
     if not chosen:
         linears = [n for n, m in modules.items() if isinstance(m, linear_type)]
@@ -133,56 +150,175 @@ def select_targets(model: Any, target_modules: str | Sequence[str], backend: Bac
     return chosen
 
 
-def wrap_targets(model: Any, config: LoraConfig, backend: Backend, seed: int | None) -> Any:
-    """Replace the linear modules ``config`` selects by ``backend.build(base, ...)``, all or nothing.
+def adapter_names_of(layers: list[tuple[str, Any]]) -> list[str]:
+    """Every adapter name on ``layers`` [(path, LoRA layer)], in order of first appearance.
 
-    Each layer's r and alpha come from ``config`` (``rank_pattern``/``alpha_pattern`` matched as
-    PEFT does). Everything is checked for every target before anything changes (a model whose
-    LoRA layers are merged is refused: new layers would start unmerged beside merged ones); then
-    all parameters are frozen and the LoRA layers (whose A and B require gradients) put in place,
-    drawing their initial values in module order from one generator built from ``seed``.
+    A layer kind without named adapters (`loralab.lora.LoRAEmbedding`, for now) holds "default".
     """
-    merged = [n for n, m in backend.lora_layers(model) if m.merged]
+    names: list[str] = []
+    for _, layer in layers:
+        names += [n for n in getattr(layer, "adapter_names", [DEFAULT_ADAPTER]) if n not in names]
+    return names
+
+
+def active_names(layers: list[tuple[str, Any]]) -> list[str]:
+    """The active adapters of a model's LoRA layers (the same list on every named-adapter layer)."""
+    for _, layer in layers:
+        if hasattr(layer, "active_adapter_names"):
+            return list(layer.active_adapter_names)
+    return [DEFAULT_ADAPTER]
+
+
+def wrap_targets(
+    model: Any,
+    config: LoraConfig,
+    backend: Backend,
+    seed: int | None,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> Any:
+    """Put adapter ``adapter_name`` on the linear modules ``config`` selects, all or nothing.
+
+    A plain linear module is replaced by ``backend.build(base, ...)``; an existing LoRA layer
+    (when the model has adapters already and ``adapter_name`` is new) gets the adapter beside
+    its others (`LoRALayerMixin.add_adapter`), inactive and frozen as in PEFT until
+    `loralab.lora.adapters.set_adapter` activates it. Each layer's r and alpha come from
+    ``config`` (``rank_pattern``/``alpha_pattern`` matched as PEFT does). Everything is checked
+    for every target before anything changes (a model whose LoRA layers are merged is refused:
+    new layers would start unmerged beside merged ones); the first adapter's parameters are the
+    only trainable ones, drawn in module order from one generator built from ``seed``.
+    """
+    check_adapter_name(adapter_name, "inject_lora")
+    existing = backend.lora_layers(model)
+    merged = [n for n, m in existing if m.merged]
     if merged:
         raise ValueError(
             f"inject_lora: the model's LoRA layers {merged} are merged into W0; unmerge first "
             "(unmerge_lora)"
         )
+    known = adapter_names_of(existing)
+    if adapter_name in known:
+        raise ValueError(
+            f"inject_lora: the model already has a LoRA adapter named {adapter_name!r} (its "
+            f"adapters: {known}); pass a new adapter_name to add another beside it"
+        )
     assert config.target_modules is not None
-    chosen = select_targets(model, config.target_modules, backend)
+    chosen = select_targets(model, config.target_modules, backend, new_adapter=bool(existing))
     modules = dict(model.named_modules())
+    lora_type = backend.lora_types()
     for name in chosen:
-        base = modules[name]
+        base: Any = modules[name]
+        is_embedding = isinstance(base, (*backend.embedding_types(), LoRAEmbeddingMixin))
+        is_lora = isinstance(base, lora_type)  # kept as flags: isinstance would narrow base
+        if is_embedding:
+            if existing:
+                raise ValueError(
+                    f"inject_lora: a second adapter on the embedding {name!r} is not supported yet; "
+                    "target Linear layers only"
+                )
+            o = config.layer_options(name)
+            validate_embedding_options(
+                base.num_embeddings,
+                base.embedding_dim,
+                o["r"],
+                o["alpha"],
+                o["dropout"],
+                o["init"],
+                o["use_rslora"],
+                o["use_dora"],
+            )
+            continue
         where = f"LoRALinear(in_features={base.in_features}, out_features={base.out_features})"
         check_rank_fits(config.rank_for(name), base.in_features, base.out_features, where)
-        if (config.use_dora or INITS[config.init].moves_W0) and not backend.holds_W0(model, name):
+        holds_W0 = base.plain_base if is_lora else backend.holds_W0(model, name)
+        if (config.use_dora or INITS[config.init].moves_W0) and not holds_W0:
             raise ValueError(
                 f"inject_lora: use_dora={config.use_dora}, init={config.init!r} need W0 itself, "
                 f"which the base at {name!r} ({type(base).__name__}) does not hold"
             )
+        if is_lora and INITS[config.init].moves_W0:
+            raise ValueError(
+                f"inject_lora: init={config.init!r} replaces W0 by a residual, which would change "
+                f"the adapters {base.adapter_names} at {name!r} trained on W0; use 'kaiming' or 'gaussian'"
+            )
     rng = make_rng(seed)
-    model.requires_grad_(False)
+    if not existing:
+        model.requires_grad_(False)
+    active = active_names(existing) if existing else [adapter_name]
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        layer = backend.build(modules[name], rng=rng, **config.layer_options(name))
-        setattr(model.get_submodule(parent_name), child, layer)
+        options = config.layer_options(name)
+        if isinstance(modules[name], lora_type):
+            layer = modules[name]
+            layer.add_adapter(adapter_name, rng=rng, **options)
+        else:
+            parent_name, _, child = name.rpartition(".")
+            if isinstance(modules[name], backend.embedding_types()):
+                layer = backend.build(modules[name], rng=rng, **options)
+            else:
+                layer = backend.build(modules[name], rng=rng, adapter_name=adapter_name, **options)
+                layer.active_adapter_names = list(active)
+            setattr(model.get_submodule(parent_name), child, layer)
+        if existing:  # a new adapter beside others starts inactive, its parameters frozen
+            for param in layer.adapter_parameters(adapter_name).values():
+                backend.set_trainable(param, False)
     return model
 
 
-def set_merged(model: Any, merged: bool) -> Any:
-    """Merge (``merged=True``) or unmerge every LoRA layer of ``model``; all or nothing."""
+def set_merged(model: Any, merged: bool, adapter_names: Sequence[str] | None = None) -> Any:
+    """Merge (``merged=True``) the adapters ``adapter_names`` (default: the active ones) of
+    every LoRA layer, or unmerge every merged adapter; all or nothing."""
     what = "merge_lora" if merged else "unmerge_lora"
     layers = backend_for(model, what).lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
-    wrong = [n for n, layer in layers if layer.merged == merged]
+    if merged and adapter_names is not None:
+        adapter_names = check_known(model, adapter_names, what)
+    if merged:
+        wrong = [n for n, layer in layers if _to_merge(layer, adapter_names) & _merged(layer)]
+    else:  # with named adapters a layer may hold none of the merged ones: it is skipped
+        wrong = [n for n, layer in layers] if not any(m.merged for _, m in layers) else []
+        layers = [(n, m) for n, m in layers if m.merged]
     if wrong and merged:
         raise ValueError(f"merge_lora: layers {wrong} are already merged; call unmerge_lora first")
     if wrong:
         raise ValueError(f"unmerge_lora: layers {wrong} are not merged; nothing to unmerge")
     for _, layer in layers:
-        layer.merge() if merged else layer.unmerge()
+        if not merged:
+            layer.unmerge()
+        elif hasattr(layer, "adapter_names"):
+            layer.merge(None if adapter_names is None else list(adapter_names))
+        elif _to_merge(layer, adapter_names):  # a layer with its one "default" adapter
+            layer.merge()
     return model
+
+
+def _to_merge(layer: Any, adapter_names: Sequence[str] | None) -> set[str]:
+    if hasattr(layer, "_names_to_merge"):
+        return set(layer._names_to_merge(adapter_names))
+    if adapter_names is None or DEFAULT_ADAPTER in adapter_names:
+        return {DEFAULT_ADAPTER}
+    return set()
+
+
+def _merged(layer: Any) -> set[str]:
+    if hasattr(layer, "merged_adapters"):
+        return set(layer.merged_adapters)
+    return {DEFAULT_ADAPTER} if layer.merged else set()
+
+
+def check_known(model: Any, names: Any, where: str) -> list[str]:
+    """``names`` (a str or a list of str) as a list, each an adapter of ``model``, no repeats."""
+    layers = backend_for(model, where).lora_layers(model)
+    known = adapter_names_of(layers)
+    listed = [names] if isinstance(names, str) else names
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed):
+        raise TypeError(f"{where}: expected an adapter name or a list of names, got {names!r}")
+    unknown = [n for n in listed if n not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown adapters {unknown}; the model's adapters are {known}")
+    repeated = sorted({n for n in listed if listed.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}: adapter names {repeated} are given more than once")
+    return list(listed)
 
 
 def inject_lora(
@@ -196,8 +332,12 @@ def inject_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
     seed: int | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> Any:
-    """Replace the matching linear modules of ``model`` by LoRA layers, in place.
+    """Replace the matching linear (and embedding) modules of ``model`` by LoRA layers, in place.
+
+    An embedding named in ``target_modules`` (the GPT's ``"tok_emb"``) gets a
+    `loralab.lora.LoRAEmbedding` (A = 0, B ~ N(0, 1), as PEFT); ``"all-linear"`` skips embeddings.
 
     Every parameter that is not a LoRA A or B (or a DoRA magnitude) is frozen. Right after
     injection the model computes exactly what it computed before: every B is zero (for PiSSA and
@@ -217,6 +357,11 @@ def inject_lora(
         by its residual, see `loralab.lora.variants`). Types are strict: ``use_dora="false"`` is a TypeError.
     seed : int, optional
         One generator built from it initialises the adapters in module order.
+    adapter_name : str, default "default"
+        PEFT's name for the adapter. On a model that has LoRA layers already, a new name adds a
+        second adapter beside the first (on existing LoRA layers and, wrapped, on plain ones),
+        inactive and frozen until `loralab.lora.set_adapter` selects it (as PEFT's
+        ``add_adapter``); the first adapter's parameter names stay ``<path>.lora_A`` ...
 
     Returns
     -------
@@ -228,7 +373,7 @@ def inject_lora(
         When nothing matches (the message lists the Linear modules that exist), a bad option, or
         LoRA layers of the model are merged ("unmerge first").
     TypeError
-        When a matching module is not a Linear, or an option has the wrong type.
+        When a matching module is neither a Linear nor an Embedding, or an option has the wrong type.
 
     Examples
     --------
@@ -241,7 +386,7 @@ def inject_lora(
         r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora, use_dora=use_dora
     )
     backend = backend_for(model, "inject_lora")
-    return wrap_targets(model, make_config(target_modules, options), backend, seed)
+    return wrap_targets(model, make_config(target_modules, options), backend, seed, adapter_name)
 
 
 def lora_layers(model: Any) -> list[tuple[str, Any]]:
@@ -249,13 +394,17 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
     return backend_for(model, "lora_layers").lora_layers(model)
 
 
-def merge_lora(model: Any) -> Any:
-    """Merge every adapter into its base weight (W0 <- W0 + ΔW); all or nothing."""
-    return set_merged(model, True)
+def merge_lora(model: Any, adapter_names: Sequence[str] | None = None) -> Any:
+    """Merge adapters into their base weights (W0 <- W0 + ΔW); all or nothing.
+
+    ``adapter_names``: which (default: the active ones, as PEFT); each layer remembers the
+    merged ones in ``merged_adapters``, and a merged model runs the base alone (W0 holds them).
+    """
+    return set_merged(model, True, adapter_names)
 
 
 def unmerge_lora(model: Any) -> Any:
-    """Undo `merge_lora` (W0 <- W0 - ΔW); all or nothing."""
+    """Undo `merge_lora` (W0 <- W0 - ΔW, for every merged adapter, last first); all or nothing."""
     return set_merged(model, False)
 
 
@@ -266,8 +415,14 @@ def lora_state_dict(model: Any) -> dict[str, Any]:
     return {
         f"{name}.{pname}" if name else pname: backend.copy(getattr(layer, pname))
         for name, layer in backend.lora_layers(model)
-        for pname in ("lora_A", "lora_B", *layer.kind.extra_names)
+        for pname in _parameter_names(layer)
     }
+
+
+def _parameter_names(layer: Any) -> tuple[str, ...]:
+    if isinstance(layer, LoRAEmbeddingMixin):  # PEFT's names for an embedding's A and B
+        return ("lora_embedding_A", "lora_embedding_B")
+    return ("lora_A", "lora_B", *layer.kind.extra_names)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

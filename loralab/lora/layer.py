@@ -44,6 +44,7 @@ from loralab.lora.config import (
     lora_scaling,
     positive_number,
 )
+from loralab.lora.grouped import grouped_lora_backward, grouped_lora_forward
 from loralab.lora.ops import (
     branch_backward,
     branch_forward,
@@ -64,6 +65,14 @@ __all__ = [
     "LoRALinearFn",
     "DoRALinearFn",
     "LoRABranchFn",
+    "GroupedLoRAFn",
+    "AdapterMixin",
+    "LoRAAdapter",
+    "AdapterDict",
+    "DEFAULT_ADAPTER",
+    "BASE_ROWS",
+    "check_adapter_name",
+    "check_mixed_rows",
     "lora_linear",
     "LINEAR_TYPES",
     "register_linear_type",
@@ -112,20 +121,41 @@ def validate_lora_options(
     boolean("use_dora", use_dora, where)
 
 
-class LoRALayerMixin:
-    """What the NumPy and torch `LoRALinear` share; a backend class supplies
+DEFAULT_ADAPTER = "default"
+"""The name of the adapter `inject_lora` and `load_adapter` make when none is given (PEFT's)."""
 
-    - ``_weight_array(base)``: W0 as an ndarray (out, in), or None for a base without a plain W0;
-    - ``_set_weight(array)``: replace W0 (by PiSSA's or OLoRA's residual);
-    - ``_parameter(array)``: a trainable parameter holding ``array``, on W0's device;
-    - ``weight_row_norms(W)``: ||W||_row, shape (out,) (DoRA's merge).
+BASE_ROWS = "__base__"
+"""In a mixed batch, the rows named so use no adapter (PEFT's ``adapter_names`` value)."""
+
+ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
+ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def check_adapter_name(name: Any, where: str) -> str:
+    """``name`` if it can name an adapter: a non-empty str without '.', not ``"__base__"``."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{where}: adapter_name must be a str, got {name!r} ({type(name).__name__})"
+        )
+    if not name or "." in name or name == BASE_ROWS or name.startswith("_"):
+        raise ValueError(
+            f"{where}: adapter_name={name!r} is not a valid adapter name (non-empty, no '.', "
+            f"not starting with '_', not {BASE_ROWS!r})"
+        )
+    return name
+
+
+class AdapterMixin:
+    """One adapter's weights and options: A (r, in), B (out, r), DoRA's m (out,), r, alpha, s ...
+
+    The layer itself holds its first adapter (so a layer with one adapter keeps the parameter
+    names ``lora_A``, ``lora_B``, ``lora_magnitude_vector``); every other adapter is a small
+    module of this kind in the layer's ``lora_adapters`` dict. A backend supplies
+    ``weight_row_norms(W)`` (DoRA's merge).
     """
 
-    base: Any
     lora_A: Any
     lora_B: Any
-    in_features: int
-    out_features: int
     r: int
     alpha: float
     dropout: float
@@ -133,9 +163,52 @@ class LoRALayerMixin:
     use_rslora: bool
     use_dora: bool
     scaling: float
-    merged: bool
-    plain_base: bool
     _merge_norm: Any
+
+    def weight_row_norms(self, W: Any) -> Any:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> Any:
+        """The adapter's kind, `loralab.lora.variants.KINDS[use_dora]`: plain LoRA or DoRA."""
+        return KINDS[self.use_dora]
+
+    def delta_weight(self) -> Any:
+        """ΔW = scaling * B A, of shape (out_features, in_features), outside any graph."""
+        return self.scaling * (self.lora_B.data @ self.lora_A.data)
+
+
+class LoRALayerMixin(AdapterMixin):
+    """What the NumPy and torch `LoRALinear` share; a backend class supplies
+
+    - ``_weight_array(base)``: W0 as an ndarray (out, in), or None for a base without a plain W0;
+    - ``_set_weight(array)``: replace W0 (by PiSSA's or OLoRA's residual);
+    - ``_parameter(array)``: a trainable parameter holding ``array``, on W0's device;
+    - ``weight_row_norms(W)``: ||W||_row, shape (out,) (DoRA's merge);
+    - ``_new_adapter()``: an empty module for a second adapter's weights (an `AdapterMixin`);
+    - ``_new_adapter_dict()``: the dict module ``lora_adapters`` that holds those.
+
+    Named adapters (PEFT's semantics)
+    ---------------------------------
+    A layer holds one or more adapters by name, in ``adapter_names`` (insertion order). The
+    first lives on the layer itself (``lora_A``, ``lora_B``, ``r``, ``scaling`` ... are its), the
+    others in ``lora_adapters[name]`` with the same attribute names, so their parameters are
+    called ``<path>.lora_adapters.<name>.lora_A``. ``active_adapter_names`` (the same list on
+    every layer of a model) says which adapters the forward adds, their updates summed;
+    ``merged_adapters`` which are in W0; ``disabled`` runs the base alone; ``mixed_rows`` (a name
+    per batch row, set by `loralab.lora.adapters.mixed_batch`) routes each row through its own.
+    """
+
+    base: Any
+    in_features: int
+    out_features: int
+    plain_base: bool
+    adapter_names: list[str]
+    active_adapter_names: list[str]
+    merged_adapters: list[str]
+    disabled: bool
+    mixed_rows: list[str] | None
+    lora_adapters: Any
 
     def _weight_array(self, base: Any) -> np.ndarray | None:
         raise NotImplementedError
@@ -146,7 +219,10 @@ class LoRALayerMixin:
     def _parameter(self, array: np.ndarray) -> Any:
         raise NotImplementedError
 
-    def weight_row_norms(self, W: Any) -> Any:
+    def _new_adapter(self) -> Any:
+        raise NotImplementedError
+
+    def _new_adapter_dict(self) -> Any:
         raise NotImplementedError
 
     def _init_lora(
@@ -159,8 +235,10 @@ class LoRALayerMixin:
         init: Any,
         use_rslora: Any,
         use_dora: Any,
+        adapter_name: Any = DEFAULT_ADAPTER,
     ) -> None:
         """Validate the options (the layer's keywords), freeze ``base``, then create A, B (and DoRA's m)."""
+        check_adapter_name(adapter_name, "LoRALinear")
         validate_lora_options(
             base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
         )
@@ -174,28 +252,152 @@ class LoRALayerMixin:
         self.base = base
         self.plain_base = W0 is not None  # W0 is a plain weight: the fused Functions run
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.init, self.use_rslora, self.use_dora = init, bool(use_rslora), bool(use_dora)
-        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
+        self.adapter_names, self.active_adapter_names = [], [adapter_name]
+        self.merged_adapters, self.disabled, self.mixed_rows = [], False, None
+        self._fill_adapter(self, rng, r, alpha, dropout, init, use_rslora, use_dora)
+        self.adapter_names.append(adapter_name)
+
+    def _fill_adapter(
+        self, holder: Any, rng: np.random.Generator, r, alpha, dropout, init, use_rslora, use_dora
+    ) -> None:
+        """Give ``holder`` (the layer or an adapter module) its options, A, B (and m), initialised."""
+        W0 = self._weight_array(self.base)
+        holder.r, holder.alpha, holder.dropout = int(r), float(alpha), float(dropout)
+        holder.init, holder.use_rslora, holder.use_dora = init, bool(use_rslora), bool(use_dora)
+        holder.scaling = lora_scaling(holder.alpha, holder.r, holder.use_rslora)
         shape = (self.out_features, self.in_features)
-        A, B, residual = INITS[init](W0, self.r, self.scaling, rng, shape)
+        A, B, residual = INITS[init](W0, holder.r, holder.scaling, rng, shape)
         if residual is not None:  # the principal part of W0 moved into A and B
             self._set_weight(residual)
             W0 = residual
-        dtype = W0.dtype if W0 is not None else np.dtype(getattr(base, "compute_dtype", np.float32))
+        dtype = (
+            W0.dtype
+            if W0 is not None
+            else np.dtype(getattr(self.base, "compute_dtype", np.float32))
+        )
         # Cast in NumPy first, so float32 values agree bit for bit between the backends.
         A, B = A.astype(dtype), B.astype(dtype)
-        self.lora_A = self._parameter(A)
-        self.lora_B = self._parameter(B)
-        for name, value in self.kind.extra_parameters(W0, A, B, self.scaling).items():
-            setattr(self, name, self._parameter(value))
-        self._merge_norm = None
-        self.merged = False
+        holder.lora_A = self._parameter(A)
+        holder.lora_B = self._parameter(B)
+        for name, value in holder.kind.extra_parameters(W0, A, B, holder.scaling).items():
+            setattr(holder, name, self._parameter(value))
+        holder._merge_norm = None
 
+    # ----- named adapters ---------------------------------------------------------------------------
+    def adapter(self, name: str) -> Any:
+        """The holder of adapter ``name``: the layer itself for its first adapter, else a module."""
+        if name == self.adapter_names[0]:
+            return self
+        return self.lora_adapters[name]
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        *,
+        rng: np.random.Generator,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> Any:
+        """Add a new adapter beside the existing ones (inactive: `set_adapter` activates it)."""
+        check_adapter_name(adapter_name, "LoRALinear.add_adapter")
+        if adapter_name in self.adapter_names:
+            raise ValueError(
+                f"LoRALinear.add_adapter: adapter {adapter_name!r} exists already; "
+                f"the layer's adapters are {self.adapter_names}"
+            )
+        validate_lora_options(
+            self.in_features, self.out_features, r, alpha, dropout, init, use_rslora, use_dora
+        )
+        if INITS[init].moves_W0:
+            raise ValueError(
+                f"LoRALinear.add_adapter: init={init!r} replaces W0 by a residual, which would change "
+                f"the adapters {self.adapter_names} trained on W0; use 'kaiming' or 'gaussian'"
+            )
+        if use_dora and not self.plain_base:
+            raise ValueError(
+                f"LoRALinear.add_adapter: use_dora=True needs W0 itself, which a "
+                f"{type(self.base).__name__} base does not hold"
+            )
+        holder = self._new_adapter()
+        self._fill_adapter(holder, rng, r, alpha, dropout, init, use_rslora, use_dora)
+        if "lora_adapters" not in self._adapter_children():
+            self.lora_adapters = self._new_adapter_dict()
+        self.lora_adapters[adapter_name] = holder
+        self.adapter_names.append(adapter_name)
+        return holder
+
+    def _adapter_children(self) -> list[str]:
+        return [name for name, _ in self.named_children()]  # type: ignore[attr-defined]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not merged, not the layer's only one). If it is the first, the
+        next adapter's parameters (the same objects) move onto the layer itself."""
+        if len(self.adapter_names) == 1:
+            raise ValueError(
+                f"LoRALinear.delete_adapter: {name!r} is the layer's only adapter; replace the layer "
+                "by its base instead"
+            )
+        stored = name
+        if name == self.adapter_names[0]:
+            stored = self.adapter_names[1]
+            holder = self.lora_adapters[stored]
+            for attr in ADAPTER_PARAMETERS:
+                value = getattr(holder, attr, None)
+                if value is not None:
+                    setattr(self, attr, value)
+                elif getattr(self, attr, None) is not None:
+                    delattr(self, attr)
+            for attr in ADAPTER_OPTIONS:
+                setattr(self, attr, getattr(holder, attr))
+            self._merge_norm = holder._merge_norm
+        del self.lora_adapters[stored]
+        if len(self.lora_adapters) == 0:
+            delattr(self, "lora_adapters")
+        self.adapter_names.remove(name)
+
+    def adapter_parameters(self, name: str) -> dict[str, Any]:
+        """``{"lora_A": ..., "lora_B": ..., ["lora_magnitude_vector": ...]}`` of adapter ``name``."""
+        holder = self.adapter(name)
+        return {p: getattr(holder, p) for p in ("lora_A", "lora_B", *holder.kind.extra_names)}
+
+    def forward_plan(self) -> tuple[str, Any]:
+        """What the forward runs: ("base", None), ("one", holder), ("sum", holders) or
+        ("mixed", (row_index, holders)), following PEFT: disabled or merged -> the base alone;
+        active adapters this layer lacks are skipped."""
+        if self.disabled or self.merged_adapters:
+            return "base", None
+        if self.mixed_rows is not None:
+            used = [n for n in self.adapter_names if n in set(self.mixed_rows)]
+            position = {n: k for k, n in enumerate(used)}
+            index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
+            return "mixed", (index, [self.adapter(n) for n in used])
+        holders = [self.adapter(n) for n in self.active_adapter_names if n in self.adapter_names]
+        if not holders:
+            return "base", None
+        if len(holders) == 1:
+            return "one", holders[0]
+        if any(h.use_dora for h in holders):
+            raise ValueError(
+                f"{self._describe()}: several active adapters {self.active_adapter_names} with a DoRA "
+                "adapter among them is not supported; activate one DoRA adapter at a time"
+            )
+        return "sum", holders
+
+    # ----- the first adapter's view, as the layer had before named adapters --------------------------
     @property
-    def kind(self) -> Any:
-        """The layer's kind, `loralab.lora.variants.KINDS[use_dora]`: plain LoRA or DoRA."""
-        return KINDS[self.use_dora]
+    def merged(self) -> bool:
+        """Whether some adapter is merged into ``base.weight`` (see ``merged_adapters``)."""
+        return bool(self.merged_adapters)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self.merged_adapters = (
+            [n for n in self.active_adapter_names if n in self.adapter_names] if value else []
+        )
 
     @property
     def weight(self) -> Any:
@@ -206,34 +408,40 @@ class LoRALayerMixin:
     def bias(self) -> Any:
         return self.base.bias
 
-    def delta_weight(self) -> Any:
-        """ΔW = scaling * B A, of shape (out_features, in_features), outside any graph."""
-        return self.scaling * (self.lora_B.data @ self.lora_A.data)
-
-    def merge(self) -> None:
-        """Add ΔW into W0 in place, so inference costs exactly one matmul (no extra latency).
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Add ΔW of each adapter (default: the active ones) into W0 in place, so inference costs
+        exactly one matmul (no extra latency).
 
         With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
         `unmerge`. A base without a plain W0 merges through its ``add_delta_``.
         """
-        if self.merged:
+        names = self._names_to_merge(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
             raise ValueError(
-                "LoRALinear.merge(): the layer is already merged; call unmerge() first"
+                f"LoRALinear.merge(): adapters {already} are already merged; call unmerge() first"
             )
-        self._move_delta(into_base=True)
-        self.merged = True
+        for name in names:
+            self._move_delta(self.adapter(name), into_base=True)
+            self.merged_adapters.append(name)
+
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        if adapter_names is None:
+            return [n for n in self.active_adapter_names if n in self.adapter_names]
+        return [n for n in adapter_names if n in self.adapter_names]
 
     def unmerge(self) -> None:
-        """Subtract ΔW from W0 again, restoring the pre-trained weight (up to round-off)."""
-        if not self.merged:
+        """Subtract every merged ΔW from W0 again (last merged first), restoring W0 up to round-off."""
+        if not self.merged_adapters:
             raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
-        self._move_delta(into_base=False)
-        self.merged = False
+        while self.merged_adapters:
+            self._move_delta(self.adapter(self.merged_adapters[-1]), into_base=False)
+            self.merged_adapters.pop()
 
-    def _move_delta(self, into_base: bool) -> None:
+    def _move_delta(self, holder: Any, into_base: bool) -> None:
         if self.plain_base:
             W = self.base.weight.data
-            self.kind.merge(self, W) if into_base else self.kind.unmerge(self, W)
+            holder.kind.merge(holder, W) if into_base else holder.kind.unmerge(holder, W)
             return
         add = getattr(self.base, "add_delta_", None)
         if add is None:
@@ -241,7 +449,7 @@ class LoRALayerMixin:
                 f"LoRALinear.merge(): a {type(self.base).__name__} base has no add_delta_, so ΔW "
                 "cannot be merged into it"
             )
-        delta = np.asarray(self.delta_weight())
+        delta = np.asarray(holder.delta_weight())
         add(delta if into_base else -delta)
 
     def _describe(self) -> str:
@@ -254,9 +462,12 @@ class LoRALayerMixin:
         rs = ", use_rslora=True" if self.use_rslora else ""
         rs += ", use_dora=True" if self.use_dora else ""
         rs += f", init={self.init!r}" if INITS[self.init].moves_W0 else ""
+        names = (
+            "" if self.adapter_names == [DEFAULT_ADAPTER] else f", adapters={self.adapter_names}"
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}"
+            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}{names}"
         )
 
 
@@ -311,6 +522,25 @@ class LoRABranchFn(Function):
         (cache,) = ctx.saved
         dx, dA, dB = branch_backward(grad, cache, need_dx=ctx.needs_input_grad[0])
         return dx, dA, dB
+
+
+class GroupedLoRAFn(Function):
+    """The low-rank part of a mixed batch over (x, A_1..A_K, B_1..B_K): row i gets
+    ``s_k B_k A_k x_i`` for its adapter k = index[i] (nothing for -1), with the hand backward of
+    `loralab.lora.grouped.grouped_lora_backward` (so one batch trains several adapters at once)."""
+
+    @staticmethod
+    def forward(ctx, x, *AB, index, scalings):
+        k = len(scalings)
+        y, cache = grouped_lora_forward(x, index, AB[:k], AB[k:], scalings)
+        ctx.save_for_backward(cache)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cache,) = ctx.saved
+        dx, dAs, dBs = grouped_lora_backward(grad, cache, need_dx=ctx.needs_input_grad[0])
+        return (dx, *dAs, *dBs)
 
 
 _FUNCTIONS = {"lora": LoRALinearFn, "dora": DoRALinearFn}  # the layer's kind -> its fused Function
@@ -429,6 +659,7 @@ class LoRALinear(LoRALayerMixin, Module):
         init: str = "kaiming",
         use_rslora: bool = False,
         use_dora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
     ):
@@ -439,10 +670,16 @@ class LoRALinear(LoRALayerMixin, Module):
             )
         super().__init__()
         self.rng = make_rng(seed, rng)
-        self._init_lora(base, self.rng, r, alpha, dropout, init, use_rslora, use_dora)
+        self._init_lora(base, self.rng, r, alpha, dropout, init, use_rslora, use_dora, adapter_name)
 
     def _weight_array(self, base: Any) -> np.ndarray | None:
         return base.weight.data if isinstance(base, Linear) else None
+
+    def _new_adapter(self) -> LoRAAdapter:
+        return LoRAAdapter()
+
+    def _new_adapter_dict(self) -> AdapterDict:
+        return AdapterDict()
 
     def _set_weight(self, array: np.ndarray) -> None:
         self.base.weight.data = array
@@ -456,17 +693,77 @@ class LoRALinear(LoRALayerMixin, Module):
     def forward(self, x: Any) -> Tensor:
         """x of shape (..., in_features) -> h of shape (..., out_features)."""
         x = check_input(self._describe(), x, self.in_features)
-        if self.merged:
+        route, what = self.forward_plan()
+        if route == "base":
             return self.base(x)
-        mask = None
-        if self.training and self.dropout > 0.0:
-            mask = F.dropout_mask(x.shape, self.dropout, self.rng, x.dtype)
-        if not self.plain_base:
-            branch = LoRABranchFn.apply(
-                x, self.lora_A, self.lora_B, scaling=self.scaling, mask=mask
+        if route == "mixed":
+            return self._mixed_forward(x, *what)
+        holders = [what] if route == "one" else what
+        masks = [self._mask(x, h) for h in holders]
+        if route == "one" and self.plain_base:
+            h = holders[0]
+            extra = [getattr(h, name) for name in h.kind.extra_names]
+            W0, b = self.base.weight, self.base.bias
+            fn = _FUNCTIONS[h.kind.name]
+            return fn.apply(x, W0, b, h.lora_A, h.lora_B, *extra, scaling=h.scaling, mask=masks[0])
+        y = self.base(x)
+        for h, mask in zip(holders, masks, strict=True):
+            y = y + LoRABranchFn.apply(x, h.lora_A, h.lora_B, scaling=h.scaling, mask=mask)
+        return y
+
+    def _mask(self, x: Tensor, holder: Any) -> np.ndarray | None:
+        if self.training and holder.dropout > 0.0:
+            return F.dropout_mask(x.shape, holder.dropout, self.rng, x.dtype)
+        return None
+
+    def _mixed_forward(self, x: Tensor, index: np.ndarray, holders: list[Any]) -> Tensor:
+        """base(x) + the grouped op: row i through adapter index[i] (-1: none)."""
+        check_mixed_rows(self._describe(), len(index), x.shape)
+        if self.training and any(h.dropout > 0.0 for h in holders):
+            raise ValueError(
+                f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
+                "adapters with dropout=0"
             )
-            return self.base(x) + branch
-        extra = [getattr(self, name) for name in self.kind.extra_names]
-        W0, b = self.base.weight, self.base.bias
-        fn = _FUNCTIONS[self.kind.name]
-        return fn.apply(x, W0, b, self.lora_A, self.lora_B, *extra, scaling=self.scaling, mask=mask)
+        rows = np.broadcast_to(index.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
+        As = [h.lora_A for h in holders]
+        Bs = [h.lora_B for h in holders]
+        scalings = [h.scaling for h in holders]
+        return self.base(x) + GroupedLoRAFn.apply(x, *As, *Bs, index=rows, scalings=scalings)
+
+
+def check_mixed_rows(where: str, n_names: int, x_shape: tuple[int, ...]) -> None:
+    """A mixed batch names one adapter per row: x must be (batch, ..., in) with batch == n_names."""
+    if len(x_shape) < 2 or x_shape[0] != n_names:
+        raise ValueError(
+            f"{where}: mixed_batch got {n_names} adapter names but x has shape {tuple(x_shape)}; "
+            f"expected ({n_names}, ..., in_features), one name per row"
+        )
+
+
+class LoRAAdapter(AdapterMixin, Module):
+    """A second (third ...) adapter of a NumPy `LoRALinear`: its A, B (m) and options."""
+
+    def weight_row_norms(self, W: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(W, axis=1)
+
+
+class AdapterDict(Module):
+    """Adapters by name (``layer.lora_adapters``), as ``torch.nn.ModuleDict`` holds them."""
+
+    def __getitem__(self, name: str) -> Any:
+        return self._modules[name]
+
+    def __setitem__(self, name: str, module: Module) -> None:
+        setattr(self, name, module)
+
+    def __delitem__(self, name: str) -> None:
+        delattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self) -> list[str]:
+        return list(self._modules)

@@ -2,7 +2,8 @@
 
 The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
 
-- `LoRALinear` and `LoRALinearFunction` (the hand-derived backward, in torch);
+- `LoRALinear` and `LoRALinearFunction` (the hand-derived backward, in torch); `LoRAEmbedding`
+  and `LoRAEmbeddingFunction` (LoRA on a token table);
 - `inject_lora` (with the torch-only ``use_custom_backward``); `merge_lora`, `unmerge_lora`,
   `lora_state_dict`, `lora_layers`, `count_parameters` are `loralab.lora`'s own functions,
   which serve torch models through the backend registered below;
@@ -50,6 +51,7 @@ from loralab.torch.convert import (
     to_numpy,
     to_torch,
 )
+from loralab.torch.embedding import LoRAEmbedding, LoRAEmbeddingFunction
 from loralab.torch.equivalence import (
     EquivalenceReport,
     check_equivalence,
@@ -63,6 +65,8 @@ from loralab.torch.quant import Linear4bit  # registers the 4-bit base with to_t
 __all__ = [
     "LoRALinear",
     "LoRALinearFunction",
+    "LoRAEmbedding",
+    "LoRAEmbeddingFunction",
     "Linear4bit",
     "inject_lora",
     "merge_lora",

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from loralab._validate import boolean
 from loralab.functional import dropout_mask
-from loralab.lora.layer import LoRALayerMixin
+from loralab.lora.layer import DEFAULT_ADAPTER, AdapterMixin, LoRALayerMixin, check_mixed_rows
 from loralab.nn.module import make_rng
+from loralab.torch.grouped import grouped_lora
 from loralab.torch.variants import DoRALinearFunction
 
-__all__ = ["LoRALinear", "LoRALinearFunction", "numpy_dtype"]
+__all__ = ["LoRALinear", "LoRAAdapter", "LoRALinearFunction", "numpy_dtype"]
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -135,6 +136,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         init: str = "kaiming",
         use_rslora: bool = False,
         use_dora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
         use_custom_backward: bool = True,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
@@ -151,7 +153,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         self.generator = generator
         self.mask_rng: np.random.Generator | None = None
         np_rng = make_rng(seed, rng)
-        self._init_lora(base, np_rng, r, alpha, dropout, init, use_rslora, use_dora)
+        self._init_lora(base, np_rng, r, alpha, dropout, init, use_rslora, use_dora, adapter_name)
 
     def _weight_array(self, base: torch.nn.Linear) -> np.ndarray:
         return base.weight.detach().cpu().numpy()
@@ -167,14 +169,21 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
     def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(W, dim=1)
 
-    def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
+    def _new_adapter(self) -> LoRAAdapter:
+        return LoRAAdapter()
+
+    def _new_adapter_dict(self) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict()
+
+    def _dropout_mask(self, x: torch.Tensor, p: float | None = None) -> torch.Tensor:
         """Inverted-dropout mask of x's shape: 0 with probability p, else 1 / (1 - p)."""
+        p = self.dropout if p is None else p
         if self.mask_rng is not None:
-            mask = dropout_mask(tuple(x.shape), self.dropout, self.mask_rng, numpy_dtype(x.dtype))
+            mask = dropout_mask(tuple(x.shape), p, self.mask_rng, numpy_dtype(x.dtype))
             return torch.from_numpy(mask).to(x.device)
         device = self.generator.device if self.generator is not None else x.device
         u = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=device)
-        return ((u >= self.dropout).to(x.dtype) / (1.0 - self.dropout)).to(x.device)
+        return ((u >= p).to(x.dtype) / (1.0 - p)).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x of shape (..., in_features) -> h of shape (..., out_features)."""
@@ -182,29 +191,55 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
             raise ValueError(
                 f"{self._describe()}: expected x of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
-        if self.merged:
+        route, what = self.forward_plan()
+        if route == "base":
             return self.base(x)
-        mask = None
-        if self.training and self.dropout > 0.0:
-            mask = self._dropout_mask(x)
-        W0, b, A, B, s = self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling
-        extra = [getattr(self, name) for name in self.kind.extra_names]
+        if route == "mixed":
+            return self._mixed_forward(x, *what)
+        holders = [what] if route == "one" else what
+        masks = [
+            self._dropout_mask(x, h.dropout) if self.training and h.dropout > 0.0 else None
+            for h in holders
+        ]
+        if route == "sum":
+            y = self.base(x)
+            for h, mask in zip(holders, masks, strict=True):
+                xd = x if mask is None else x * mask
+                y = y + h.scaling * F.linear(F.linear(xd, h.lora_A), h.lora_B)
+            return y
+        h, mask = holders[0], masks[0]
+        W0, b, A, B, s = self.base.weight, self.base.bias, h.lora_A, h.lora_B, h.scaling
+        extra = [getattr(h, name) for name in h.kind.extra_names]
         if self.use_custom_backward:
-            return _FUNCTIONS[self.kind.name].apply(x, W0, b, A, B, *extra, s, mask)
-        autograd = {"lora": self._lora_autograd, "dora": self._dora_autograd}[self.kind.name]
-        return autograd(x, W0, b, *extra, mask)
+            return _FUNCTIONS[h.kind.name].apply(x, W0, b, A, B, *extra, s, mask)
+        autograd = {"lora": self._lora_autograd, "dora": self._dora_autograd}[h.kind.name]
+        return autograd(h, x, W0, b, *extra, mask)
 
-    def _lora_autograd(self, x, W0, b, mask):
+    def _mixed_forward(self, x: torch.Tensor, index: np.ndarray, holders: list) -> torch.Tensor:
+        """base(x) + the grouped op (`loralab.torch.grouped`): row i through adapter index[i]."""
+        check_mixed_rows(self._describe(), len(index), tuple(x.shape))
+        if self.training and any(h.dropout > 0.0 for h in holders):
+            raise ValueError(
+                f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
+                "adapters with dropout=0"
+            )
+        rows = torch.from_numpy(index).to(x.device)
+        rows = rows.reshape((-1,) + (1,) * (x.ndim - 2)).expand(x.shape[:-1])
+        return self.base(x) + grouped_lora(x, rows, holders)
+
+    @staticmethod
+    def _lora_autograd(h, x, W0, b, mask):
         """LoRA through plain autograd: x W0^T + b + s ((x * mask) A^T) B^T."""
         xd = x if mask is None else x * mask
-        return F.linear(x, W0, b) + self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
+        return F.linear(x, W0, b) + h.scaling * F.linear(F.linear(xd, h.lora_A), h.lora_B)
 
-    def _dora_autograd(self, x, W0, b, m, mask):
+    @staticmethod
+    def _dora_autograd(h, x, W0, b, m, mask):
         """DoRA through plain autograd, PEFT's formula: the norm detached, the undropped x in the frozen path.
 
         y = x W0^T + b + (c - 1) (x_d W0^T) + c s (x_d A^T) B^T,  c = m / ||W0 + s B A||_row.
         """
-        A, B, s = self.lora_A, self.lora_B, self.scaling
+        A, B, s = h.lora_A, h.lora_B, h.scaling
         norm = torch.linalg.norm(W0 + s * (B @ A), dim=1).detach()
         c = m / norm
         xd = x if mask is None else x * mask
@@ -212,6 +247,17 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         if mask is not None:
             y = y + F.linear(x - xd, W0)
         return y if b is None else y + b
+
+
+class LoRAAdapter(AdapterMixin, torch.nn.Module):
+    """A second (third ...) adapter of a torch `LoRALinear`: its A, B (m) and options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_merge_norm", None, persistent=False)
+
+    def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(W, dim=1)
 
 
 _FUNCTIONS = {"lora": LoRALinearFunction, "dora": DoRALinearFunction}  # kind -> hand backward
