@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import re
 import signal
 import sys
 import threading
@@ -686,9 +687,25 @@ def test_the_time_limit_has_a_default_of_a_few_seconds():
     assert inspect.signature(ex.check_merge).parameters["time_limit"].default is None
 
 
-@pytest.mark.parametrize("limit", [0, -1.0, float("nan"), float("inf"), "5", True])
-def test_a_bad_time_limit_is_refused_by_name(limit):
-    with pytest.raises((ValueError, TypeError), match="time_limit must be"):
+@pytest.mark.parametrize(
+    "limit, error",
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+        (None.__class__, TypeError),
+    ],
+)
+def test_a_bad_time_limit_is_refused_by_name(limit, error):
+    """A wrong type is a TypeError, a wrong value a ValueError; the message names the check."""
+    with pytest.raises(
+        error,
+        match="^"
+        + re.escape(f"check_merge: time_limit must be a positive number, got time_limit={limit!r}"),
+    ):
         ex.check_merge(S.merge, time_limit=limit)
 
 

@@ -160,6 +160,24 @@ def test_grade_checks_every_file_before_running_any(tmp_path, capsys):
     assert "bad.ipynb" in captured.err
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"timeout": 0}, ValueError, "timeout must be a positive number, got timeout=0"),
+        ({"timeout": "60"}, TypeError, "timeout must be a positive number, got timeout='60'"),
+        ({"time_limit": float("inf")}, ValueError, "time_limit must be a positive number"),
+        (
+            {"time_limit": True},
+            TypeError,
+            "time_limit must be a positive number, got time_limit=True",
+        ),
+    ],
+)
+def test_grade_notebook_refuses_bad_limits_before_reading_anything(kwargs, error, match):
+    with pytest.raises(error, match="^grade_notebook: " + match):
+        grade_notebook("no-such-notebook.ipynb", **kwargs)
+
+
 @pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "ten"])
 @pytest.mark.parametrize("via_cli", [False, True])
 def test_grade_timeout_must_be_positive(capsys, timeout, via_cli):

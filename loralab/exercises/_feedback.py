@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import signal
 import sysconfig
 import threading
@@ -24,6 +23,7 @@ from contextvars import ContextVar
 
 import numpy as np
 
+from loralab._validate import positive_number
 from loralab.exercises._catalogue import EXERCISES
 from loralab.exercises._mistakes import Mistake
 
@@ -85,19 +85,12 @@ def _where(exc: BaseException) -> str:
     return f"\n  It happened in `{frame.name}`, line {frame.lineno}{line}."
 
 
-def check_time_limit(time_limit: object) -> float:
-    """``time_limit`` as seconds (None means `TIME_LIMIT`); a positive finite number, else an error."""
+def check_time_limit(time_limit: object, where: str) -> float:
+    """``time_limit`` as seconds (None means `TIME_LIMIT`); a positive finite number, else an error
+    that starts with ``where`` (the check's name)."""
     if time_limit is None:
         return TIME_LIMIT
-    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float, np.number)):
-        raise TypeError(
-            f"time_limit must be a positive number of seconds, got {type(time_limit).__name__} "
-            f"{time_limit!r}"
-        )
-    seconds = float(time_limit)
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-    return seconds
+    return float(positive_number("time_limit", time_limit, where))
 
 
 class _TimeUp(BaseException):
@@ -304,7 +297,7 @@ def run_check(
     the student's function in it may take ``time_limit`` seconds (None: `TIME_LIMIT`).
     """
     exercise = EXERCISES[key]
-    token = _time_limit.set(check_time_limit(time_limit))
+    token = _time_limit.set(check_time_limit(time_limit, f"check_{key}"))
     try:
         detail = body()
     except Exception as exc:

@@ -29,6 +29,7 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loralab._validate import positive_number
 from loralab.exercises._catalogue import EXERCISES
 from loralab.fileio import atomic_write
 
@@ -184,14 +185,6 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
 def grade_notebook(path, *, timeout: int = 120, time_limit: float | None = None) -> GradeReport:
     """Execute the notebook at ``path`` and check every exercise it contains.
 
@@ -218,9 +211,9 @@ def grade_notebook(path, *, timeout: int = 120, time_limit: float | None = None)
     import nbformat
     from nbclient import NotebookClient
 
-    cell_seconds = math.ceil(_positive("timeout", timeout))
+    cell_seconds = math.ceil(positive_number("timeout", timeout, "grade_notebook"))
     if time_limit is not None:
-        time_limit = _positive("time_limit", time_limit)
+        time_limit = float(positive_number("time_limit", time_limit, "grade_notebook"))
     path = Path(path)
     nb = read_notebook(path)
     keys = _exercise_keys(nb, path)
@@ -292,7 +285,7 @@ def _seconds(kind):
 
     def parse(text: str):
         try:
-            return kind(_positive("seconds", kind(text)))
+            return positive_number("seconds", kind(text), "grade")
         except ValueError:
             what = "whole number" if kind is int else "number"
             raise argparse.ArgumentTypeError(
