@@ -11,6 +11,8 @@ A saved adapter is a directory with two files:
     ``base_model.model.<module path>.lora_A.weight`` of shape (r, in) and
     ``base_model.model.<module path>.lora_B.weight`` of shape (out, r); with DoRA
     (``use_dora: true``) also ``base_model.model.<module path>.lora_magnitude_vector`` of shape (out,).
+    An embedding (`loralab.lora.LoRAEmbedding`) has ``base_model.model.<module path>.lora_embedding_A``
+    of shape (r, num_embeddings) and ``.lora_embedding_B`` of shape (embedding_dim, r), no ``.weight``.
 
 Saving writes both files into a temporary folder that then replaces the destination
 (`loralab.fileio.atomic_directory`), so a reader never sees new weights beside an old config.
@@ -42,6 +44,7 @@ import numpy as np
 from loralab.fileio import atomic_directory
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
+from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
 from loralab.lora.variants import INITS
 
 __all__ = [
@@ -58,6 +61,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
 _MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, shape (out,); PEFT's key has no ".weight"
+# An embedding's A (r, num_embeddings) and B (embedding_dim, r): plain Parameters in PEFT, no ".weight".
+_EMBEDDING = {".lora_embedding_A": "lora_embedding_A", ".lora_embedding_B": "lora_embedding_B"}
 _KEEP_ON_SAVE = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what save_adapter may replace
 _FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
@@ -150,11 +155,17 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
             )
     tensors = {}
     for path, layer in layers:
-        for suffix, attr in _SUFFIXES.items():
+        for suffix, attr in _layer_suffixes(layer).items():
             tensors[f"{PREFIX}{path}{suffix}"] = np.asarray(backend.get(layer, attr))
-        for name in layer.kind.extra_names:  # DoRA's lora_magnitude_vector (PEFT: no ".weight")
-            tensors[f"{PREFIX}{path}.{name}"] = np.asarray(backend.get(layer, name))
     return write_adapter(directory, adapter_config(layers), tensors)
+
+
+def _layer_suffixes(layer: Any) -> dict[str, str]:
+    """Key suffix -> attribute for the tensors of one LoRA layer, as PEFT names them."""
+    if isinstance(layer, LoRAEmbeddingMixin):
+        return dict(_EMBEDDING)
+    # DoRA's lora_magnitude_vector: no ".weight" in PEFT's key either
+    return {**_SUFFIXES, **{f".{name}": name for name in layer.kind.extra_names}}
 
 
 # ----- reading: config and header first, tensors second ---------------------------------------------
@@ -305,12 +316,12 @@ def _paths(directory: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    for suffix, attr in {**_SUFFIXES, _MAGNITUDE: _MAGNITUDE[1:]}.items():
+    for suffix, attr in {**_SUFFIXES, _MAGNITUDE: _MAGNITUDE[1:], **_EMBEDDING}.items():
         if key.startswith(PREFIX) and key.endswith(suffix) and len(key) > len(PREFIX + suffix):
             return key[len(PREFIX) : -len(suffix)], attr
     raise ValueError(
         f"load_adapter: unexpected tensor {key!r}; expected '{PREFIX}<module path>.lora_A.weight', "
-        "'.lora_B.weight' or '.lora_magnitude_vector'"
+        "'.lora_B.weight', '.lora_magnitude_vector', '.lora_embedding_A' or '.lora_embedding_B'"
     )
 
 
@@ -348,6 +359,9 @@ def _plan(
     magnitude = _MAGNITUDE[1:]
     plans = []
     for path, found in sorted(by_path.items()):
+        if set(found) & set(_EMBEDDING.values()):
+            plans.append(_plan_embedding(backend, model, config, path, found, existing.get(path)))
+            continue
         for attr in _SUFFIXES.values():
             if attr not in found:
                 raise ValueError(
@@ -395,6 +409,54 @@ def _plan(
             _LayerPlan(path, {a: s.key for a, s in found.items()}, r, config.alpha_for(path))
         )
     return plans
+
+
+def _plan_embedding(
+    backend: Any,
+    model: Any,
+    config: LoraConfig,
+    path: str,
+    found: dict[str, TensorSpec],
+    layer: Any,
+) -> _LayerPlan:
+    """Check an embedding's ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B``
+    (embedding_dim, r) against the model's Embedding (or LoRAEmbedding) at ``path``."""
+    for attr in _EMBEDDING.values():
+        if attr not in found:
+            raise ValueError(f"load_adapter: {PREFIX}{path}.{attr} is missing from the file")
+    if set(found) != set(_EMBEDDING.values()):
+        raise ValueError(
+            f"load_adapter: the file mixes an embedding's and a linear layer's tensors for {path!r}: "
+            f"{sorted(s.key for s in found.values())}"
+        )
+    kinds = (*backend.embedding_types(), *backend.lora_types())
+    module = dict(model.named_modules()).get(path)
+    if not isinstance(module, kinds) or not hasattr(module, "num_embeddings"):
+        names = [n for n, m in model.named_modules() if isinstance(m, backend.embedding_types())]
+        raise ValueError(
+            f"load_adapter: the file has {PREFIX}{path}.lora_embedding_A but the model has no "
+            f"Embedding module {path!r}; its Embedding modules are {names}"
+        )
+    n, d = module.num_embeddings, module.embedding_dim
+    a_shape = found["lora_embedding_A"].shape
+    r = layer.r if layer is not None else (a_shape[0] if len(a_shape) == 2 else -1)
+    expected = {"lora_embedding_A": (r, n), "lora_embedding_B": (d, r)}
+    for attr, want in expected.items():
+        if found[attr].shape != want:
+            raise ValueError(
+                f"load_adapter: tensor {found[attr].key} has shape {found[attr].shape} but the "
+                f"model expects {want}"
+            )
+    if config.rank_for(path) != r:
+        raise ValueError(
+            f"load_adapter: config gives r={config.rank_for(path)} for {path!r} but its tensors "
+            f"have rank {r}"
+        )
+    o = config.layer_options(path)  # DoRA, PiSSA, OLoRA on an embedding: refused here, before any change
+    validate_embedding_options(
+        n, d, o["r"], o["alpha"], o["dropout"], o["init"], o["use_rslora"], o["use_dora"]
+    )
+    return _LayerPlan(path, {a: s.key for a, s in found.items()}, r, config.alpha_for(path))
 
 
 def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from loralab.lora.embedding_layer import EMBEDDING_TYPES, LoRAEmbedding
 from loralab.lora.layer import LINEAR_TYPES, LoRALinear
 from loralab.nn.layers import Linear
 from loralab.nn.module import Module
@@ -35,11 +36,24 @@ class Backend:
     """
 
     lora_type: type
+    embedding_lora_type: type | None = None  # the backend's LoRAEmbedding, if it has one
 
     def linear_types(self) -> tuple[type, ...]:
         raise NotImplementedError
 
+    def embedding_types(self) -> tuple[type, ...]:
+        """The embedding module types ``embedding_lora_type`` wraps (none by default)."""
+        return ()
+
+    def lora_types(self) -> tuple[type, ...]:
+        """Every LoRA layer class of the backend: ``lora_type`` and ``embedding_lora_type``."""
+        extra = () if self.embedding_lora_type is None else (self.embedding_lora_type,)
+        return (self.lora_type, *extra)
+
     def build(self, base: Any, **options: Any) -> Any:
+        if isinstance(base, self.embedding_types()):
+            assert self.embedding_lora_type is not None
+            return self.embedding_lora_type(base, **options)
         return self.lora_type(base, **options)
 
     def get(self, layer: Any, name: str) -> np.ndarray:
@@ -57,7 +71,7 @@ class Backend:
     # ----- written once, from the blanks above -----
     def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
         """(dotted name, layer) for every LoRA layer of ``model``, in module order."""
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, self.lora_type)]
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, self.lora_types())]
 
     def linear_shape(self, model: Any, path: str) -> tuple[int, int] | None:
         """(out, in) of the linear or LoRA layer at ``path``; None if there is none."""
@@ -96,9 +110,13 @@ class NumpyBackend(Backend):
     """The backend of `loralab.nn.Module` models."""
 
     lora_type = LoRALinear
+    embedding_lora_type = LoRAEmbedding
 
     def linear_types(self) -> tuple[type, ...]:
         return tuple(LINEAR_TYPES)
+
+    def embedding_types(self) -> tuple[type, ...]:
+        return tuple(EMBEDDING_TYPES)
 
     def holds_W0(self, model: Any, path: str) -> bool:
         return isinstance(model.get_submodule(path), Linear)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from loralab.lora.backend import Backend
+from loralab.torch.embedding import LoRAEmbedding
 from loralab.torch.layers import LoRALinear
 
 __all__ = ["TorchBackend", "is_torch_model"]
@@ -30,6 +31,7 @@ class TorchBackend(Backend):
     """
 
     lora_type = LoRALinear
+    embedding_lora_type = LoRAEmbedding
 
     def __init__(self, use_custom_backward: bool = True):
         self.use_custom_backward = use_custom_backward
@@ -37,8 +39,12 @@ class TorchBackend(Backend):
     def linear_types(self) -> tuple[type, ...]:
         return (torch.nn.Linear,)
 
-    def build(self, base: Any, **options: Any) -> LoRALinear:
-        return LoRALinear(base, use_custom_backward=self.use_custom_backward, **options)
+    def embedding_types(self) -> tuple[type, ...]:
+        return (torch.nn.Embedding,)
+
+    def build(self, base: Any, **options: Any) -> LoRALinear | LoRAEmbedding:
+        cls = LoRAEmbedding if isinstance(base, torch.nn.Embedding) else LoRALinear
+        return cls(base, use_custom_backward=self.use_custom_backward, **options)
 
     def get(self, layer: Any, name: str) -> np.ndarray:
         return getattr(layer, name).detach().cpu().numpy()
