@@ -10,6 +10,8 @@ The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
 - `to_torch` / `to_numpy` and the converter registry (`register_converter`,
   `register_numpy_converter`);
 - `check_equivalence` (the harness) and `shared_dropout_masks`;
+- named adapters, mixed batches and adapter arithmetic (`set_adapter`, `mixed_batch`,
+  `add_weighted_adapter`, ...: `loralab.lora.adapters`'s functions, which serve torch models);
 - `save_adapter` / `load_adapter` (the same functions as in `loralab.lora`:
   they accept torch models and write HF PEFT's format).
 
@@ -32,13 +34,20 @@ except ImportError as exc:  # pragma: no cover
     ) from exc
 
 from loralab.lora import (
+    active_adapters,
+    add_weighted_adapter,
     count_parameters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
     load_adapter,
     lora_layers,
     lora_state_dict,
     merge_lora,
+    mixed_batch,
     register_backend,
     save_adapter,
+    set_adapter,
     unmerge_lora,
 )
 from loralab.torch.adapter_backend import TorchBackend, is_torch_model
@@ -87,6 +96,13 @@ __all__ = [
     "relative_difference",
     "save_adapter",
     "load_adapter",
+    "set_adapter",
+    "active_adapters",
+    "list_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "mixed_batch",
+    "add_weighted_adapter",
 ]
 
 # loralab.lora's functions serve torch models through this backend (the core never imports torch).

@@ -12,6 +12,7 @@ import torch
 
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import make_config, wrap_targets
+from loralab.lora.layer import DEFAULT_ADAPTER
 from loralab.torch.adapter_backend import TorchBackend
 
 __all__ = ["inject_lora"]
@@ -29,12 +30,14 @@ def inject_lora(
     use_dora: bool = False,
     seed: int | None = None,
     use_custom_backward: bool = True,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> torch.nn.Module:
     """`loralab.lora.inject_lora` on a torch model, with `loralab.torch.LoRALinear` layers.
 
     With the same ``seed`` the adapters (and residual weights) equal those that
     `loralab.lora.inject_lora` makes for the NumPy twin of the model. ``use_custom_backward``:
-    as in `loralab.torch.LoRALinear`; the other arguments as in `loralab.lora.inject_lora`.
+    as in `loralab.torch.LoRALinear`; the other arguments (``adapter_name`` included) as in
+    `loralab.lora.inject_lora`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"inject_lora: expected a torch.nn.Module, got {type(model).__name__}")
@@ -42,4 +45,5 @@ def inject_lora(
         r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora, use_dora=use_dora
     )
     backend = TorchBackend(use_custom_backward=use_custom_backward)
-    return wrap_targets(model, make_config(target_modules, options), backend, seed)
+    config = make_config(target_modules, options)
+    return wrap_targets(model, config, backend, seed, adapter_name)
