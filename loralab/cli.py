@@ -215,7 +215,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from loralab import demo
 
-    config = demo.DemoConfig(seed=args.seed, out=Path(args.out), quick=args.quick)
+    try:
+        config = demo.DemoConfig(seed=args.seed, out=Path(args.out), quick=args.quick)
+    except ValueError as e:  # argparse made the types right; a value can still be wrong
+        raise UsageError(f"loralab demo: error: {e}") from None
     try:
         demo.run_demo(config, progress=not args.no_progress)
     except demo.DemoError as e:

@@ -31,8 +31,9 @@ import numpy as np
 
 from loralab import functional as F
 from loralab import optim
+from loralab._validate import boolean, non_negative_int, one_of, positive_int
 from loralab.bench.memory import traced_peak
-from loralab.datasets import Dataset, load_digits, shift_digits
+from loralab.datasets import SHIFTS, Dataset, load_digits, shift_digits
 from loralab.fileio import atomic_write
 from loralab.lora import count_parameters, inject_lora, save_adapter
 from loralab.models.digits import (
@@ -82,6 +83,25 @@ class DemoConfig:
     shift: str = "rotate90"
     ranks: tuple[int, ...] = (1, 4, 8)
     equivalence: bool = True
+
+    def __post_init__(self) -> None:
+        where = "DemoConfig"
+        non_negative_int("seed", self.seed, where)
+        boolean("quick", self.quick, where)
+        boolean("equivalence", self.equivalence, where)
+        one_of("shift", self.shift, SHIFTS, where)
+        if not isinstance(self.ranks, (tuple, list)):
+            raise TypeError(f"{where}: ranks must be a tuple of ints, got {self.ranks!r}")
+        if not self.ranks:
+            raise ValueError(f"{where}: ranks must hold at least one rank, got {self.ranks!r}")
+        for r in self.ranks:
+            # r <= min(in, out) of every adapted Linear; the output layer's 10 rows are the least.
+            if positive_int("ranks", r, where) > DIGITS_SIZES[-1]:
+                raise ValueError(
+                    f"{where}: rank {r} exceeds {DIGITS_SIZES[-1]} (the output layer has "
+                    f"{DIGITS_SIZES[-1]} rows)"
+                )
+        object.__setattr__(self, "ranks", tuple(self.ranks))
 
     @property
     def steps(self) -> int:

@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from loralab import demo
 from loralab.cli import main
@@ -81,6 +82,32 @@ def test_demo_numbers_and_reproducibility(tmp_path):
     lora_a = [m.train_loss for m in a.methods if m.method.startswith("LoRA")]
     lora_c = [m.train_loss for m in c.methods if m.method.startswith("LoRA")]
     assert lora_a != lora_c  # another seed: other adapters and batches
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
+        ({"seed": "0"}, TypeError, "seed must be an integer >= 0, got '0'"),
+        ({"quick": "yes"}, TypeError, "quick must be True or False, got 'yes'"),
+        ({"equivalence": 1}, TypeError, "equivalence must be True or False, got 1"),
+        ({"shift": "rotate180"}, ValueError, "shift must be one of .*got shift='rotate180'"),
+        ({"ranks": ()}, ValueError, r"ranks must hold at least one rank, got \(\)"),
+        ({"ranks": (4, 0)}, ValueError, "ranks must be a positive integer, got 0"),
+        ({"ranks": (1, 2.0)}, TypeError, "ranks must be a positive integer, got 2.0"),
+        ({"ranks": (11,)}, ValueError, r"rank 11 exceeds 10 \(the output layer has 10 rows\)"),
+        ({"ranks": 4}, TypeError, "ranks must be a tuple of ints, got 4"),
+    ],
+)
+def test_demo_config_wrong_type_or_value(kwargs, error, match):
+    with pytest.raises(error, match="^DemoConfig: " + match):
+        demo.DemoConfig(**kwargs)
+
+
+def test_cli_demo_bad_seed_is_one_line_and_exit_2(capsys):
+    assert main(["demo", "--quick", "--seed", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "loralab demo: error: DemoConfig: seed must be an integer >= 0, got -1"
 
 
 def test_demo_out_not_writable(tmp_path, capsys):
