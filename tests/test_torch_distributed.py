@@ -215,6 +215,22 @@ def test_run_config_wrong_type_or_value(kwargs, error, match):
         D.RunConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"world_size": 0}, ValueError, "world_size must be a positive integer, got 0"),
+        ({"world_size": 2.0}, TypeError, "world_size must be a positive integer, got 2.0"),
+        ({"rank": -1}, ValueError, "rank must be an integer >= 0, got -1"),
+        ({"rank": "0"}, TypeError, "rank must be an integer >= 0, got '0'"),
+        ({"rank": 2, "world_size": 2}, ValueError, "rank=2 is not below world_size=2"),
+        ({"world_size": 3}, ValueError, "global_batch=16 is not divisible by world_size=3"),
+    ],
+)
+def test_train_rank_refuses_a_bad_rank_or_world_size(kwargs, error, match):
+    with pytest.raises(error, match="^train_rank: " + match):
+        D.train_rank(D.RunConfig(), **kwargs)
+
+
 def test_params_reports_gradient_communication_per_step(capsys):
     shape = counting.get_preset("gpt3-175b")
     est = counting.memory_estimate(shape, 4, "q,v", dtype="fp16")

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from loralab._validate import non_negative_int, positive_int
 from loralab.torch.distributed.hook import BucketRecord, ByteCounter, counting_allreduce_hook
 from loralab.torch.distributed.runs import RunConfig, build_model, global_batches
 
@@ -78,6 +79,10 @@ def train_rank(
     device : str or torch.device, optional
         ``"cuda"`` uses GPU ``rank % device_count``; None picks CUDA when present.
     """
+    world_size = positive_int("world_size", world_size, "train_rank")
+    rank = non_negative_int("rank", rank, "train_rank")
+    if rank >= world_size:
+        raise ValueError(f"train_rank: rank={rank} is not below world_size={world_size}")
     if run.global_batch % world_size:
         raise ValueError(
             f"train_rank: global_batch={run.global_batch} is not divisible by world_size={world_size}"
