@@ -31,6 +31,8 @@ shared) and ``dtype`` is a ``torch.dtype`` or None (keep each array's own dtype)
 ``fn(torch_module, convert_child) -> loralab.nn.Module``. Converters need not copy the training
 flag (``to_torch``/``to_numpy`` do) nor move to a device (``to_torch(device=...)`` does, at the
 end). Lookup walks the class's MRO, so a subclass without its own converter uses its parent's.
+A LoRA layer's converter starts from `lora_twin` (the other side's layer, built plain around the
+converted base) and copies A, B and the options onto it.
 
 A loralab Module with no converter becomes a `Container`: a ``torch.nn.Module`` with the
 same parameters and children (so names, adapters and state dicts work) that remembers the
@@ -57,6 +59,7 @@ __all__ = [
     "register_numpy_converter",
     "param_to_torch",
     "param_to_numpy",
+    "lora_twin",
     "Container",
 ]
 
@@ -181,14 +184,37 @@ def _sequential_to_torch(m: nn.Sequential, convert: Any, dtype: Any) -> torch.nn
     return t
 
 
-def _lora_to_torch(m: lora.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
-    base = convert(m.base)
+def lora_twin(cls: Callable[..., Any], layer: Any, convert: Any) -> Any:
+    """The start of a LoRA layer's converter: ``cls`` around ``convert(layer.base)``.
+
+    Built as a plain "kaiming" layer with ``layer``'s r, alpha, dropout and use_rslora: a PiSSA /
+    OLoRA base already holds the residual and must not be split again. The constructor freezes
+    the base; the converted base's own requires_grad flags are put back. The converter copies
+    A, B and the other options next.
+
+    Parameters
+    ----------
+    cls : LoRA layer class of the other side (``loralab.lora.LoRALinear``, `LoRALinear`, ...)
+    layer : the LoRA layer being converted
+    convert : the ``convert_child`` a converter is given
+    """
+    base = convert(layer.base)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
-    # Built as a plain "kaiming" layer: a PiSSA / OLoRA base already holds the residual and must
-    # not be split again; every value is copied next and the options are set after.
-    t = LoRALinear(base, r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, seed=0)
+    twin = cls(
+        base,
+        r=layer.r,
+        alpha=layer.alpha,
+        dropout=layer.dropout,
+        use_rslora=layer.use_rslora,
+        seed=0,
+    )
     for n, p in base.named_parameters():
-        p.requires_grad_(flags[n])
+        p.requires_grad = flags[n]
+    return twin
+
+
+def _lora_to_torch(m: lora.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Module:
+    t = lora_twin(LoRALinear, m, convert)
     t.lora_A, t.lora_B = param_to_torch(m.lora_A, dtype), param_to_torch(m.lora_B, dtype)
     t.init, t.use_dora = m.init, bool(getattr(m, "use_dora", False))
     if t.use_dora:
@@ -310,14 +336,7 @@ def _sequential_to_numpy(t: torch.nn.Sequential, convert: Any) -> nn.Module:
 
 
 def _lora_to_numpy(t: LoRALinear, convert: Any) -> nn.Module:
-    base = convert(t.base)
-    flags = {n: p.requires_grad for n, p in base.named_parameters()}
-    # As in _lora_to_torch: a plain layer first (no second PiSSA / OLoRA split), values copied next.
-    m = lora.LoRALinear(
-        base, r=t.r, alpha=t.alpha, dropout=t.dropout, use_rslora=t.use_rslora, seed=0
-    )
-    for n, p in base.named_parameters():
-        p.requires_grad = flags[n]
+    m = lora_twin(lora.LoRALinear, t, convert)
     m.lora_A, m.lora_B = param_to_numpy(t.lora_A), param_to_numpy(t.lora_B)
     m.init, m.use_dora = t.init, t.use_dora
     if t.use_dora:
