@@ -131,6 +131,8 @@ class MethodResult:
 
 @dataclass
 class DemoResult:
+    """What `run_demo` measured: the base model before adaptation, then each method."""
+
     base_accuracy: float  # the pre-trained model on the original digits' test split
     base_shifted_accuracy: float  # ... and on the shifted test split
     methods: list[MethodResult]

@@ -100,7 +100,7 @@ class _TimeUp(BaseException):
     """
 
 
-def _on_alarm(signum, frame):
+def _on_alarm(_signum, _frame):
     raise _TimeUp
 
 
