@@ -300,14 +300,9 @@ def train_classifier(
     eval_data : Dataset, optional
         Evaluated (loss and accuracy) before training, every ``eval_every`` steps and at the end.
     eval_every : int, default 50
-        Also how often the progress bar's postfix is updated: the mean training loss of the last
-        ``eval_every`` steps and, with ``eval_data``, the latest accuracy on it.
+        As in `fit` (``eval_data`` plays the part of ``eval_fn``).
     progress : bool, default True
-        Show a tqdm progress bar (on stderr).
-    desc : str
-        The progress bar's label.
-    leave : bool, default False
-        Keep the finished bar on screen (with its final postfix) instead of clearing it.
+        Show a tqdm progress bar (on stderr); ``desc`` and ``leave`` as in `fit`.
 
     Returns
     -------
