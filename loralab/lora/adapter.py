@@ -45,6 +45,8 @@ from loralab.fileio import atomic_directory
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
+from loralab.lora.inject import active_names, adapter_names_of
+from loralab.lora.layer import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "load_adapter",
     "read_adapter",
     "write_adapter",
+    "write_adapters",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -77,14 +80,26 @@ def write_adapter(
     Both files are written into a temporary sibling folder that then replaces ``directory`` in
     one step; files get mode 0644; temporaries of an interrupted earlier save are removed.
     """
+    return write_adapters(directory, {DEFAULT_ADAPTER: (config, tensors)})
+
+
+def write_adapters(
+    directory: str | os.PathLike, adapters: dict[str, tuple[LoraConfig, dict[str, np.ndarray]]]
+) -> Path:
+    """Write several adapters in PEFT's layout, as one folder replaced in one step: "default" in
+    ``directory`` itself, every other adapter in the sub-folder ``directory/<name>``."""
     import safetensors.numpy
 
     directory = Path(directory)
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     with atomic_directory(directory) as tmp:
-        safetensors.numpy.save_file(arrays, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        for name, (config, tensors) in adapters.items():
+            folder = tmp if name == DEFAULT_ADAPTER else tmp / name
+            folder.mkdir(exist_ok=True)
+            arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+            weights = str(folder / WEIGHTS_NAME)
+            safetensors.numpy.save_file(arrays, weights, metadata={"format": "pt"})
+            text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+            (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
     return directory
 
 
@@ -114,7 +129,12 @@ def adapter_config(layers: list[tuple[str, Any]]) -> LoraConfig:
 
 
 def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
-    """Save the LoRA adapter of ``model`` (NumPy or torch) in HF PEFT's format.
+    """Save the LoRA adapters of ``model`` (NumPy or torch) in HF PEFT's format and layout.
+
+    Adapter "default" goes into ``directory`` itself, every other named adapter into the
+    sub-folder ``directory/<name>`` (as PEFT's ``save_pretrained``), each with its own
+    ``adapter_config.json`` and ``adapter_model.safetensors``, so PEFT loads each with
+    ``PeftModel.from_pretrained(base, directory)`` / ``load_adapter(directory/<name>, adapter_name=<name>)``.
 
     Parameters
     ----------
@@ -122,9 +142,10 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         With LoRA layers (see `loralab.lora.inject_lora`); merged layers are saved as well
         (A and B do not change on merging).
     directory : path
-        The adapter's folder, created if missing. It is replaced as a whole (config and weights
-        together, never a mix of old and new); an existing folder may hold only a previous
-        adapter (``adapter_config.json``, ``adapter_model.safetensors``, PEFT's ``README.md``).
+        The adapters' folder, created if missing. It is replaced as a whole (configs and weights
+        together, never a mix of old and new); an existing folder may hold only previous
+        adapters (``adapter_config.json``, ``adapter_model.safetensors``, PEFT's ``README.md``,
+        and sub-folders holding only those).
 
     Returns
     -------
@@ -147,17 +168,27 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
             f"save_adapter: {str(directory)!r} exists and is a file; an adapter is a folder"
         )
     if directory.is_dir():
-        others = sorted(set(os.listdir(directory)) - _KEEP_ON_SAVE)
+        others = sorted(
+            entry
+            for entry in set(os.listdir(directory)) - _KEEP_ON_SAVE
+            if not (
+                (directory / entry).is_dir() and set(os.listdir(directory / entry)) <= _KEEP_ON_SAVE
+            )
+        )
         if others:
             raise FileExistsError(
                 f"save_adapter: the folder {str(directory)!r} holds other files {others}; saving "
                 "replaces the folder as a whole, so choose a new or adapter-only folder"
             )
-    tensors = {}
-    for path, layer in layers:
-        for suffix, attr in _layer_suffixes(layer).items():
-            tensors[f"{PREFIX}{path}{suffix}"] = np.asarray(backend.get(layer, attr))
-    return write_adapter(directory, adapter_config(layers), tensors)
+    adapters = {}
+    for name in adapter_names_of(layers):
+        holders = list(_holders(dict(layers), name).items())
+        tensors = {}
+        for path, holder in holders:
+            for suffix, attr in _layer_suffixes(holder).items():
+                tensors[f"{PREFIX}{path}{suffix}"] = np.asarray(backend.get(holder, attr))
+        adapters[name] = (adapter_config(holders), tensors)
+    return write_adapters(directory, adapters)
 
 
 def _layer_suffixes(layer: Any) -> dict[str, str]:
@@ -334,8 +365,22 @@ class _LayerPlan:
     alpha: float
 
 
+def _holders(layers: dict[str, Any], adapter_name: str) -> dict[str, Any]:
+    """{path: the holder of adapter ``adapter_name``} over the LoRA layers that have it (a layer
+    kind without named adapters, the embedding's, holds "default" itself)."""
+    out = {}
+    for path, layer in layers.items():
+        if adapter_name in getattr(layer, "adapter_names", [DEFAULT_ADAPTER]):
+            out[path] = layer.adapter(adapter_name) if hasattr(layer, "adapter") else layer
+    return out
+
+
 def _plan(
-    backend: Any, model: Any, config: LoraConfig, specs: list[TensorSpec]
+    backend: Any,
+    model: Any,
+    config: LoraConfig,
+    specs: list[TensorSpec],
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> list[_LayerPlan]:
     """Check the whole file against the whole model; change nothing. Returns what to apply."""
     if not specs:
@@ -344,22 +389,29 @@ def _plan(
     for spec in specs:
         path, attr = _split_key(spec.key)
         by_path.setdefault(path, {})[attr] = spec
-    existing = dict(backend.lora_layers(model))
-    merged = [n for n, layer in existing.items() if layer.merged]
+    layers = dict(backend.lora_layers(model))
+    merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(
             f"load_adapter: the model's LoRA layers {merged} are merged into W0; unmerge first "
             "(unmerge_lora), load, then merge again"
         )
+    existing = _holders(layers, adapter_name)
     if existing and set(existing) != set(by_path):
         raise ValueError(
-            f"load_adapter: the file has adapters for {sorted(by_path)} but the model has LoRA layers "
-            f"{sorted(existing)}"
+            f"load_adapter: the file has adapters for {sorted(by_path)} but the model has LoRA "
+            f"layers {sorted(existing)} for adapter {adapter_name!r}"
         )
+    adding = bool(layers) and not existing  # a new named adapter beside the model's others
     magnitude = _MAGNITUDE[1:]
     plans = []
     for path, found in sorted(by_path.items()):
         if set(found) & set(_EMBEDDING.values()):
+            if adding or adapter_name != DEFAULT_ADAPTER:
+                raise ValueError(
+                    f"load_adapter: the embedding {path!r} takes only the one adapter 'default' for "
+                    f"now; got adapter_name={adapter_name!r}"
+                )
             plans.append(_plan_embedding(backend, model, config, path, found, existing.get(path)))
             continue
         for attr in _SUFFIXES.values():
@@ -399,6 +451,12 @@ def _plan(
         check_rank_fits(r, in_f, out_f, f"load_adapter: layer {path!r} (out={out_f}, in={in_f})")
         if layer is not None:
             _check_compatible(layer, path, config)
+        elif adding and path in layers and INITS[config.init].moves_W0:
+            raise ValueError(
+                f"load_adapter: init_lora_weights={config.init_lora_weights!r} replaces W0 by a "
+                f"residual, which would change the adapters {layers[path].adapter_names} at {path!r}; "
+                "load it into a model without LoRA layers instead"
+            )
         elif (config.use_dora or INITS[config.init].moves_W0) and not backend.holds_W0(model, path):
             raise ValueError(
                 f"load_adapter: use_dora={config.use_dora}, init_lora_weights="
@@ -452,7 +510,9 @@ def _plan_embedding(
             f"load_adapter: config gives r={config.rank_for(path)} for {path!r} but its tensors "
             f"have rank {r}"
         )
-    o = config.layer_options(path)  # DoRA, PiSSA, OLoRA on an embedding: refused here, before any change
+    o = config.layer_options(
+        path
+    )  # DoRA, PiSSA, OLoRA on an embedding: refused here, before any change
     validate_embedding_options(
         n, d, o["r"], o["alpha"], o["dropout"], o["init"], o["use_rslora"], o["use_dora"]
     )
@@ -478,14 +538,20 @@ def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:
         )
 
 
-def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
-    """Load a PEFT-format LoRA adapter into ``model`` (NumPy or torch), all or nothing.
+def load_adapter(
+    model: Any, directory: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER
+) -> Any:
+    """Load a PEFT-format LoRA adapter into ``model`` (NumPy or torch) as ``adapter_name``, all or nothing.
 
     If ``model`` has no LoRA layers yet, adapters are attached to the modules the file names, with
     the file's r, alpha (``rank_pattern``/``alpha_pattern`` matched as PEFT does), dropout,
-    rsLoRA, DoRA and init (PiSSA/OLoRA split W0 again, as PEFT does). If it has them, the file
-    must cover exactly those layers with the same ranks and kinds; alpha and the rsLoRA scaling
-    are taken from the file (dropout stays the layer's).
+    rsLoRA, DoRA and init (PiSSA/OLoRA split W0 again, as PEFT does); it is the active adapter.
+    If the model has an adapter ``adapter_name``, the file must cover exactly its layers with the
+    same ranks and kinds; alpha and the rsLoRA scaling are taken from the file (dropout stays the
+    layer's). If the model has other adapters only, the file's adapter is added beside them
+    (PEFT's ``load_adapter(path, adapter_name=...)``), inactive and frozen until
+    `loralab.lora.set_adapter` selects it; a folder saved with several adapters keeps each one
+    but "default" in a sub-folder named after it (`save_adapter`).
 
     Loading into a merged model is refused ("unmerge first"): the file's ΔW would replace A and B
     while W0 still holds the old ΔW.
@@ -515,21 +581,38 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     config_path, weights_path = _paths(directory)
     config = read_config(config_path)
     specs = read_header(weights_path)
-    plans = _plan(backend, model, config, specs)
+    check_adapter_name(adapter_name, "load_adapter")
+    plans = _plan(backend, model, config, specs, adapter_name)
     tensors = read_tensors(weights_path, [s.key for s in specs])
-    existing = dict(backend.lora_layers(model))
+    layers = dict(backend.lora_layers(model))
+    existing = _holders(layers, adapter_name)
+    adding = bool(layers) and not existing
+    active = active_names(list(layers.items()))
     for plan in plans:  # nothing below can fail on a checked file: the model changes from here on
         layer = existing.get(plan.path)
         if layer is None:
             # With the file's init: PiSSA/OLoRA adapters were trained on the residual
             # W0 - s B0 A0, so W0 is split again (as PEFT does on loading) before the file's A
             # and B replace B0 and A0.
-            options = {**config.layer_options(plan.path), "seed": 0}
-            layer = backend.attach(model, plan.path, options)
+            options = config.layer_options(plan.path)
+            owner = layers.get(plan.path)
+            if owner is not None:  # a LoRA layer with other adapters: this one goes beside them
+                owner.add_adapter(adapter_name, rng=np.random.default_rng(0), **options)
+                layer = owner.adapter(adapter_name)
+            elif set(plan.keys) & set(_EMBEDDING.values()):
+                layer = backend.attach(model, plan.path, {**options, "seed": 0})
+            else:
+                named = {**options, "seed": 0, "adapter_name": adapter_name}
+                layer = backend.attach(model, plan.path, named)
+                if adding:
+                    layer.active_adapter_names = list(active)
+            if adding:
+                for attr in plan.keys:
+                    backend.set_trainable(getattr(layer, attr), False)
         layer.alpha, layer.use_rslora = plan.alpha, config.use_rslora
         layer.scaling = lora_scaling(plan.alpha, plan.r, config.use_rslora)
         for attr, key in plan.keys.items():
             backend.set(layer, attr, tensors[key])
-    if not existing:
+    if not layers:
         backend.freeze_base(model)
     return model

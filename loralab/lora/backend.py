@@ -119,7 +119,8 @@ class NumpyBackend(Backend):
         return tuple(EMBEDDING_TYPES)
 
     def holds_W0(self, model: Any, path: str) -> bool:
-        return isinstance(model.get_submodule(path), Linear)
+        module = model.get_submodule(path)
+        return module.plain_base if isinstance(module, LoRALinear) else isinstance(module, Linear)
 
     def get(self, layer: Any, name: str) -> np.ndarray:
         return getattr(layer, name).data
