@@ -30,7 +30,7 @@ from loralab.fileio import atomic_write
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = ROOT / "tutorials"
 OUTPUT_DIR = ROOT / "docs" / "tutorials"
-DEFAULT_TIMEOUT = 120
+DEFAULT_TIMEOUT = 300  # seconds per cell: generous, for a busy CI machine; a hang still fails
 METADATA_KEY = "loralab"
 
 
