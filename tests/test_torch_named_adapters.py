@@ -164,3 +164,27 @@ def test_add_weighted_adapter_matches_peft(adapters, weights, combination_type, 
             target = pm.base_model.model.get_submodule(path)
             assert layer.adapter("mix").r == target.r["mix"]
             assert layer.adapter("mix").scaling == target.scaling["mix"]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_to_numpy_and_back_keeps_every_adapter(merged):
+    model, x = twin_with_adapters(), x_rows()
+    tl.set_adapter(model, ["default", "other"])
+    if merged:
+        tl.merge_lora(model)
+    np_model = tl.to_numpy(model)
+    back = tl.to_torch(np_model)
+    for m in (np_model, back):
+        assert tl.list_adapters(m) == ["default", "task", "other"]
+        assert tl.active_adapters(m) == ["default", "other"]
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np_model(x.numpy()).data, model(x).detach().numpy(), rtol=1e-12)
+    if merged:
+        tl.unmerge_lora(back)
+        tl.set_adapter(back, "task")
+        tl.unmerge_lora(model)
+        tl.set_adapter(model, "task")
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x), rtol=1e-12, atol=1e-12)

@@ -222,6 +222,10 @@ class LoRALayerMixin(AdapterMixin):
     def _new_adapter(self) -> Any:
         raise NotImplementedError
 
+    def _norm_from(self, norm: Any) -> Any:
+        """A (out,) vector of the other backend as this backend's array type."""
+        raise NotImplementedError
+
     def _new_adapter_dict(self) -> Any:
         raise NotImplementedError
 
@@ -358,6 +362,25 @@ class LoRALayerMixin(AdapterMixin):
         if len(self.lora_adapters) == 0:
             delattr(self, "lora_adapters")
         self.adapter_names.remove(name)
+
+    def copy_adapters_from(self, source: Any, to_param: Any) -> None:
+        """Take ``source``'s adapter names, its second and later adapters (their parameters made by
+        ``to_param``) and its active and merged lists: a twin conversion's named-adapter part
+        (the first adapter, on the layer itself, is the converter's)."""
+        for name in source.adapter_names[1:]:
+            src, holder = source.adapter(name), self._new_adapter()
+            for attr in ADAPTER_OPTIONS:
+                setattr(holder, attr, getattr(src, attr))
+            for attr in ("lora_A", "lora_B", *src.kind.extra_names):
+                setattr(holder, attr, to_param(getattr(src, attr)))
+            norm = src._merge_norm  # a merged DoRA adapter's ||W0 + ΔW||_row, for unmerge
+            holder._merge_norm = None if norm is None else self._norm_from(norm)
+            if "lora_adapters" not in self._adapter_children():
+                self.lora_adapters = self._new_adapter_dict()
+            self.lora_adapters[name] = holder
+        self.adapter_names = list(source.adapter_names)
+        self.active_adapter_names = list(source.active_adapter_names)
+        self.merged_adapters = list(source.merged_adapters)
 
     def adapter_parameters(self, name: str) -> dict[str, Any]:
         """``{"lora_A": ..., "lora_B": ..., ["lora_magnitude_vector": ...]}`` of adapter ``name``."""
@@ -677,6 +700,10 @@ class LoRALinear(LoRALayerMixin, Module):
 
     def _new_adapter(self) -> LoRAAdapter:
         return LoRAAdapter()
+
+    def _norm_from(self, norm: Any) -> np.ndarray:
+        data = norm.detach().cpu().numpy() if hasattr(norm, "detach") else norm
+        return np.array(data)
 
     def _new_adapter_dict(self) -> AdapterDict:
         return AdapterDict()

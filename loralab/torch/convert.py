@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -63,8 +63,9 @@ __all__ = [
     "Container",
 ]
 
-ToTorch = Callable[[nn.Module, Callable[[nn.Module], torch.nn.Module], Any], torch.nn.Module]
-ToNumpy = Callable[[torch.nn.Module, Callable[[torch.nn.Module], nn.Module]], nn.Module]
+# A converter takes its own class (``_linear_to_torch(m: nn.Linear, ...)``), hence the ``...``.
+ToTorch = Callable[..., torch.nn.Module]  # (np_module, convert_child, dtype) -> torch module
+ToNumpy = Callable[..., nn.Module]  # (torch_module, convert_child) -> loralab module
 
 _TO_TORCH: dict[type, ToTorch] = {}
 _TO_NUMPY: dict[type, ToNumpy] = {}
@@ -111,6 +112,10 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
     return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
 
+@overload
+def param_to_torch(p: nn.Parameter, dtype: torch.dtype | None) -> torch.nn.Parameter: ...
+@overload
+def param_to_torch(p: None, dtype: torch.dtype | None) -> None: ...
 def param_to_torch(p: nn.Parameter | None, dtype: torch.dtype | None) -> torch.nn.Parameter | None:
     """A copy of NumPy parameter ``p`` as a ``torch.nn.Parameter`` (same requires_grad); None stays None."""
     if p is None:
@@ -121,6 +126,10 @@ def param_to_torch(p: nn.Parameter | None, dtype: torch.dtype | None) -> torch.n
     return torch.nn.Parameter(t, requires_grad=p.requires_grad)
 
 
+@overload
+def param_to_numpy(p: torch.Tensor) -> nn.Parameter: ...
+@overload
+def param_to_numpy(p: None) -> None: ...
 def param_to_numpy(p: torch.Tensor | None) -> nn.Parameter | None:
     """A copy of torch parameter ``p`` as a loralab ``Parameter`` (same requires_grad); None stays None."""
     if p is None:
@@ -135,7 +144,7 @@ class Container(torch.nn.Module):
     ``numpy_attributes`` (the original's other attributes) so that `to_numpy` rebuilds it.
     """
 
-    def __init__(self, numpy_class: type, numpy_attributes: dict[str, Any]):
+    def __init__(self, numpy_class: type[nn.Module], numpy_attributes: dict[str, Any]):
         super().__init__()
         self.numpy_class = numpy_class
         self.numpy_attributes = numpy_attributes
@@ -158,7 +167,9 @@ def _meta(cls: type, *args: Any, **kwargs: Any) -> torch.nn.Module:
 
 def _linear_to_torch(m: nn.Linear, convert: Any, dtype: Any) -> torch.nn.Module:
     t = _meta(torch.nn.Linear, m.in_features, m.out_features, bias=m.bias is not None)
-    t.weight, t.bias = param_to_torch(m.weight, dtype), param_to_torch(m.bias, dtype)
+    t.weight = param_to_torch(m.weight, dtype)
+    if m.bias is not None:  # else torch's bias is None already
+        t.bias = param_to_torch(m.bias, dtype)
     return t
 
 
@@ -172,7 +183,7 @@ def _layernorm_to_torch(m: nn.LayerNorm, convert: Any, dtype: Any) -> torch.nn.M
     t = _meta(
         torch.nn.LayerNorm, m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
     )
-    if m.weight is not None:
+    if m.weight is not None and m.bias is not None:  # elementwise_affine: both, or neither
         t.weight, t.bias = param_to_torch(m.weight, dtype), param_to_torch(m.bias, dtype)
     return t
 
@@ -223,6 +234,7 @@ def _lora_to_torch(m: lora.LoRALinear, convert: Any, dtype: Any) -> torch.nn.Mod
     if norm is not None:  # a merged DoRA layer needs the norm to unmerge
         t._merge_norm = torch.tensor(norm, dtype=dtype or t.base.weight.dtype)
     t.scaling, t.merged = m.scaling, m.merged
+    t.copy_adapters_from(m, lambda p: param_to_torch(p, dtype))  # named adapters beyond the first
     return t
 
 
@@ -344,6 +356,7 @@ def _lora_to_numpy(t: LoRALinear, convert: Any) -> nn.Module:
     if t._merge_norm is not None:
         m._merge_norm = t._merge_norm.detach().cpu().numpy().copy()
     m.scaling, m.merged = t.scaling, t.merged
+    m.copy_adapters_from(t, param_to_numpy)  # named adapters beyond the first
     return m
 
 

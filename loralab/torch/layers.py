@@ -172,6 +172,9 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
     def _new_adapter(self) -> LoRAAdapter:
         return LoRAAdapter()
 
+    def _norm_from(self, norm: np.ndarray) -> torch.Tensor:
+        return torch.tensor(norm, device=self.base.weight.device)
+
     def _new_adapter_dict(self) -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict()
 
