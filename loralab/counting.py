@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import cast
 
 from loralab._validate import boolean, non_negative_int, one_of, positive_int
 
@@ -111,8 +112,9 @@ class TransformerShape:
         where = "TransformerShape"
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        for name in ("d_model", "n_layers", "d_ff", "n_heads", "n_kv_heads"):
+        for name in ("d_model", "n_layers", "d_ff", "n_heads"):
             positive_int(name, getattr(self, name), where)
+        n_kv_heads = positive_int("n_kv_heads", self.n_kv_heads, where)
         for name in ("vocab_size", "context_length"):
             non_negative_int(name, getattr(self, name), where)
         for name in ("learned_positions", "gated_mlp", "tied_embeddings", "bias"):
@@ -120,10 +122,8 @@ class TransformerShape:
         one_of("norm", self.norm, ("layernorm", "rmsnorm"), where)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
-            )
+        if self.n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={n_kv_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +133,7 @@ class TransformerShape:
     @property
     def kv_dim(self) -> int:
         """Output width of the k and v projections: n_kv_heads * head_dim."""
-        return self.n_kv_heads * self.head_dim
+        return cast(int, self.n_kv_heads) * self.head_dim  # __post_init__ replaced a None
 
     @property
     def targets(self) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ single `train_step` calls.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ def fit(
                 for group, lr in zip(optimizer.param_groups, initial_lr, strict=True):
                     group["lr"] = lr * factor
             start = time.perf_counter()
-            loss = train_step(optimizer, lambda batch=batch: loss_fn(batch))
+            loss = train_step(optimizer, functools.partial(loss_fn, batch))
             history.step_seconds.append(time.perf_counter() - start)
             history.loss.append(loss)
             if step % eval_every == 0 or step == steps:

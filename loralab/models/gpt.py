@@ -127,6 +127,11 @@ def causal_attention(q: Any, k: Any, v: Any, n_heads: int) -> Tensor:
 class CausalSelfAttention(Module):
     """h -> o(attention(q(h), k(h), v(h))), with Linear children ``q``, ``k``, ``v``, ``o`` (d -> d)."""
 
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+
     def __init__(self, d_model: int, n_heads: int, *, rng: np.random.Generator, dtype: Any):
         super().__init__()
         self.n_heads = n_heads

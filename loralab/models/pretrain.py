@@ -11,6 +11,7 @@ import argparse
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from loralab.training import fit
 
 __all__ = ["pretrain_gpt", "MODEL_CONFIG", "main"]
 
-MODEL_CONFIG = {"context_length": 64, "d_model": 64, "n_layers": 2, "n_heads": 4}
+MODEL_CONFIG: dict[str, Any] = {"context_length": 64, "d_model": 64, "n_layers": 2, "n_heads": 4}
 
 
 def pretrain_gpt(
@@ -55,7 +56,8 @@ def pretrain_gpt(
         desc=f"pre-training on {corpus}",
         leave=True,
     )
-    return model.eval()
+    model.eval()
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:

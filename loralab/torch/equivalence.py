@@ -188,7 +188,7 @@ class EquivalenceReport:
 
 
 def _replay_hook(rng: np.random.Generator) -> Any:
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def hook(module: torch.nn.Dropout, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not module.training or module.p == 0.0:  # as loralab.functional.dropout
             return None
         x = args[0]
@@ -255,6 +255,12 @@ def _check_pairs(np_params: dict, t_params: dict) -> None:
     shapes = [n for n in np_params if np_params[n].shape != tuple(t_params[n].shape)]
     if shapes:
         raise ValueError(f"check_equivalence: shapes differ for {shapes}")
+
+
+def _grad_array(p: torch.Tensor) -> np.ndarray:
+    """``p.grad`` as an ndarray, zeros where torch left it None (no gradient reached ``p``)."""
+    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+    return grad.detach().cpu().numpy()
 
 
 def _zero_grad_ratio(grads: dict[str, Any], zero: set[str], others: list[str]) -> float:
@@ -394,17 +400,7 @@ def check_equivalence(
                 n: np_params[n].grad if np_params[n].grad is not None else 0.0 * np_params[n].data
                 for n in trainable
             }
-            g_t = {
-                n: (
-                    t_params[n].grad
-                    if t_params[n].grad is not None
-                    else torch.zeros_like(t_params[n])
-                )
-                .detach()
-                .cpu()
-                .numpy()
-                for n in trainable
-            }
+            g_t = {n: _grad_array(t_params[n]) for n in trainable}
             grads = {n: relative_difference(g_np[n], g_t[n]) for n in compared}
             report.grad.append(max(grads.values()))
             if zero_grad:
