@@ -205,9 +205,12 @@ def lora_twin(cls: Callable[..., Any], layer: Any, convert: Any) -> Any:
 
     Parameters
     ----------
-    cls : LoRA layer class of the other side (``loralab.lora.LoRALinear``, `LoRALinear`, ...)
-    layer : the LoRA layer being converted
-    convert : the ``convert_child`` a converter is given
+    cls : type
+        The other side's LoRA layer class (``loralab.lora.LoRALinear``, `LoRALinear`, ...).
+    layer : LoRA layer
+        The layer being converted.
+    convert : callable
+        The ``convert_child`` the converter was given.
     """
     base = convert(layer.base)
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
