@@ -54,6 +54,7 @@ API_MODULES = [
     ("loralab.datasets", "The datasets that ship with loralab and their shifted tasks."),
     ("loralab.training", "The one training loop (`fit`) and classifier training."),
     ("loralab.models", "Models used in the tutorials and the demo."),
+    ("loralab.quant", "QLoRA from scratch: NF4/FP4 blockwise quantization, Linear4bit, LoftQ."),
     ("loralab.exercises", "Classroom exercises and their checks."),
     ("loralab.torch", "The PyTorch twin (needs the `torch` extra)."),
 ]
