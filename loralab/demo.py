@@ -162,6 +162,9 @@ def _head(model: MLP, seed: int) -> MLP:
 
 def _lora(r: int) -> Callable[[MLP, int], MLP]:
     def prepare(model: MLP, seed: int) -> MLP:
+        # alpha = 2r keeps s = alpha / r = 2 at every rank, so one learning rate serves every r
+        # in this comparison. The LoRA paper instead fixes alpha at the first r tried (s shrinks
+        # as r grows); docs/guides/math.md compares the conventions.
         return inject_lora(model, list(LINEARS), r=r, alpha=2 * r, seed=seed)
 
     return prepare
@@ -415,7 +418,8 @@ def _run(config: DemoConfig, log: Callable[[str], None], progress: bool) -> Demo
     )
     log(
         f"Adapting it with {len(train)} {config.shift} training images, {config.steps} steps of "
-        f"Adam, batch {BATCH}, seed {config.seed}:"
+        f"Adam, batch {BATCH}, seed {config.seed}; LoRA uses alpha = 2r, so the scaling "
+        "alpha / r is 2 at every rank (the paper fixes alpha instead: see the math guide):"
     )
     results, models = [], {}
     for method in _methods(config):
