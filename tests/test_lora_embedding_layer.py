@@ -9,12 +9,16 @@ from loralab import gradcheck
 from loralab.lora import (
     LoRAEmbedding,
     count_parameters,
+    disable_adapters,
     inject_lora,
+    list_adapters,
     load_adapter,
     lora_layers,
     lora_state_dict,
     merge_lora,
+    mixed_batch,
     save_adapter,
+    set_adapter,
     unmerge_lora,
 )
 from loralab.lora.adapter import WEIGHTS_NAME
@@ -326,3 +330,64 @@ def test_a_dora_config_for_an_embedding_is_refused_before_any_change(tmp_path):
     with pytest.raises(ValueError, match="init='olora' are not implemented for embeddings"):
         load_adapter(model, tmp_path)
     assert snapshot(model)[1] == modules
+
+
+# ----- named adapters: the embedding's one adapter follows the model's switches --------------------
+def two_adapters():
+    """tok_emb and q with adapter "default", q with a second adapter "b"; all A and B nonzero."""
+    model = inject_lora(gpt(), ["tok_emb", "q"], r=2, seed=0)
+    inject_lora(model, ["q"], r=2, seed=1, adapter_name="b")
+    rng = np.random.default_rng(3)
+    for name, p in model.named_parameters():
+        if ".lora_" in f".{name}":
+            p.data = rng.normal(size=p.shape)
+    return model
+
+
+def test_the_first_adapter_name_reaches_the_embedding():
+    model = inject_lora(gpt(), ["tok_emb", "q"], r=2, seed=0, adapter_name="task")
+    assert model.tok_emb.adapter_names == ["task"] and list_adapters(model) == ["task"]
+    with pytest.raises(ValueError, match="a second adapter on the embedding 'tok_emb'"):
+        inject_lora(model, ["tok_emb"], r=2, adapter_name="other")
+
+
+def test_set_adapter_and_disable_adapters_switch_the_embedding_too():
+    model = two_adapters()
+    ids = tokens()
+    E = model.tok_emb.base.weight.data
+    assert np.abs(model.tok_emb(ids).data - E[ids]).max() > 0  # "default" active
+    set_adapter(model, "b")
+    np.testing.assert_array_equal(model.tok_emb(ids).data, E[ids])  # its adapter is not active
+    assert not model.tok_emb.lora_embedding_A.requires_grad
+    set_adapter(model, ["default", "b"])
+    assert model.tok_emb.lora_embedding_A.requires_grad
+    with disable_adapters(model):
+        np.testing.assert_array_equal(model.tok_emb(ids).data, E[ids])
+    set_adapter(model, "default")
+    merge_lora(model, adapter_names=["b"])  # names the embedding's adapter not: E unchanged
+    np.testing.assert_array_equal(model.tok_emb.base.weight.data, E)
+    assert not model.tok_emb.merged
+
+
+def test_mixed_batch_rows_equal_each_row_alone_with_gradients():
+    model = two_adapters()
+    ids = tokens(shape=(3, 5))
+    names = ["default", "__base__", "b"]
+    with mixed_batch(model, names):
+        mixed = model.tok_emb(ids)
+    for i, name in enumerate(names):
+        E = model.tok_emb.base.weight.data
+        alone = E[ids[i]] if name != "default" else model.tok_emb(ids[i : i + 1]).data[0]
+        np.testing.assert_array_equal(mixed.data[i], alone)
+    A = Tensor(np.random.default_rng(4).normal(size=(2, VOCAB)), requires_grad=True)
+    B = Tensor(np.random.default_rng(5).normal(size=(8, 2)), requires_grad=True)
+    E = Tensor(model.tok_emb.base.weight.data.copy(), requires_grad=True)
+    rows = np.array([True, False, True])
+    assert gradcheck(
+        lambda E, A, B: LoRAEmbeddingFn.apply(ids, E, A, B, scaling=1.5, rows=rows), E, A, B
+    )
+    with (
+        mixed_batch(model, names[:2]),
+        pytest.raises(ValueError, match="mixed_batch got 2 adapter names"),
+    ):
+        model.tok_emb(ids)

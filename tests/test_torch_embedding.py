@@ -204,3 +204,65 @@ def test_peft_adapter_loads_in_loralab_and_the_twin(tmp_path, dtype):
     assert isinstance(twin.tok_emb, LoRAEmbedding)
     with torch.no_grad():
         assert_close(twin(torch.from_numpy(x)).numpy(), peft_output(trained, x), dtype)
+
+
+# ----- named adapters and mixed batches --------------------------------------------------------------
+def test_function_with_rows_passes_torch_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (3, 4), generator=gen)
+    E = torch.randn(VOCAB, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, VOCAB, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([True, False, True])
+    assert torch.autograd.gradcheck(
+        lambda E, A, B: LoRAEmbeddingFunction.apply(ids, E, A, B, 0.9, rows), (E, A, B)
+    )
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_twin_mixed_batch_and_switches_equal_numpy(custom):
+    model = lora_gpt()
+    np_lora.inject_lora(model, ["q"], r=2, seed=1, adapter_name="b")
+    twin = to_torch(model)
+    for _, layer in lora_layers(twin):
+        layer.use_custom_backward = custom
+    assert twin.tok_emb.adapter_names == ["default"]
+    x = tokens(4)
+    names = ["b", "default", "__base__"]
+    with np_lora.mixed_batch(model, names), np_lora.mixed_batch(twin, names):
+        want = model(x).data
+        got = twin(torch.from_numpy(x))
+        got.square().sum().backward()
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-10, atol=1e-12)
+    A_grad = twin.tok_emb.lora_embedding_A.grad.numpy()
+    assert np.all(A_grad[:, np.setdiff1d(np.arange(VOCAB), x[1])] == 0)  # only row 1 adds it
+    np_lora.set_adapter(twin, "b")
+    with torch.no_grad():
+        E = twin.tok_emb.weight
+        torch.testing.assert_close(twin.tok_emb(torch.from_numpy(x)), E[torch.from_numpy(x)])
+
+
+@pytest.mark.peft
+def test_mixed_batch_equals_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    trained = peft.get_peft_model(
+        to_torch(gpt()), peft.LoraConfig(r=2, lora_alpha=5, target_modules=["tok_emb", "q"])
+    )
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    trained.save_pretrained(tmp_path)
+    model = np_lora.load_adapter(gpt(), tmp_path).eval()
+    x = tokens(8)
+    names = ["default", "__base__", "default"]
+    trained.eval()
+    with torch.no_grad():
+        want = trained(torch.from_numpy(x), adapter_names=names).numpy()
+    with np_lora.mixed_batch(model, names):
+        np.testing.assert_allclose(model(x).data, want, rtol=1e-10, atol=1e-12)
+    with trained.disable_adapter(), torch.no_grad():
+        base_out = trained(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(want[1], base_out[1], rtol=1e-12)  # "__base__": no adapter
+    assert np.abs(want[0] - base_out[0]).max() > 1e-3  # "default": the adapters change the row

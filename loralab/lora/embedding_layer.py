@@ -19,6 +19,12 @@ are not implemented for embeddings and are refused.
 As in PEFT, ``dropout`` is accepted (a config sets it for every target) but an embedding's LoRA
 branch applies none: its input is a token id, not a vector to drop entries from.
 
+Named adapters: a LoRAEmbedding holds one adapter, named like the model's first adapter
+(PEFT's ``"default"``), and follows the protocol of `loralab.lora.layer.LoRALayerMixin` for it
+(``adapter_names``, ``active_adapter_names``, ``merged_adapters``, ``disabled``, ``mixed_rows``),
+so `loralab.lora.set_adapter`, ``disable_adapters`` and ``mixed_batch`` switch it on and off
+with the model's other layers. A second adapter on an embedding is not implemented.
+
 `LoRAEmbeddingMixin` is what the NumPy layer here and the torch layer
 (`loralab.torch.embedding.LoRAEmbedding`) share: validation, options, initialisation (in NumPy,
 so both start equal bit for bit), ΔE, merging and the repr.
@@ -33,6 +39,7 @@ import numpy as np
 from loralab._validate import boolean, positive_int, probability
 from loralab.lora.config import check_rank_fits, lora_init, lora_scaling, positive_number
 from loralab.lora.embedding import lora_embedding_backward, lora_embedding_forward
+from loralab.lora.layer import BASE_ROWS, DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import KINDS
 from loralab.nn.layers import Embedding
 from loralab.nn.module import Module, Parameter, make_rng
@@ -112,6 +119,10 @@ class LoRAEmbeddingMixin:
     use_dora: bool
     scaling: float
     merged: bool
+    adapter_names: list[str]
+    active_adapter_names: list[str]
+    disabled: bool
+    mixed_rows: list[str] | None
 
     def _parameter(self, array: np.ndarray) -> Any:
         raise NotImplementedError
@@ -129,9 +140,11 @@ class LoRAEmbeddingMixin:
         init: Any,
         use_rslora: Any,
         use_dora: Any,
+        adapter_name: Any = DEFAULT_ADAPTER,
     ) -> None:
         """Validate the options, freeze ``base``, then create A = 0 and B ~ N(0, 1) (PEFT's init)."""
         n, d = base.num_embeddings, base.embedding_dim
+        check_adapter_name(adapter_name, "LoRAEmbedding")
         validate_embedding_options(n, d, r, alpha, dropout, init, use_rslora, use_dora)
         base.requires_grad_(False)
         self.base = base
@@ -145,6 +158,54 @@ class LoRAEmbeddingMixin:
         self.lora_embedding_A = self._parameter(np.zeros((self.r, n), dtype=dtype))
         self.lora_embedding_B = self._parameter(rng.standard_normal((d, self.r)).astype(dtype))
         self.merged = False
+        self.adapter_names, self.active_adapter_names = [adapter_name], [adapter_name]
+        self.disabled, self.mixed_rows = False, None
+
+    # ----- its one named adapter (the protocol of loralab.lora.layer.LoRALayerMixin) -----
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self.adapter_names) if self.merged else []
+
+    def adapter(self, name: str) -> Any:
+        """The holder of adapter ``name``'s A, B and options: the layer itself."""
+        if name not in self.adapter_names:
+            raise ValueError(
+                f"{self._describe()}: no adapter {name!r}; its adapter is {self.adapter_names}"
+            )
+        return self
+
+    def adapter_parameters(self, name: str) -> dict[str, Any]:
+        """``{"lora_embedding_A": ..., "lora_embedding_B": ...}`` of adapter ``name``."""
+        self.adapter(name)
+        return {
+            "lora_embedding_A": self.lora_embedding_A,
+            "lora_embedding_B": self.lora_embedding_B,
+        }
+
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = self.active_adapter_names if adapter_names is None else adapter_names
+        return [n for n in names if n in self.adapter_names]
+
+    def _rows(self, ids_shape: tuple[int, ...]) -> np.ndarray | None:
+        """Which rows (first axis of the ids) add the adapter: None for all; a bool (batch,) array
+        in a mixed batch (`loralab.lora.mixed_batch`)."""
+        if self.mixed_rows is None:
+            return None
+        if len(ids_shape) < 1 or ids_shape[0] != len(self.mixed_rows):
+            raise ValueError(
+                f"{self._describe()}: mixed_batch got {len(self.mixed_rows)} adapter names but the "
+                f"ids have shape {tuple(ids_shape)}; expected ({len(self.mixed_rows)}, ...), one "
+                "name per row"
+            )
+        return np.array([n == self.adapter_names[0] for n in self.mixed_rows])
+
+    def _adds_adapter(self) -> bool:
+        """Whether the forward adds the adapter at all (not merged, not disabled, active or mixed)."""
+        if self.merged or self.disabled:
+            return False
+        if self.mixed_rows is not None:
+            return any(n != BASE_ROWS and n in self.adapter_names for n in self.mixed_rows)
+        return self.adapter_names[0] in self.active_adapter_names
 
     @property
     def kind(self) -> Any:
@@ -160,8 +221,14 @@ class LoRAEmbeddingMixin:
         """ΔE = s (B A)^T, of shape (num_embeddings, embedding_dim), outside any graph."""
         return self.scaling * (self.lora_embedding_B.data @ self.lora_embedding_A.data).T
 
-    def merge(self) -> None:
-        """Add ΔE into E in place: a lookup then costs what the plain table costs."""
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Add ΔE into E in place: a lookup then costs what the plain table costs.
+
+        ``adapter_names`` (default: the active ones) that do not name this layer's adapter
+        merge nothing.
+        """
+        if not self._names_to_merge(adapter_names):
+            return
         if self.merged:
             raise ValueError(
                 "LoRAEmbedding.merge(): the layer is already merged; call unmerge() first"
@@ -192,22 +259,27 @@ class LoRAEmbeddingMixin:
 
 class LoRAEmbeddingFn(Function):
     """``h = E[ids] + s A^T[ids] B^T`` over (ids, E, A, B), the backward of
-    `loralab.lora.embedding.lora_embedding_backward`.
+    `loralab.lora.embedding.lora_embedding_backward`. With ``rows`` (bool, shape (batch,)) only
+    those rows of a mixed batch add the adapter; the others are E[ids].
 
     ids get no gradient (they are integers); dA touches only the columns of used tokens; dE is
     formed (a scatter-add of dh into the used rows) only if E itself requires a gradient.
     """
 
     @staticmethod
-    def forward(ctx, ids, E, A, B, scaling):
+    def forward(ctx, ids, E, A, B, scaling, rows=None):
         h, cache = lora_embedding_forward(ids, E, A, B, scaling)
-        ctx.save_for_backward(cache, E.shape)
+        if rows is not None:  # a mixed batch: the other rows get E[ids] alone
+            keep = rows.reshape((-1,) + (1,) * (h.ndim - 1))
+            h = np.where(keep, h, E[ids])
+        ctx.save_for_backward(cache, E.shape, rows)
         return h
 
     @staticmethod
     def backward(ctx, grad):
-        cache, e_shape = ctx.saved
-        dA, dB = lora_embedding_backward(grad, cache)
+        cache, e_shape, rows = ctx.saved
+        dlora = grad if rows is None else grad * rows.reshape((-1,) + (1,) * (grad.ndim - 1))
+        dA, dB = lora_embedding_backward(dlora, cache)
         dE = None
         if ctx.needs_input_grad[1]:  # full fine-tuning of the table only: LoRA never needs it
             dE = np.zeros(e_shape, dtype=grad.dtype)
@@ -235,6 +307,8 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
     use_rslora : bool, default False
     use_dora : bool, default False
         Only False: DoRA on embeddings is not implemented.
+    adapter_name : str, default "default"
+        The name of its one adapter (PEFT's).
     seed, rng : source of B's initial values.
 
     Attributes
@@ -265,6 +339,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
         init: str = "kaiming",
         use_rslora: bool = False,
         use_dora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
     ):
@@ -273,7 +348,8 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
                 f"LoRAEmbedding: base must be a loralab.nn.Embedding, got {type(base).__name__}"
             )
         super().__init__()
-        self._init_lora(base, make_rng(seed, rng), r, alpha, dropout, init, use_rslora, use_dora)
+        rng = make_rng(seed, rng)
+        self._init_lora(base, rng, r, alpha, dropout, init, use_rslora, use_dora, adapter_name)
 
     def _parameter(self, array: np.ndarray) -> Parameter:
         return Parameter(array)
@@ -284,12 +360,9 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
     def forward(self, ids: Any) -> Tensor:
         """Integer ids of any shape (...) -> h of shape (..., embedding_dim)."""
         ids = check_ids(self._describe(), ids, self.num_embeddings)
-        if self.merged:
+        if not self._adds_adapter():
             return self.base(ids)
+        A, B, s = self.lora_embedding_A, self.lora_embedding_B, self.scaling
         return LoRAEmbeddingFn.apply(
-            ids,
-            self.base.weight,
-            self.lora_embedding_A,
-            self.lora_embedding_B,
-            scaling=self.scaling,
+            ids, self.base.weight, A, B, scaling=s, rows=self._rows(ids.shape)
         )

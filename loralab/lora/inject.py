@@ -251,11 +251,8 @@ def wrap_targets(
             layer.add_adapter(adapter_name, rng=rng, **options)
         else:
             parent_name, _, child = name.rpartition(".")
-            if isinstance(modules[name], backend.embedding_types()):
-                layer = backend.build(modules[name], rng=rng, **options)
-            else:
-                layer = backend.build(modules[name], rng=rng, adapter_name=adapter_name, **options)
-                layer.active_adapter_names = list(active)
+            layer = backend.build(modules[name], rng=rng, adapter_name=adapter_name, **options)
+            layer.active_adapter_names = list(active)
             setattr(model.get_submodule(parent_name), child, layer)
         if existing:  # a new adapter beside others starts inactive, its parameters frozen
             for param in layer.adapter_parameters(adapter_name).values():

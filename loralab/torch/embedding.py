@@ -36,24 +36,30 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
         dB = s dh^T U        dA[:, ids_i] += s (dh B)_i        (dE[ids_i] += dh_i only if E trains)
 
     Inputs (to ``apply``): ids (long, any shape), E (num_embeddings, dim), A (r, num_embeddings),
-    B (dim, r), scaling (float). Returns h of shape (*ids.shape, dim).
+    B (dim, r), scaling (float), rows (bool, shape (batch,), or None: in a mixed batch, the rows
+    that add the adapter). Returns h of shape (*ids.shape, dim).
     """
 
     @staticmethod
-    def forward(ctx, ids, E, A, B, scaling):
+    def forward(ctx, ids, E, A, B, scaling, rows=None):
         flat = ids.reshape(-1)
         u = A.T[flat]  # (N, r): a gather, never a one-hot product
         h = E[flat] + scaling * (u @ B.T)
-        ctx.save_for_backward(flat, u, B)
+        keep = None
+        if rows is not None:  # a mixed batch: the other rows get E[ids] alone
+            keep = rows.reshape(-1, *(1,) * (ids.ndim - 1)).expand(ids.shape).reshape(-1, 1)
+            h = torch.where(keep, h, E[flat])
+        ctx.save_for_backward(flat, u, B, keep)
         ctx.scaling, ctx.sizes = scaling, (E.shape[0], A.shape[0])
         return h.reshape(*ids.shape, E.shape[1])
 
     @staticmethod
     def backward(ctx, dh):
-        flat, u, B = ctx.saved_tensors
+        flat, u, B, keep = ctx.saved_tensors
         s, (n, r) = ctx.scaling, ctx.sizes
         _, need_E, need_A, need_B = ctx.needs_input_grad[:4]
-        dh2 = dh.reshape(-1, dh.shape[-1])  # (N, dim)
+        dh_all = dh.reshape(-1, dh.shape[-1])  # (N, dim)
+        dh2 = dh_all if keep is None else dh_all * keep  # only the rows that add the adapter
         dB = s * (dh2.T @ u) if need_B else None
         dA = None
         if need_A:  # scatter-add into the used columns: a token seen twice gets both
@@ -63,8 +69,8 @@ class LoRAEmbeddingFunction(torch.autograd.Function):
         dE = None
         if need_E:
             dE = torch.zeros(n, dh2.shape[1], dtype=dh.dtype, device=dh.device)
-            dE.index_add_(0, flat, dh2)
-        return None, dE, dA, dB, None
+            dE.index_add_(0, flat, dh_all)
+        return None, dE, dA, dB, None, None
 
 
 class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
@@ -78,7 +84,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
     ----------
     base : torch.nn.Embedding
         Without ``padding_idx``, ``max_norm`` or ``scale_grad_by_freq`` (loralab's table has none).
-    r, alpha, dropout, init, use_rslora, use_dora, seed, rng
+    r, alpha, dropout, init, use_rslora, use_dora, adapter_name, seed, rng
         As in `loralab.lora.LoRAEmbedding`.
     use_custom_backward : bool, default True
         Run through `LoRAEmbeddingFunction` (the hand backward) or, when False, through plain
@@ -102,6 +108,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         use_custom_backward: bool = True,
+        adapter_name: str = "default",
         seed: int | None = None,
         rng: np.random.Generator | None = None,
     ):
@@ -120,7 +127,8 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
         self.use_custom_backward = boolean(
             "use_custom_backward", use_custom_backward, "LoRAEmbedding"
         )
-        self._init_lora(base, make_rng(seed, rng), r, alpha, dropout, init, use_rslora, use_dora)
+        rng = make_rng(seed, rng)
+        self._init_lora(base, rng, r, alpha, dropout, init, use_rslora, use_dora, adapter_name)
 
     def _parameter(self, array: np.ndarray) -> torch.nn.Parameter:
         return torch.nn.Parameter(torch.from_numpy(array).to(self.base.weight.device))
@@ -139,12 +147,17 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
             raise ValueError(
                 f"{self._describe()}: token id {bad} outside [0, {self.num_embeddings})"
             )
-        if self.merged:
+        if not self._adds_adapter():
             return self.base(ids)
         E, A, B, s = self.base.weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling
+        rows = self._rows(tuple(ids.shape))
+        keep = None if rows is None else torch.from_numpy(rows).to(ids.device)
         if self.use_custom_backward:
-            return LoRAEmbeddingFunction.apply(ids.long(), E, A, B, s)
-        return F.embedding(ids, E) + s * (F.embedding(ids, A.T) @ B.T)
+            return LoRAEmbeddingFunction.apply(ids.long(), E, A, B, s, keep)
+        branch = s * (F.embedding(ids, A.T) @ B.T)
+        if keep is not None:
+            branch = branch * keep.reshape(-1, *(1,) * (branch.ndim - 1)).to(branch.dtype)
+        return F.embedding(ids, E) + branch
 
 
 def _to_torch(m: Any, convert: Any, dtype: Any) -> torch.nn.Module:
@@ -159,6 +172,7 @@ def _to_torch(m: Any, convert: Any, dtype: Any) -> torch.nn.Module:
     t.lora_embedding_A = param_to_torch(m.lora_embedding_A, dtype)
     t.lora_embedding_B = param_to_torch(m.lora_embedding_B, dtype)
     t.init, t.scaling, t.merged = m.init, m.scaling, m.merged
+    t.adapter_names, t.active_adapter_names = list(m.adapter_names), list(m.active_adapter_names)
     return t
 
 
@@ -174,6 +188,7 @@ def _to_numpy(t: Any, convert: Any) -> nn.Module:
     m.lora_embedding_A = param_to_numpy(t.lora_embedding_A)
     m.lora_embedding_B = param_to_numpy(t.lora_embedding_B)
     m.init, m.scaling, m.merged = t.init, t.scaling, t.merged
+    m.adapter_names, m.active_adapter_names = list(t.adapter_names), list(t.active_adapter_names)
     return m
 
 
