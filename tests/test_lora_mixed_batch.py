@@ -13,7 +13,7 @@ from loralab.lora import (
     set_adapter,
     unmerge_lora,
 )
-from loralab.lora.layer import GroupedLoRAFn
+from loralab.lora.layer import GroupedLoRAFn, GroupedLoRALinearFn
 from loralab.tensor import Tensor
 
 
@@ -92,3 +92,22 @@ def test_dora_adapters_are_refused_as_peft_does():
     with pytest.raises(ValueError, match="DoRA"):
         with mixed_batch(model, ["default", "__base__"]):
             pass
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_fused_grouped_linear_function_passes_gradcheck(with_bias):
+    rng = np.random.default_rng(7)
+    ranks, d_in, d_out = [2, 1], 4, 3
+    x = Tensor(rng.normal(size=(5, 2, d_in)), requires_grad=True)
+    W0 = Tensor(rng.normal(size=(d_out, d_in)), requires_grad=True)  # dW0 too, as full fine-tuning
+    b = Tensor(rng.normal(size=(d_out,)), requires_grad=True) if with_bias else None
+    As = [Tensor(rng.normal(size=(r, d_in)), requires_grad=True) for r in ranks]
+    Bs = [Tensor(rng.normal(size=(d_out, r)), requires_grad=True) for r in ranks]
+    index = rng.integers(-1, 2, size=(5, 2))
+
+    def fn(x, W0, *rest):
+        bias, AB = (rest[0], rest[1:]) if with_bias else (None, rest)
+        return GroupedLoRALinearFn.apply(x, W0, bias, *AB, index=index, scalings=[0.5, 3.0])
+
+    inputs = [x, W0, *([b] if with_bias else []), *As, *Bs]
+    assert gradcheck(fn, *inputs)

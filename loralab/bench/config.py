@@ -23,6 +23,8 @@ class BenchConfig:
     batch: int = 128
     core_width: int = 1024
     fused_shapes: tuple[tuple[int, ...], ...] = ((128, 256), (128, 1024), (16, 128, 1024))
+    mixed_batch: int = 256  # section 5: rows of the mixed batch
+    mixed_ks: tuple[int, ...] = (1, 4, 16, 64)  # section 5: numbers of adapters
     repeats: int = 21
     sample_seconds: float = 0.08
     torch_memory: bool = True
@@ -39,6 +41,8 @@ class BenchConfig:
             batch=8,
             core_width=32,
             fused_shapes=((8, 32), (2, 4, 32)),
+            mixed_batch=16,
+            mixed_ks=(1, 4),
             repeats=3,
             sample_seconds=0.005,
             torch_memory=False,
@@ -68,5 +72,6 @@ class Results:
     core: list[dict[str, Any]] = field(default_factory=list)
     inference: list[dict[str, Any]] = field(default_factory=list)
     fused: list[dict[str, Any]] = field(default_factory=list)
+    mixed: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -59,4 +59,29 @@ def write_figures(res: Results, directory: Path) -> list[str]:
     ax.set_title("LoRA vs full fine-tuning, inference, fused backward")
     fig.tight_layout()
     names.append(save(fig, "ratios.png"))
+
+    if res.mixed:  # section 5: serving time per row against the number of adapters
+        ks = [r["K"] for r in res.mixed]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for side, style in [
+            ("base", "k--"),
+            ("mixed", "o-"),
+            ("naive", "s-"),
+            ("merge_swap", "^-"),
+            ("peft", "d:"),
+        ]:
+            pts = [
+                (r["K"], r[f"{side}_us_per_row"]) for r in res.mixed if f"{side}_us_per_row" in r
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=side.replace("_", "-"))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("adapters in the batch (K)")
+        ax.set_ylabel("time per row (us)")
+        ax.set_title("One base, K adapters: serving one mixed batch")
+        ax.legend()
+        fig.tight_layout()
+        names.append(save(fig, "mixed_batch.png"))
     return names

@@ -165,7 +165,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         )
     used = sorted({n for n in rows if n != BASE_ROWS})
     layers = _named_layers(model, "mixed_batch")
-    known = list_adapters(model)
+    known = adapter_names_of(layers)
     unknown = [n for n in used if n not in known]
     if unknown:
         raise ValueError(

@@ -73,6 +73,7 @@ def grouped_lora_forward(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
     scalings: Sequence[float],
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, GroupedCache]:
     """The low-rank part of a mixed batch: row i gets s_{g_i} B_{g_i} A_{g_i} x_i (or 0).
 
@@ -84,10 +85,13 @@ def grouped_lora_forward(
     As : K arrays, A_k of shape (r_k, in)
     Bs : K arrays, B_k of shape (out, r_k)
     scalings : K floats, s_k
+    out : ndarray of shape (..., out), optional
+        Add the low-rank part into it in place (e.g. the base's x W0^T + b, so the batch's
+        output is not allocated and summed twice) and return it.
 
     Returns
     -------
-    y : ndarray of shape (..., out), zero on base-only rows
+    y : ndarray of shape (..., out), zero on base-only rows (``out`` plus the part, if given)
     cache : GroupedCache for the backward
     """
     in_features = x.shape[-1]
@@ -95,12 +99,15 @@ def grouped_lora_forward(
     x2 = x.reshape(-1, in_features)
     g = np.asarray(adapter_index).reshape(-1)
     groups = group_rows(g, len(As))
-    y = np.zeros((x2.shape[0], out_features), dtype=x.dtype)
+    if out is None:
+        y = np.zeros((x2.shape[0], out_features), dtype=x.dtype)
+    else:
+        y = out.reshape(-1, out_features)
     xs, us = [], []
     for rows, A, B, s in zip(groups, As, Bs, scalings, strict=True):
         xk = x2[rows]
         uk = xk @ A.T
-        y[rows] = s * (uk @ B.T)
+        y[rows] += s * (uk @ B.T)
         xs.append(xk)
         us.append(uk)
     cache = GroupedCache(groups, xs, us, As, Bs, scalings, x.shape)

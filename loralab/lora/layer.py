@@ -66,6 +66,7 @@ __all__ = [
     "DoRALinearFn",
     "LoRABranchFn",
     "GroupedLoRAFn",
+    "GroupedLoRALinearFn",
     "AdapterMixin",
     "LoRAAdapter",
     "AdapterDict",
@@ -394,7 +395,8 @@ class LoRALayerMixin(AdapterMixin):
         if self.disabled or self.merged_adapters:
             return "base", None
         if self.mixed_rows is not None:
-            used = [n for n in self.adapter_names if n in set(self.mixed_rows)]
+            asked = set(self.mixed_rows)
+            used = [n for n in self.adapter_names if n in asked]
             position = {n: k for k, n in enumerate(used)}
             index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
             return "mixed", (index, [self.adapter(n) for n in used])
@@ -564,6 +566,36 @@ class GroupedLoRAFn(Function):
         (cache,) = ctx.saved
         dx, dAs, dBs = grouped_lora_backward(grad, cache, need_dx=ctx.needs_input_grad[0])
         return (dx, *dAs, *dBs)
+
+
+class GroupedLoRALinearFn(Function):
+    """A mixed batch through a plain Linear base, fused: ``y = x W0^T + b`` plus, in place, each
+    row's ``s_k B_k A_k x_i`` (`GroupedLoRAFn`'s part), over (x, W0, b, A_1..A_K, B_1..B_K).
+
+    Backward: dx = dy W0 + the grouped part's dx; db = sum dy; dW0 = dy^T x only if W0 asks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W0, b, *AB, index, scalings):
+        k = len(scalings)
+        y = x @ W0.T
+        if b is not None:
+            y += b
+        y, cache = grouped_lora_forward(x, index, AB[:k], AB[k:], scalings, out=y)
+        ctx.save_for_backward(cache, x, W0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        cache, x, W0 = ctx.saved
+        need = ctx.needs_input_grad
+        dx, dAs, dBs = grouped_lora_backward(grad, cache, need_dx=need[0])
+        if dx is not None:
+            dx += grad @ W0
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dW0 = g2.T @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        db = g2.sum(axis=0) if need[2] else None
+        return (dx, dW0, db, *dAs, *dBs)
 
 
 _FUNCTIONS = {"lora": LoRALinearFn, "dora": DoRALinearFn}  # the layer's kind -> its fused Function
@@ -755,6 +787,9 @@ class LoRALinear(LoRALayerMixin, Module):
         As = [h.lora_A for h in holders]
         Bs = [h.lora_B for h in holders]
         scalings = [h.scaling for h in holders]
+        if self.plain_base:
+            W0, b = self.base.weight, self.base.bias
+            return GroupedLoRALinearFn.apply(x, W0, b, *As, *Bs, index=rows, scalings=scalings)
         return self.base(x) + GroupedLoRAFn.apply(x, *As, *Bs, index=rows, scalings=scalings)
 
 

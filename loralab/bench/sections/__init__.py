@@ -1,11 +1,17 @@
-"""The suite's four sections, in the order they run and appear in the report.
+"""The suite's five sections, in the order they run and appear in the report.
 
 Each section module has ``run(res, log)``, which measures and appends its rows and checks to
 the `Results`, and ``markdown(res) -> list[str]``, its part of the report.
 """
 
-from loralab.bench.sections import core, fused, inference, overhead
+from loralab.bench.sections import core, fused, inference, mixed_batch, overhead
 
-SECTIONS = {"overhead": overhead, "core": core, "inference": inference, "fused": fused}
+SECTIONS = {
+    "overhead": overhead,
+    "core": core,
+    "inference": inference,
+    "fused": fused,
+    "mixed_batch": mixed_batch,
+}
 
 __all__ = ["SECTIONS"]

@@ -1,0 +1,32 @@
+"""Section 5 of the benchmark (one base, K adapters in one batch): output and sides, not speed."""
+
+import numpy as np
+
+from loralab.bench import BenchConfig, run_bench
+from loralab.bench.mlp import MLPArrays, engine_model
+from loralab.bench.sections.mixed_batch import adapters_model, sides
+
+
+def test_every_way_of_serving_computes_the_same_rows():
+    rng = np.random.default_rng(0)
+    arrays = MLPArrays.random(16, rng)
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    names = [f"t{i % 3}" for i in range(6)]
+    model = adapters_model(arrays, 3, rng)
+    base = engine_model(arrays, lora=False).eval()
+    runs = sides(model, base, x, names, 3)
+    assert sorted(runs) == ["base", "merge_swap", "mixed", "naive"]
+    for run in runs.values():
+        run()  # each side runs (the outputs are checked against each other in test_lora_mixed_batch)
+
+
+def test_the_quick_section_reports_its_ratios(tmp_path):
+    out = tmp_path / "results.md"
+    res = run_bench(BenchConfig.tiny(), out, sections=("mixed_batch",), log=lambda s: None)
+    text = out.read_text()
+    assert "### 5. One base, K adapters in one batch" in text
+    assert [r["K"] for r in res.mixed] == [1, 4]
+    names = [c.name for c in res.checks]
+    assert "mixed batch / base forward, K = 4" in names
+    assert "naive loop / mixed batch, K = 4" in names
+    assert all(c.value > 0 for c in res.checks)
