@@ -24,6 +24,18 @@ A LoRALinear wraps a *linear-like* module of a type registered with `register_li
   its W0 in place (returning anything). ``merge``/``unmerge`` call it; without it they refuse;
 - optionally ``compute_dtype``: the NumPy dtype of its outputs, given to A and B (float32 if absent).
 
+Named adapters
+--------------
+A layer holds one or more adapters by name (PEFT's ``adapter_name``, "default" first). The first
+adapter lives on the layer itself, so a layer with one adapter keeps the parameter names
+``lora_A``, ``lora_B``, ``lora_magnitude_vector`` (and ``r``, ``alpha``, ``scaling`` are its); every
+further adapter is an `AdapterMixin` module in ``lora_adapters[name]`` with the same attribute
+names (``<path>.lora_adapters.<name>.lora_A``). ``adapter(name)`` gives an adapter's holder; the
+forward adds the active adapters' updates (summed), or the base alone when disabled or merged,
+or routes each row of a mixed batch through its own adapter (`GroupedLoRALinearFn`, the grouped
+op of `loralab.lora.grouped`). Why this layout: every existing model, twin, test and adapter file
+keeps its names; see docs/guides/many_adapters.md.
+
 A plain `loralab.nn.Linear` runs the whole layer through the fused `LoRALinearFn` (or DoRA's).
 Any other base runs ``base(x) + LoRABranchFn(x, A, B)``: the base computes its own part (e.g. by
 dequantizing W0), and the branch's hand-derived backward gives dx, dA and dB. DoRA, PiSSA and OLoRA
