@@ -13,6 +13,7 @@ from loralab.lora import (
     inject_lora,
     list_adapters,
     lora_layers,
+    lora_state_dict,
     merge_lora,
     set_adapter,
     unmerge_lora,
@@ -220,3 +221,10 @@ def test_weighted_adapter_bad_input_is_named_and_nothing_is_added():
     with pytest.raises(ValueError, match="combination_type"):
         add_weighted_adapter(model, ["task"], [1], "m", combination_type="ties")
     assert list_adapters(model) == ["default", "task"]
+
+
+def test_lora_state_dict_names_every_adapter_as_the_model_does():
+    model = two_adapters()
+    state = lora_state_dict(model)
+    named = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert set(state) == named and "0.lora_adapters.task.lora_B" in state

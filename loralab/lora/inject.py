@@ -407,13 +407,22 @@ def unmerge_lora(model: Any) -> Any:
 
 def lora_state_dict(model: Any) -> dict[str, Any]:
     """Copies of the LoRA parameters only: ``{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)}``
-    (and ``"<path>.lora_magnitude_vector"`` with DoRA); ndarrays or detached torch tensors."""
+    (and ``"<path>.lora_magnitude_vector"`` with DoRA, ``"<path>.lora_embedding_A"``/``_B`` for an
+    embedding, ``"<path>.lora_adapters.<name>.lora_A"`` ... for named adapters beyond a layer's
+    first); ndarrays or detached torch tensors."""
     backend = backend_for(model, "lora_state_dict")
-    return {
-        f"{name}.{pname}" if name else pname: backend.copy(getattr(layer, pname))
-        for name, layer in backend.lora_layers(model)
-        for pname in _parameter_names(layer)
-    }
+    out = {}
+    for name, layer in backend.lora_layers(model):
+        prefix = f"{name}." if name else ""
+        for adapter in getattr(layer, "adapter_names", [DEFAULT_ADAPTER]):
+            if hasattr(layer, "adapter_parameters"):
+                params = layer.adapter_parameters(adapter)
+                if adapter != layer.adapter_names[0]:
+                    params = {f"lora_adapters.{adapter}.{k}": v for k, v in params.items()}
+            else:
+                params = {p: getattr(layer, p) for p in _parameter_names(layer)}
+            out.update({prefix + k: backend.copy(v) for k, v in params.items()})
+    return out
 
 
 def _parameter_names(layer: Any) -> tuple[str, ...]:
