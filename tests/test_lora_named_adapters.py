@@ -228,3 +228,34 @@ def test_lora_state_dict_names_every_adapter_as_the_model_does():
     state = lora_state_dict(model)
     named = {n for n, _ in model.named_parameters() if "lora_" in n}
     assert set(state) == named and "0.lora_adapters.task.lora_B" in state
+
+
+def test_an_embedding_takes_a_named_adapter_beside_linear_ones(tmp_path):
+    from loralab.lora import load_adapter, save_adapter
+
+    def tiny():
+        f64 = np.float64
+        return nn.Sequential(
+            nn.Embedding(12, 6, seed=0, dtype=f64), nn.Linear(6, 5, seed=1, dtype=f64)
+        )
+
+    model = inject_lora(tiny(), ["1"], r=2, seed=0)
+    inject_lora(model, ["0", "1"], r=2, seed=1, adapter_name="emb")
+    assert model.get_submodule("0").adapter_names == ["emb"]
+    with pytest.raises(ValueError, match="second adapter on the embedding '0'"):
+        inject_lora(model, ["0"], r=2, adapter_name="third")
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(model):  # every update nonzero (B = 0 or A = 0 at init)
+        for name in layer.adapter_names:
+            for p in layer.adapter_parameters(name).values():
+                p.data = rng.normal(size=p.shape)
+    ids = np.array([[1, 4, 4], [0, 11, 3]])
+    set_adapter(model, "emb")
+    want = model(ids).data
+    with disable_adapters(model):
+        assert np.abs(model(ids).data - want).max() > 1e-3  # the adapter changes the output
+    save_adapter(model, tmp_path)
+    fresh = inject_lora(tiny(), ["1"], r=2, seed=5)
+    load_adapter(fresh, tmp_path / "emb", adapter_name="emb")
+    set_adapter(fresh, "emb")
+    np.testing.assert_allclose(fresh(ids).data, want, rtol=1e-12)

@@ -407,10 +407,10 @@ def _plan(
     plans = []
     for path, found in sorted(by_path.items()):
         if set(found) & set(_EMBEDDING.values()):
-            if adding or adapter_name != DEFAULT_ADAPTER:
+            if adding and path in layers:  # a LoRAEmbedding holds one adapter
                 raise ValueError(
-                    f"load_adapter: the embedding {path!r} takes only the one adapter 'default' for "
-                    f"now; got adapter_name={adapter_name!r}"
+                    f"load_adapter: the embedding {path!r} holds the adapter "
+                    f"{layers[path].adapter_names} already; a second one is not supported yet"
                 )
             plans.append(_plan_embedding(backend, model, config, path, found, existing.get(path)))
             continue
@@ -599,8 +599,6 @@ def load_adapter(
             if owner is not None:  # a LoRA layer with other adapters: this one goes beside them
                 owner.add_adapter(adapter_name, rng=np.random.default_rng(0), **options)
                 layer = owner.adapter(adapter_name)
-            elif set(plan.keys) & set(_EMBEDDING.values()):
-                layer = backend.attach(model, plan.path, {**options, "seed": 0})
             else:
                 named = {**options, "seed": 0, "adapter_name": adapter_name}
                 layer = backend.attach(model, plan.path, named)

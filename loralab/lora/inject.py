@@ -210,10 +210,10 @@ def wrap_targets(
         is_embedding = isinstance(base, (*backend.embedding_types(), LoRAEmbeddingMixin))
         is_lora = isinstance(base, lora_type)  # kept as flags: isinstance would narrow base
         if is_embedding:
-            if existing:
+            if is_lora:  # a LoRAEmbedding holds one adapter
                 raise ValueError(
-                    f"inject_lora: a second adapter on the embedding {name!r} is not supported yet; "
-                    "target Linear layers only"
+                    f"inject_lora: a second adapter on the embedding {name!r} is not supported yet "
+                    f"(it holds {base.adapter_names}); target Linear layers or a plain Embedding"
                 )
             o = config.layer_options(name)
             validate_embedding_options(
