@@ -19,8 +19,8 @@ are not implemented for embeddings and are refused.
 As in PEFT, ``dropout`` is accepted (a config sets it for every target) but an embedding's LoRA
 branch applies none: its input is a token id, not a vector to drop entries from.
 
-Named adapters: a LoRAEmbedding holds one adapter, named like the model's first adapter
-(PEFT's ``"default"``), and follows the protocol of `loralab.lora.layer.LoRALayerMixin` for it
+Named adapters: a LoRAEmbedding holds one adapter, named after the adapter it was made for
+(PEFT's ``"default"`` unless named), and follows the protocol of `loralab.lora.layer.LoRALayerMixin` for it
 (``adapter_names``, ``active_adapter_names``, ``merged_adapters``, ``disabled``, ``mixed_rows``),
 so `loralab.lora.set_adapter`, ``disable_adapters`` and ``mixed_batch`` switch it on and off
 with the model's other layers. A second adapter on an embedding is not implemented.
