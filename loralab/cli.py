@@ -375,5 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `loralab params ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SystemExit as e:  # --help exits through argparse
         return e.code if isinstance(e.code, int) else 0

@@ -24,6 +24,7 @@ PRESET_NAMES = [
     "gpt2-medium",
     "gpt2-large",
     "gpt3-175b",
+    "llama-65b",
     "llama2-7b",
     "llama2-13b",
     "llama2-70b",

@@ -52,3 +52,15 @@ def test_no_quant_no_qlora_entry(capsys):
 def test_bad_flags_are_refused(capsys, args):
     assert main(["params", "--preset", "gpt2", *args]) == 2
     assert "quant" in capsys.readouterr().err
+
+
+def test_the_llama_65b_preset_gives_the_papers_arithmetic(capsys):
+    """The preset differs from the explicit shape above only by its RMSNorm (one vector per norm,
+    where the explicit shape's LayerNorm has two): 2 x 80 + 1 norms of 8192."""
+    explicit = run_json(capsys, *LLAMA_65B, "--quant", "nf4", "--double-quant")
+    preset = run_json(capsys, "--preset", "llama-65b", "--quant", "nf4", "--double-quant")
+    n = preset["total_params"]
+    assert explicit["total_params"] - n == (2 * 80 + 1) * 8192
+    bits = preset["qlora"]["bits_per_parameter"]
+    assert preset["qlora"]["base_weights_bytes"] == round(n * bits / 8)
+    assert round(preset["qlora"]["base_weights_bytes"] / 1e9, 1) == 33.7  # 65.3e9 x 4.127 / 8
