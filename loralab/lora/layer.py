@@ -169,6 +169,7 @@ class AdapterMixin:
 
     lora_A: Any
     lora_B: Any
+    lora_magnitude_vector: Any  # DoRA's m, only with use_dora (declared, not set)
     r: int
     alpha: float
     dropout: float
