@@ -188,3 +188,34 @@ def test_to_numpy_and_back_keeps_every_adapter(merged):
         tl.set_adapter(model, "task")
         with torch.no_grad():
             torch.testing.assert_close(back(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.peft
+def test_numpy_mixed_batch_matches_peft():
+    model, x = twin_with_adapters(), x_rows(7)
+    pm = peft_twin(model)
+    np_model = tl.to_numpy(model)
+    rows = ["other", "task", "__base__", "default", "task", "task", "other"]
+    with tl.mixed_batch(np_model, rows):
+        got = np_model(x.numpy()).data
+    with torch.no_grad():
+        want = pm(x, adapter_names=rows).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_training_one_adapter_leaves_the_others_bit_for_bit():
+    model, x = twin_with_adapters().train(), x_rows(8)
+    tl.set_adapter(model, "task")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+        opt.step()
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == [
+        "0.lora_adapters.task.lora_A",
+        "0.lora_adapters.task.lora_B",
+        "4.lora_A",
+        "4.lora_B",
+    ]
