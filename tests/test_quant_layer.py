@@ -178,3 +178,17 @@ def test_variants_that_need_w0_itself_are_refused_on_a_4bit_base():
         model = quantize_model(MLP([64, 32, 10], seed=23))
         with pytest.raises((TypeError, ValueError), match="Linear4bit|base"):
             inject_lora(model, ["0"], r=4, alpha=8, seed=0, **options)
+
+
+def test_count_parameters_counts_the_quantized_base_in_the_total():
+    """QLoRA's trainable fraction is measured against the whole model, W0 included."""
+    from loralab.lora import count_parameters, inject_lora
+    from loralab.nn import MLP
+    from loralab.quant import quantize_model
+
+    full = count_parameters(MLP([8, 16, 4], seed=0))
+    model = quantize_model(MLP([8, 16, 4], seed=0))
+    assert count_parameters(model) == (0, full[1])
+    inject_lora(model, ["0", "2"], r=2, alpha=4, seed=0)
+    lora = 2 * (8 + 16) + 2 * (16 + 4)
+    assert count_parameters(model) == (lora, full[1] + lora)

@@ -434,6 +434,10 @@ def _parameter_names(layer: Any) -> tuple[str, ...]:
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) number of parameter values in ``model`` (NumPy or torch).
 
+    A quantized base (`loralab.quant.Linear4bit`) keeps its frozen W0 outside the parameters;
+    modules that say how many values they hold that way (``num_quantized_values``) have them
+    counted in the total, never as trainable.
+
     Examples
     --------
     >>> from loralab.nn import Linear
@@ -445,4 +449,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
         size = math.prod(p.shape)
         total += size
         trainable += size if p.requires_grad else 0
+    for _, module in model.named_modules():
+        total += getattr(module, "num_quantized_values", 0)
     return trainable, total

@@ -148,6 +148,15 @@ class Linear4bit(Module):
             None if bias is None else Parameter(np.asarray(bias, np.float32), requires_grad=False)
         )
 
+    @property
+    def num_quantized_values(self) -> int:
+        """out_features * in_features: the frozen W0's values, stored quantized, not as a Parameter.
+
+        `loralab.lora.count_parameters` adds them to the model's total (as PEFT counts a 4-bit
+        base), so a QLoRA model's trainable fraction is measured against the whole model.
+        """
+        return self.out_features * self.in_features
+
     def dequantized_weight(self) -> np.ndarray:
         """W0 as the layer computes with it: shape (out_features, in_features), float32."""
         return self.weight.dequantize()

@@ -113,6 +113,15 @@ class Linear4bit(torch.nn.Module):
         """Per-block scales, shape (n_blocks,), float32 (dequantized if double quantized)."""
         return self._absmax(self.absmax_stored, self.absmax_scale, self.absmax_offset)
 
+    @property
+    def num_quantized_values(self) -> int:
+        """out_features * in_features: the frozen W0's values, stored quantized, not as a Parameter.
+
+        `loralab.lora.count_parameters` adds them to the model's total (as PEFT counts a 4-bit
+        base), so a QLoRA model's trainable fraction is measured against the whole model.
+        """
+        return self.out_features * self.in_features
+
     def dequantized_weight(self) -> torch.Tensor:
         """W0, shape (out_features, in_features), float32, equal to the NumPy layer's."""
         return self._dequantize(self._state())
