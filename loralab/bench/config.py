@@ -73,5 +73,6 @@ class Results:
     inference: list[dict[str, Any]] = field(default_factory=list)
     fused: list[dict[str, Any]] = field(default_factory=list)
     mixed: list[dict[str, Any]] = field(default_factory=list)
+    qlora: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

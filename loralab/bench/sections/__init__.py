@@ -1,10 +1,10 @@
-"""The suite's five sections, in the order they run and appear in the report.
+"""The suite's six sections, in the order they run and appear in the report.
 
 Each section module has ``run(res, log)``, which measures and appends its rows and checks to
 the `Results`, and ``markdown(res) -> list[str]``, its part of the report.
 """
 
-from loralab.bench.sections import core, fused, inference, mixed_batch, overhead
+from loralab.bench.sections import core, fused, inference, mixed_batch, overhead, qlora
 
 SECTIONS = {
     "overhead": overhead,
@@ -12,6 +12,7 @@ SECTIONS = {
     "inference": inference,
     "fused": fused,
     "mixed_batch": mixed_batch,
+    "qlora": qlora,
 }
 
 __all__ = ["SECTIONS"]
