@@ -230,3 +230,38 @@ def test_fused_op_matches_pytorch_autograd():
     np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-12)
     for ours, theirs in zip(tensors, tt, strict=True):
         np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-11, atol=1e-13)
+
+
+def test_a_registered_linear_like_base_runs_base_plus_branch_and_refuses_a_merge_without_add_delta():
+    from loralab.torch.layers import LINEAR_TYPES, register_linear_type
+
+    class Scaled(torch.nn.Module):  # y = 2 x W^T: linear-like, but no plain weight, no add_delta_
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(6, 5, dtype=torch.float64)
+            self.in_features, self.out_features = 6, 5
+
+        def forward(self, x):
+            return 2.0 * self.inner(x)
+
+    with pytest.raises(TypeError, match="got Scaled.*register_linear_type"):
+        LoRALinear(Scaled())
+    register_linear_type(Scaled)
+    try:
+        base = Scaled()
+        layer = LoRALinear(base, r=2, alpha=4, seed=0)
+        assert not layer.plain_base and layer.lora_A.dtype == torch.float32  # compute dtype
+        layer = LoRALinear(Scaled(), r=2, alpha=4, seed=0).double()
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(0))
+        x = torch.randn(3, 6, dtype=torch.float64)
+        expected = layer.base(x) + 2.0 * x @ (layer.lora_B @ layer.lora_A).T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+        with pytest.raises(TypeError, match="a Scaled base has no add_delta_"):
+            layer.merge()
+        with pytest.raises(ValueError, match="use_dora=True.*need W0 itself.*Scaled base"):
+            LoRALinear(Scaled(), r=2, use_dora=True)
+    finally:
+        LINEAR_TYPES.remove(Scaled)
+    with pytest.raises(TypeError, match="register_linear_type: expected a torch.nn.Module class"):
+        register_linear_type(int)

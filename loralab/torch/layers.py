@@ -4,9 +4,18 @@
 ``torch.autograd.Function`` whose backward forms dx, dA, dB and db but never dW0 = dy^T x
 unless W0 itself asks for a gradient. That skipped (out, in) matmul is what a real framework
 saves under LoRA too.
+
+Base layers: as on the NumPy side (`loralab.lora.layer`'s docstring), a LoRALinear wraps a
+``torch.nn.Linear`` or a *linear-like* module registered with `register_linear_type` (the 4-bit
+`loralab.torch.quant.Linear4bit` registers itself: that is QLoRA). A plain Linear runs the whole
+layer through the fused `LoRALinearFunction`; any other base runs ``base(x) + LoRABranchFunction(x,
+A, B)``, the base computing its own part (dequantizing W0). Merging goes through the base's
+``add_delta_`` (or is refused); DoRA, PiSSA and OLoRA need W0 itself and are refused there.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +28,33 @@ from loralab.nn.module import make_rng
 from loralab.torch.grouped import grouped_lora
 from loralab.torch.variants import DoRALinearFunction
 
-__all__ = ["LoRALinear", "LoRAAdapter", "LoRALinearFunction", "numpy_dtype"]
+__all__ = [
+    "LoRALinear",
+    "LoRAAdapter",
+    "LoRALinearFunction",
+    "LoRABranchFunction",
+    "LINEAR_TYPES",
+    "register_linear_type",
+    "numpy_dtype",
+]
+
+LINEAR_TYPES: list[type] = [torch.nn.Linear]
+"""The torch module types `LoRALinear` wraps (see `register_linear_type`)."""
+
+
+def register_linear_type(cls: type) -> type:
+    """Let the torch `LoRALinear` wrap modules of type ``cls`` (the twin of
+    `loralab.lora.register_linear_type`).
+
+    ``cls`` must be a ``torch.nn.Module`` with ``in_features``, ``out_features``, a forward
+    (..., in_features) -> (..., out_features) differentiable in x, and optionally ``add_delta_``
+    and ``compute_dtype`` (see `loralab.lora.layer`). Usable as a class decorator.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise TypeError(f"register_linear_type: expected a torch.nn.Module class, got {cls!r}")
+    if cls not in LINEAR_TYPES:
+        LINEAR_TYPES.append(cls)
+    return cls
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -88,8 +123,47 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dW0, db, dA, dB, None, None
 
 
+class LoRABranchFunction(torch.autograd.Function):
+    """The LoRA branch alone, ``z = s ((x * mask) A^T) B^T``, for a base that computes its own part.
+
+    The torch twin of `loralab.lora.ops.branch_forward` / `branch_backward`. With u = x_d A^T and
+    g = dz B::
+
+        dx = s (g A) * mask        dA = s g^T x_d        dB = s dz^T u
+
+    Inputs (to ``apply``): x (..., in), A (r, in), B (out, r), scaling (float), mask (..., in) or
+    None. Returns z of shape (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling, mask):
+        xd = x if mask is None else x * mask
+        xd2 = xd.reshape(-1, x.shape[-1])
+        u = xd2 @ A.T  # (N, r)
+        z = scaling * (u @ B.T)
+        ctx.save_for_backward(xd2, u, A, B, mask)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return z.reshape(*x.shape[:-1], B.shape[0])
+
+    @staticmethod
+    def backward(ctx, dz):
+        xd2, u, A, B, mask = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        s = ctx.scaling
+        dz2 = dz.reshape(-1, dz.shape[-1])
+        g = dz2 @ B  # (N, r)
+        dA = s * (g.T @ xd2) if need_A else None
+        dB = s * (dz2.T @ u) if need_B else None
+        dx = None
+        if need_x:
+            dx = (s * (g @ A)).reshape(ctx.x_shape)
+            if mask is not None:
+                dx = dx * mask
+        return dx, dA, dB, None, None
+
+
 class LoRALinear(LoRALayerMixin, torch.nn.Module):
-    """A frozen ``torch.nn.Linear`` plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
+    """A frozen linear base plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
 
     The twin of `loralab.lora.LoRALinear`, sharing its code (`loralab.lora.layer.LoRALayerMixin`:
     options, validation messages, initialisation, merging, repr): same parameter names
@@ -98,8 +172,10 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
 
     Parameters
     ----------
-    base : torch.nn.Linear
-        The pre-trained layer; kept as the field ``base`` and frozen.
+    base : torch.nn.Linear, or a registered linear-like module
+        The pre-trained layer; kept as the field ``base`` and frozen. A
+        `loralab.torch.quant.Linear4bit` base makes the layer QLoRA's (A and B in float32,
+        ``base(x) + LoRABranchFunction(x, A, B)``; no DoRA, PiSSA or OLoRA).
     r, alpha, dropout, init, use_rslora, use_dora
         As in `loralab.lora.LoRALinear`.
     use_custom_backward : bool, default True
@@ -128,7 +204,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
 
     def __init__(
         self,
-        base: torch.nn.Linear,
+        base: torch.nn.Module,
         *,
         r: int = 8,
         alpha: float = 16,
@@ -142,9 +218,10 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         rng: np.random.Generator | None = None,
         generator: torch.Generator | None = None,
     ):
-        if not isinstance(base, torch.nn.Linear):
+        if not isinstance(base, tuple(LINEAR_TYPES)):
             raise TypeError(
-                f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__name__}"
+                f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__name__} "
+                "(other linear-like types: loralab.torch.layers.register_linear_type)"
             )
         super().__init__()
         # ||W0 + ΔW||_row while a DoRA layer is merged (for unmerge); moves with .to(), not saved.
@@ -155,8 +232,16 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         np_rng = make_rng(seed, rng)
         self._init_lora(base, np_rng, r, alpha, dropout, init, use_rslora, use_dora, adapter_name)
 
-    def _weight_array(self, base: torch.nn.Linear) -> np.ndarray:
-        return base.weight.detach().cpu().numpy()
+    def _weight_array(self, base: Any) -> np.ndarray | None:
+        if isinstance(base, torch.nn.Linear):
+            return base.weight.detach().cpu().numpy()
+        return None  # a linear-like base (a 4-bit W0) holds no plain weight
+
+    def _device(self) -> torch.device:
+        """The device of the base's tensors (a Linear's weight, a Linear4bit's codes)."""
+        for t in (*self.base.parameters(), *self.base.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     def _set_weight(self, array: np.ndarray) -> None:
         W = self.base.weight
@@ -164,7 +249,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
             W.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(W.device))
 
     def _parameter(self, array: np.ndarray) -> torch.nn.Parameter:
-        return torch.nn.Parameter(torch.from_numpy(array).to(self.base.weight.device))
+        return torch.nn.Parameter(torch.from_numpy(array).to(self._device()))
 
     def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(W, dim=1)
@@ -173,7 +258,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         return LoRAAdapter()
 
     def _norm_from(self, norm: np.ndarray) -> torch.Tensor:
-        return torch.tensor(norm, device=self.base.weight.device)
+        return torch.tensor(norm, device=self._device())
 
     def _new_adapter_dict(self) -> torch.nn.ModuleDict:
         return torch.nn.ModuleDict()
@@ -204,11 +289,10 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
             self._dropout_mask(x, h.dropout) if self.training and h.dropout > 0.0 else None
             for h in holders
         ]
-        if route == "sum":
+        if route == "sum" or not self.plain_base:
             y = self.base(x)
             for h, mask in zip(holders, masks, strict=True):
-                xd = x if mask is None else x * mask
-                y = y + h.scaling * F.linear(F.linear(xd, h.lora_A), h.lora_B)
+                y = y + self._branch(h, x, mask)
             return y
         h, mask = holders[0], masks[0]
         W0, b, A, B, s = self.base.weight, self.base.bias, h.lora_A, h.lora_B, h.scaling
@@ -229,6 +313,13 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         rows = torch.from_numpy(index).to(x.device)
         rows = rows.reshape((-1,) + (1,) * (x.ndim - 2)).expand(x.shape[:-1])
         return self.base(x) + grouped_lora(x, rows, holders)
+
+    def _branch(self, h: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One adapter's s ((x * mask) A^T) B^T, by the hand backward or by plain autograd."""
+        if self.use_custom_backward:
+            return LoRABranchFunction.apply(x, h.lora_A, h.lora_B, h.scaling, mask)
+        xd = x if mask is None else x * mask
+        return h.scaling * F.linear(F.linear(xd, h.lora_A), h.lora_B)
 
     @staticmethod
     def _lora_autograd(h, x, W0, b, mask):

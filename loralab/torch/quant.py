@@ -18,6 +18,7 @@ from loralab import quant
 from loralab.quant.blockwise import DOUBLE_QUANT_BLOCK_SIZE, LEVELS, QuantizedTensor
 from loralab.quant.levels import DYNAMIC8_VALUES
 from loralab.torch.convert import register_converter, register_numpy_converter
+from loralab.torch.layers import register_linear_type
 
 __all__ = ["Linear4bit", "Linear4bitFunction"]
 
@@ -28,11 +29,13 @@ def _pairs(levels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.repeat(sixteen, 16), np.tile(sixteen, 16)], axis=1))
 
 
+@register_linear_type
 class Linear4bit(torch.nn.Module):
     """``y = x dequantize(W0)^T + b``, W0 stored blockwise in 4 (or 8) bits and frozen.
 
     Build one from the NumPy layer with `from_numpy` (or convert a whole model with
-    `loralab.torch.to_torch`).
+    `loralab.torch.to_torch`). A `loralab.torch.LoRALinear` wraps it as its base (QLoRA): the
+    layer computes ``base(x) + s ((x * mask) A^T) B^T`` and merges through `add_delta_`.
 
     Parameters
     ----------
@@ -47,6 +50,7 @@ class Linear4bit(torch.nn.Module):
             raise TypeError(f"Linear4bit: weight must be a 2-D QuantizedTensor, got {weight!r}")
         self.out_features, self.in_features = weight.shape
         self.dtype, self.block_size = weight.dtype, weight.block_size
+        self.compute_dtype = np.dtype(np.float32)  # what forward returns; A and B are made of it
         self.register_buffer("codes", torch.from_numpy(weight.codes.copy()))
         self.register_buffer("absmax_stored", torch.from_numpy(weight.absmax_stored.copy()))
         dq = weight.double_quant
