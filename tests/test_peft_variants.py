@@ -93,3 +93,50 @@ def test_peft_loads_a_dora_adapter_saved_from_a_torch_model(tmp_path):
         np.testing.assert_allclose(
             loaded(x).numpy(), twin.eval()(x).numpy(), rtol=1e-10, atol=1e-12
         )
+
+
+def _peft_groups(optimizer, model):
+    """PEFT's optimizer groups as (parameter names in loralab's spelling, lr), empty groups left out."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def ours(name):
+        name = name.removeprefix("base_model.model.").removesuffix(".weight")
+        return name.removesuffix(".default")
+
+    return [
+        ([ours(names[id(p)]) for p in g["params"]], g["lr"])
+        for g in optimizer.param_groups
+        if g["params"]
+    ]
+
+
+@pytest.mark.parametrize(("targets", "options"), [(["0", "1"], {}), (["1"], {"use_dora": True})])
+def test_loraplus_groups_equal_peft_create_loraplus_optimizer(targets, options):
+    """Same groups, same order, same learning rates as PEFT's LoRA+ optimizer, on an Embedding
+    + Linear model (the embedding adapter in its own group) and with DoRA (m goes with B)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from loralab.lora.variants import loraplus_param_groups
+    from loralab.torch import inject_lora as torch_inject
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 4))
+
+    config = peft.LoraConfig(target_modules=targets, r=2, lora_alpha=4, **options)
+    peft_model = peft.get_peft_model(net(), config)
+    expected = _peft_groups(
+        create_loraplus_optimizer(
+            peft_model,
+            torch.optim.AdamW,
+            lr=1e-3,
+            loraplus_lr_ratio=8,
+            loraplus_lr_embedding=2e-4,
+        ),
+        peft_model,
+    )
+    ours = torch_inject(net(), targets, r=2, alpha=4, seed=0, **options)
+    names = {id(p): n for n, p in ours.named_parameters()}
+    groups = loraplus_param_groups(ours, lr=1e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=2e-4)
+    assert [([names[id(p)] for p in g["params"]], g["lr"]) for g in groups] == expected
+    torch.optim.AdamW(groups, lr=1e-3)  # torch accepts them

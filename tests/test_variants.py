@@ -178,9 +178,11 @@ def test_loraplus_groups_give_B_a_larger_learning_rate():
     model = dora_model()
     groups = loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=8)
     assert [g["lr"] for g in groups] == [1e-3, 8e-3]
-    b_params = {id(layer.lora_B) for _, layer in lora_layers(model)}
-    assert {id(p) for p in groups[1]["params"]} == b_params
-    assert len(groups[0]["params"]) == 4  # two A and two magnitudes
+    layers = [layer for _, layer in lora_layers(model)]
+    assert {id(p) for p in groups[0]["params"]} == {id(layer.lora_A) for layer in layers}
+    # as PEFT: every 1-D trainable parameter (DoRA's magnitudes here) goes with B
+    fast = {id(p) for layer in layers for p in (layer.lora_B, layer.lora_magnitude_vector)}
+    assert {id(p) for p in groups[1]["params"]} == fast
     opt = optim.SGD(groups, lr=1e-3)
     for p in model.parameters():
         p.grad = np.ones_like(p.data) if p.requires_grad else None
@@ -189,8 +191,34 @@ def test_loraplus_groups_give_B_a_larger_learning_rate():
     opt.step()
     np.testing.assert_allclose(B0 - model.get_submodule("0").lora_B.data, 8e-3)
     np.testing.assert_allclose(A0 - model.get_submodule("0").lora_A.data, 1e-3)
-    with pytest.raises(ValueError, match="no trainable lora_B"):
+    with pytest.raises(ValueError, match="no trainable lora_B or lora_embedding_"):
         loraplus_param_groups(MLP([2, 2]), lr=1e-3)
+
+
+def embedding_model(seed=0):
+    from loralab.nn import Embedding, Sequential
+
+    model = Sequential(Embedding(11, 8, seed=seed), Linear(8, 4, seed=seed))
+    return inject_lora(model, ["0", "1"], r=2, alpha=4, seed=seed)
+
+
+def test_loraplus_gives_embedding_adapters_their_own_learning_rate_as_peft():
+    model = embedding_model()
+    groups = loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=2e-4)
+    emb, fc = model.get_submodule("0"), model.get_submodule("1")
+    assert [([id(p) for p in g["params"]], g["lr"]) for g in groups] == [
+        ([id(fc.lora_A)], 1e-3),
+        ([id(emb.lora_embedding_A), id(emb.lora_embedding_B)], 2e-4),
+        ([id(fc.lora_B)], 8e-3),
+    ]
+    assert loraplus_param_groups(model, lr=1e-3)[1]["lr"] == 1e-6  # PEFT's default
+    from loralab.nn import Embedding, Sequential
+
+    only_embedding = inject_lora(Sequential(Embedding(11, 8, seed=0)), ["0"], r=2, seed=0)
+    (group,) = loraplus_param_groups(only_embedding, lr=1e-3)
+    assert len(group["params"]) == 2 and group["lr"] == 1e-6
+    with pytest.raises(ValueError, match="loraplus_lr_embedding must be positive"):
+        loraplus_param_groups(model, lr=1e-3, loraplus_lr_embedding=0.0)
 
 
 def test_bad_init_names_the_options():

@@ -235,21 +235,39 @@ KINDS = {False: PlainLoRA(), True: DoRA()}
 
 # ----- LoRA+ --------------------------------------------------------------------------------------
 def loraplus_param_groups(
-    model: Any, *, lr: float, loraplus_lr_ratio: float = 16.0
+    model: Any,
+    *,
+    lr: float,
+    loraplus_lr_ratio: float = 16.0,
+    loraplus_lr_embedding: float = 1e-6,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster.
 
     lr_B = loraplus_lr_ratio * lr_A. The paper's argument: with B = 0 at the start and A random,
     equal learning rates leave the update of B too slow as the width grows.
 
+    The groups are PEFT's (``peft.optimizers.create_loraplus_optimizer``), in its order, the
+    empty ones left out:
+
+    1. every other trainable parameter (the A matrices), at ``lr``;
+    2. the adapters of embeddings (``lora_embedding_A`` and ``lora_embedding_B``, both), at
+       ``loraplus_lr_embedding``;
+    3. every ``lora_B`` and every other 1-D trainable parameter (DoRA's magnitude m, a trained
+       bias), at ``lr * loraplus_lr_ratio``.
+
+    PEFT also sets each group's weight decay (``loraplus_weight_decay``, 0 by default); these
+    groups carry none, so the optimizer's own ``weight_decay`` applies to all of them.
+
     Parameters
     ----------
     model : loralab.nn.Module or torch.nn.Module
         Anything with ``named_parameters()``; only parameters that require a gradient are grouped.
     lr : float
-        Learning rate of A (and of every other trainable parameter, e.g. DoRA's magnitude).
+        Learning rate of A (and of every other trainable parameter of two or more dimensions).
     loraplus_lr_ratio : float, default 16
         PEFT's name for lr_B / lr_A.
+    loraplus_lr_embedding : float, default 1e-6
+        PEFT's name (and default) for the embedding adapters' learning rate.
 
     Returns
     -------
@@ -263,14 +281,34 @@ def loraplus_param_groups(
     >>> [(len(g["params"]), g["lr"]) for g in loraplus_param_groups(model, lr=1e-3)]
     [(1, 0.001), (1, 0.016)]
     """
-    if not loraplus_lr_ratio > 0:
-        raise ValueError(f"loraplus_lr_ratio must be positive, got {loraplus_lr_ratio!r}")
-    group_b: list[Any] = []
-    others: list[Any] = []
+    for name, value in (
+        ("loraplus_lr_ratio", loraplus_lr_ratio),
+        ("loraplus_lr_embedding", loraplus_lr_embedding),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    plain: list[Any] = []
+    embedding: list[Any] = []
+    fast: list[Any] = []
+    has_B = False
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (group_b if "lora_B" in name.split(".") else others).append(p)
-    if not group_b:
-        raise ValueError("loraplus_param_groups: the model has no trainable lora_B parameter")
-    groups = [{"params": others, "lr": lr}] if others else []
-    return groups + [{"params": group_b, "lr": lr * loraplus_lr_ratio}]
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        has_B = has_B or "lora_B" in parts or parts[-1] == "lora_embedding_B"
+        if parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+            embedding.append(p)
+        elif "lora_B" in parts or len(p.shape) == 1:
+            fast.append(p)
+        else:
+            plain.append(p)
+    if not has_B:
+        raise ValueError(
+            "loraplus_param_groups: the model has no trainable lora_B or lora_embedding_B parameter"
+        )
+    groups = [
+        {"params": plain, "lr": lr},
+        {"params": embedding, "lr": loraplus_lr_embedding},
+        {"params": fast, "lr": lr * loraplus_lr_ratio},
+    ]
+    return [g for g in groups if g["params"]]
