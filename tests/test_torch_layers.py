@@ -259,6 +259,11 @@ def test_a_registered_linear_like_base_runs_base_plus_branch_and_refuses_a_merge
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
         with pytest.raises(TypeError, match="a Scaled base has no add_delta_"):
             layer.merge()
+        received = []
+        Scaled.add_delta_ = lambda self, delta: received.append(delta)
+        layer.merge()  # ΔW reaches the base as a torch tensor (on a GPU it stays there)
+        assert len(received) == 1 and isinstance(received[0], torch.Tensor)
+        torch.testing.assert_close(received[0], layer.delta_weight())
         with pytest.raises(ValueError, match="use_dora=True.*need W0 itself.*Scaled base"):
             LoRALinear(Scaled(), r=2, use_dora=True)
     finally:

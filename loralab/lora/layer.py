@@ -20,8 +20,9 @@ A LoRALinear wraps a *linear-like* module of a type registered with `register_li
 - ``in_features``, ``out_features``: ints;
 - ``forward(x)``: (..., in_features) -> (..., out_features), differentiable with respect to x;
 - ``requires_grad_(flag)``: a loralab Module's, to freeze it;
-- optionally ``add_delta_(delta)``: add ΔW, an ndarray of shape (out_features, in_features), into
-  its W0 in place (returning anything). ``merge``/``unmerge`` call it; without it they refuse;
+- optionally ``add_delta_(delta)``: add ΔW, of shape (out_features, in_features), into its W0 in
+  place (returning anything); ΔW is the backend's array (an ndarray, or a torch tensor on the
+  layer's device). ``merge``/``unmerge`` call it; without it they refuse;
 - optionally ``compute_dtype``: the NumPy dtype of its outputs, given to A and B (float32 if absent).
 
 Named adapters
@@ -487,7 +488,7 @@ class LoRALayerMixin(AdapterMixin):
                 f"LoRALinear.merge(): a {type(self.base).__name__} base has no add_delta_, so ΔW "
                 "cannot be merged into it"
             )
-        delta = np.asarray(holder.delta_weight())
+        delta = holder.delta_weight()  # the backend's array (a torch tensor stays on its device)
         add(delta if into_base else -delta)
 
     def _describe(self) -> str:
