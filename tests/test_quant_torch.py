@@ -237,6 +237,21 @@ def test_merging_into_the_4bit_base_equals_the_numpy_merge():
     assert not twin.get_submodule("0").merged
 
 
+def test_torch_inject_lora_wraps_the_4bit_layers_of_a_torch_model_as_numpy_does():
+    from loralab.lora import inject_lora
+    from loralab.torch import LoRALinear as TorchLoRALinear
+    from loralab.torch import inject_lora as torch_inject
+
+    quantized = quantize_model(MLP([64, 32, 10], seed=27))
+    twin = torch_inject(to_torch(quantized), ["0", "2"], r=4, alpha=8, seed=27)
+    inject_lora(quantized, ["0", "2"], r=4, alpha=8, seed=27)
+    for name in ("0", "2"):
+        layer = twin.get_submodule(name)
+        assert isinstance(layer, TorchLoRALinear) and isinstance(layer.base, TorchLinear4bit)
+        expected = quantized.get_submodule(name).lora_A.data
+        assert layer.lora_A.detach().numpy().tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -15,7 +15,7 @@ import torch
 
 from loralab.lora.backend import Backend
 from loralab.torch.embedding import LoRAEmbedding
-from loralab.torch.layers import LoRALinear
+from loralab.torch.layers import LINEAR_TYPES, LoRALinear
 
 __all__ = ["TorchBackend", "is_torch_model"]
 
@@ -37,7 +37,7 @@ class TorchBackend(Backend):
         self.use_custom_backward = use_custom_backward
 
     def linear_types(self) -> tuple[type, ...]:
-        return (torch.nn.Linear,)
+        return tuple(LINEAR_TYPES)  # torch.nn.Linear and the registered linear-like types
 
     def embedding_types(self) -> tuple[type, ...]:
         return (torch.nn.Embedding,)
