@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from loralab import exercises as ex
-from loralab.exercises import EXERCISES, MISTAKES, _checks
+from loralab.exercises import EXERCISES, MISTAKES, _layer_checks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "tutorials" / "exercises"
@@ -827,7 +827,8 @@ def test_catalogue_no_longer_says_the_scaling_acts_at_initialisation():
 
 
 def test_the_forward_check_tells_the_scalings_apart():
-    alpha, r = _checks._ALPHA, _checks._R  # every mistaken scaling must differ from alpha / r
+    # every mistaken scaling must differ from alpha / r
+    alpha, r = _layer_checks._ALPHA, _layer_checks._R
     scalings = [alpha / r, alpha // r, r / alpha, alpha / np.sqrt(r), alpha, 1.0, (alpha / r) ** 2]
     assert len({round(v, 9) for v in scalings}) == len(scalings)
 

@@ -15,20 +15,21 @@ True
 """
 
 from loralab.exercises._catalogue import EXERCISES, Exercise
-from loralab.exercises._checks import (
-    check_dora_forward,
-    check_inject_lora,
+from loralab.exercises._counting_and_svd_checks import (
+    check_low_rank_approx,
+    check_param_count,
+    check_subspace_similarity,
+)
+from loralab.exercises._dora_checks import check_dora_forward
+from loralab.exercises._feedback import TIME_LIMIT
+from loralab.exercises._injection_checks import check_inject_lora
+from loralab.exercises._layer_checks import (
     check_lora_backward,
     check_lora_dropout_backward,
     check_lora_forward,
     check_lora_init,
-    check_low_rank_approx,
-    check_merge,
-    check_optimizer_step,
-    check_param_count,
-    check_subspace_similarity,
 )
-from loralab.exercises._feedback import TIME_LIMIT
+from loralab.exercises._merge_and_optimizer_checks import check_merge, check_optimizer_step
 from loralab.exercises._mistakes import MISTAKES, Mistake
 from loralab.exercises.quant_checks import check_nf4_quantization
 
