@@ -46,9 +46,11 @@ API_MODULES = [
     ("loralab.lora.ops", "The LoRA math in pure NumPy: forwards and hand backwards (LoRA, DoRA)."),
     ("loralab.lora.config", "`LoraConfig`: PEFT's field names, validated once."),
     (
-        "loralab.lora.layer",
-        "`LoRALinear`, its Functions, and the base interface for quantized bases.",
+        "loralab.lora.layer_mixin",
+        "What both `LoRALinear`s share, and the base interface for quantized bases.",
     ),
+    ("loralab.lora.functions", "The engine Functions LoRA runs, and `lora_linear`."),
+    ("loralab.lora.layer", "`LoRALinear`, the NumPy layer, and its named-adapter holders."),
     ("loralab.lora.variants", "LoRA variants as objects: rsLoRA, DoRA, PiSSA, OLoRA; LoRA+."),
     ("loralab.counting", "Parameter and memory counting for real model shapes."),
     ("loralab.datasets", "The datasets that ship with loralab and their shifted tasks."),

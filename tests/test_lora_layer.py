@@ -16,7 +16,7 @@ from loralab.lora import (
     register_linear_type,
     save_adapter,
 )
-from loralab.lora.layer import LoRABranchFn
+from loralab.lora.functions import LoRABranchFn
 from loralab.nn import Linear, Module, Parameter, ReLU, Sequential
 
 

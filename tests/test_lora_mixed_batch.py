@@ -13,7 +13,7 @@ from loralab.lora import (
     set_adapter,
     unmerge_lora,
 )
-from loralab.lora.layer import GroupedLoRAFn, GroupedLoRALinearFn
+from loralab.lora.functions import GroupedLoRAFn, GroupedLoRALinearFn
 from loralab.tensor import Tensor
 
 

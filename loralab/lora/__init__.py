@@ -7,7 +7,11 @@ One package, in layers (each module imports only those above it in this list):
   on an embedding table) and `loralab.lora.grouped` (one batch, many adapters);
 - `loralab.lora.variants`: scaling rules, initialisations (PiSSA, OLoRA), DoRA as small objects; LoRA+;
 - `loralab.lora.config`: `LoraConfig` (PEFT's field names, validated once) and the validators;
-- `loralab.lora.layer`: `LoRALinear`, its Functions, and the mixin the torch layer shares;
+- `loralab.lora.layer_mixin`: what the NumPy and torch `LoRALinear` share (options, ΔW, merging,
+  named adapters) and `register_linear_type` (the base-layer interface);
+- `loralab.lora.functions`: the engine Functions LoRA runs (`LoRALinearFn`, `DoRALinearFn`,
+  `LoRABranchFn`, the grouped ones) and `lora_linear`, thin wrappers over `ops`;
+- `loralab.lora.layer`: `LoRALinear`, the NumPy layer, and the holders of its named adapters;
 - `loralab.lora.embedding_layer`: `LoRAEmbedding` and its Function (LoRA on a token table);
 - `loralab.lora.backend`: how one implementation reaches NumPy and (registered) torch models;
 - `loralab.lora.inject`: `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting;
@@ -29,6 +33,7 @@ from loralab.lora.adapters import (
 from loralab.lora.backend import Backend, register_backend
 from loralab.lora.config import LoraConfig
 from loralab.lora.embedding_layer import LoRAEmbedding
+from loralab.lora.functions import lora_linear
 from loralab.lora.inject import (
     count_parameters,
     inject_lora,
@@ -37,7 +42,8 @@ from loralab.lora.inject import (
     merge_lora,
     unmerge_lora,
 )
-from loralab.lora.layer import LoRALinear, lora_linear, register_linear_type
+from loralab.lora.layer import LoRALinear
+from loralab.lora.layer_mixin import register_linear_type
 from loralab.lora.variants import loraplus_param_groups
 
 __all__ = [

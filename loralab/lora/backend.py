@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from loralab.lora.embedding_layer import EMBEDDING_TYPES, LoRAEmbedding
-from loralab.lora.layer import LINEAR_TYPES, LoRALinear
+from loralab.lora.layer import LoRALinear
+from loralab.lora.layer_mixin import LINEAR_TYPES
 from loralab.nn.layers import Linear
 from loralab.nn.module import Module
 

@@ -20,7 +20,7 @@ As in PEFT, ``dropout`` is accepted (a config sets it for every target) but an e
 branch applies none: its input is a token id, not a vector to drop entries from.
 
 Named adapters: a LoRAEmbedding holds one adapter, named after the adapter it was made for
-(PEFT's ``"default"`` unless named), and follows the protocol of `loralab.lora.layer.LoRALayerMixin` for it
+(PEFT's ``"default"`` unless named), and follows the protocol of `loralab.lora.layer_mixin.LoRALayerMixin` for it
 (``adapter_names``, ``active_adapter_names``, ``merged_adapters``, ``disabled``, ``mixed_rows``),
 so `loralab.lora.set_adapter`, ``disable_adapters`` and ``mixed_batch`` switch it on and off
 with the model's other layers. A second adapter on an embedding is not implemented.
@@ -39,7 +39,7 @@ import numpy as np
 from loralab._validate import boolean, positive_int, probability
 from loralab.lora.config import check_rank_fits, lora_init, lora_scaling, positive_number
 from loralab.lora.embedding import lora_embedding_backward, lora_embedding_forward
-from loralab.lora.layer import BASE_ROWS, DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.layer_mixin import BASE_ROWS, DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import KINDS
 from loralab.nn.layers import Embedding
 from loralab.nn.module import Module, Parameter, make_rng
@@ -70,7 +70,7 @@ def validate_embedding_options(
 ) -> None:
     """Raise a clear error for a bad option of a LoRAEmbedding (shared by both backends and injection).
 
-    The same validators as `loralab.lora.layer.validate_lora_options` (r at most
+    The same validators as `loralab.lora.layer_mixin.validate_lora_options` (r at most
     min(num_embeddings, embedding_dim)); DoRA and the W0-splitting inits are refused.
     """
     where = f"LoRAEmbedding(num_embeddings={num_embeddings}, embedding_dim={embedding_dim})"
@@ -161,7 +161,7 @@ class LoRAEmbeddingMixin:
         self.adapter_names, self.active_adapter_names = [adapter_name], [adapter_name]
         self.disabled, self.mixed_rows = False, None
 
-    # ----- its one named adapter (the protocol of loralab.lora.layer.LoRALayerMixin) -----
+    # ----- its one named adapter (the protocol of loralab.lora.layer_mixin.LoRALayerMixin) -----
     @property
     def merged_adapters(self) -> list[str]:
         return list(self.adapter_names) if self.merged else []

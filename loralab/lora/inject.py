@@ -27,7 +27,7 @@ from loralab.lora.config import (
     target_names,
 )
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
-from loralab.lora.layer import DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.layer_mixin import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 from loralab.nn.module import make_rng
 

@@ -12,7 +12,7 @@ import torch
 
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import make_config, wrap_targets
-from loralab.lora.layer import DEFAULT_ADAPTER
+from loralab.lora.layer_mixin import DEFAULT_ADAPTER
 from loralab.torch.adapter_backend import TorchBackend
 
 __all__ = ["inject_lora"]

@@ -1,0 +1,493 @@
+"""What the NumPy and torch `LoRALinear` share: the base-layer registry, the options, named adapters.
+
+    h = base(x) + s B A dropout(x)          (the paper's h = W0 x + (alpha / r) B A x)
+
+with A of shape (r, in), B of shape (out, r) and s = alpha / r (alpha / sqrt(r) for rsLoRA).
+
+Shared by both backends
+-----------------------
+`LoRALayerMixin` holds everything the NumPy layer (`loralab.lora.layer.LoRALinear`) and the torch
+layer (`loralab.torch.layers.LoRALinear`) have in common: validation, the options, initialisation
+(in NumPy, so both start from the same values bit for bit), ΔW, merging, unmerging and the repr.
+A backend adds its parameters, dropout masks and forward Functions (the NumPy ones are in
+`loralab.lora.functions`).
+
+Base layers (the interface a quantized base implements)
+-------------------------------------------------------
+A LoRALinear wraps a *linear-like* module of a type registered with `register_linear_type`
+(`loralab.nn.Linear` is registered; `loralab.quant.Linear4bit` registers itself). Such a base has
+
+- ``in_features``, ``out_features``: ints;
+- ``forward(x)``: (..., in_features) -> (..., out_features), differentiable with respect to x;
+- ``requires_grad_(flag)``: a loralab Module's, to freeze it;
+- optionally ``add_delta_(delta)``: add ΔW, of shape (out_features, in_features), into its W0 in
+  place (returning anything); ΔW is the backend's array (an ndarray, or a torch tensor on the
+  layer's device). ``merge``/``unmerge`` call it; without it they refuse;
+- optionally ``compute_dtype``: the NumPy dtype of its outputs, given to A and B (float32 if absent).
+
+Named adapters
+--------------
+A layer holds one or more adapters by name (PEFT's ``adapter_name``, "default" first). The first
+adapter lives on the layer itself, so a layer with one adapter keeps the parameter names
+``lora_A``, ``lora_B``, ``lora_magnitude_vector`` (and ``r``, ``alpha``, ``scaling`` are its); every
+further adapter is an `AdapterMixin` module in ``lora_adapters[name]`` with the same attribute
+names (``<path>.lora_adapters.<name>.lora_A``). ``adapter(name)`` gives an adapter's holder; the
+forward adds the active adapters' updates (summed), or the base alone when disabled or merged,
+or routes each row of a mixed batch through its own adapter (`loralab.lora.functions.GroupedLoRALinearFn`, the grouped
+op of `loralab.lora.grouped`). Why this layout: every existing model, twin, test and adapter file
+keeps its names; see docs/guides/many_adapters.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from loralab._validate import boolean, positive_int, probability
+from loralab.lora.config import (
+    check_rank_fits,
+    lora_init,
+    lora_scaling,
+    positive_number,
+)
+from loralab.lora.variants import INITS, KINDS
+from loralab.nn.layers import Linear
+from loralab.nn.module import Module
+
+__all__ = [
+    "LoRALayerMixin",
+    "AdapterMixin",
+    "DEFAULT_ADAPTER",
+    "BASE_ROWS",
+    "check_adapter_name",
+    "check_mixed_rows",
+    "LINEAR_TYPES",
+    "register_linear_type",
+    "validate_lora_options",
+]
+
+LINEAR_TYPES: list[type] = [Linear]
+"""The module types `LoRALinear` wraps and `inject_lora` targets (see `register_linear_type`)."""
+
+
+def register_linear_type(cls: type) -> type:
+    """Let `LoRALinear` wrap modules of type ``cls`` and `loralab.lora.inject_lora` target them.
+
+    ``cls`` must be a `loralab.nn.Module` with the base interface of this module's docstring.
+    Usable as a class decorator; registering twice is harmless.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Module)):
+        raise TypeError(f"register_linear_type: expected a loralab.nn.Module class, got {cls!r}")
+    if cls not in LINEAR_TYPES:
+        LINEAR_TYPES.append(cls)
+    return cls
+
+
+def validate_lora_options(
+    in_features: int,
+    out_features: int,
+    r: Any,
+    alpha: Any,
+    dropout: Any,
+    init: Any,
+    use_rslora: Any = False,
+    use_dora: Any = False,
+) -> None:
+    """Raise a clear error for a bad LoRA option (shared by the NumPy and torch layers).
+
+    A wrong type is a TypeError, a wrong value a ValueError; alpha must be finite and positive;
+    r at most min(in_features, out_features) (`loralab.lora.config.check_rank_fits`).
+    """
+    where = f"LoRALinear(in_features={in_features}, out_features={out_features})"
+    positive_int("r", r, where)
+    check_rank_fits(int(r), in_features, out_features, where)
+    positive_number("alpha", alpha, where)
+    probability("dropout", dropout, where)
+    lora_init("init", init, where)
+    boolean("use_rslora", use_rslora, where)
+    boolean("use_dora", use_dora, where)
+
+
+DEFAULT_ADAPTER = "default"
+"""The name of the adapter `inject_lora` and `load_adapter` make when none is given (PEFT's)."""
+
+BASE_ROWS = "__base__"
+"""In a mixed batch, the rows named so use no adapter (PEFT's ``adapter_names`` value)."""
+
+ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
+ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def check_adapter_name(name: Any, where: str) -> str:
+    """``name`` if it can name an adapter: a non-empty str without '.', not ``"__base__"``."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{where}: adapter_name must be a str, got {name!r} ({type(name).__name__})"
+        )
+    if not name or "." in name or name == BASE_ROWS or name.startswith("_"):
+        raise ValueError(
+            f"{where}: adapter_name={name!r} is not a valid adapter name (non-empty, no '.', "
+            f"not starting with '_', not {BASE_ROWS!r})"
+        )
+    return name
+
+
+class AdapterMixin:
+    """One adapter's weights and options: A (r, in), B (out, r), DoRA's m (out,), r, alpha, s ...
+
+    The layer itself holds its first adapter (so a layer with one adapter keeps the parameter
+    names ``lora_A``, ``lora_B``, ``lora_magnitude_vector``); every other adapter is a small
+    module of this kind in the layer's ``lora_adapters`` dict. A backend supplies
+    ``weight_row_norms(W)`` (DoRA's merge).
+    """
+
+    lora_A: Any
+    lora_B: Any
+    lora_magnitude_vector: Any  # DoRA's m, only with use_dora (declared, not set)
+    r: int
+    alpha: float
+    dropout: float
+    init: str
+    use_rslora: bool
+    use_dora: bool
+    scaling: float
+    _merge_norm: Any
+
+    def weight_row_norms(self, W: Any) -> Any:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> Any:
+        """The adapter's kind, `loralab.lora.variants.KINDS[use_dora]`: plain LoRA or DoRA."""
+        return KINDS[self.use_dora]
+
+    def delta_weight(self) -> Any:
+        """ΔW = scaling * B A, of shape (out_features, in_features), outside any graph."""
+        return self.scaling * (self.lora_B.data @ self.lora_A.data)
+
+
+class LoRALayerMixin(AdapterMixin):
+    """What the NumPy and torch `LoRALinear` share; a backend class supplies
+
+    - ``_weight_array(base)``: W0 as an ndarray (out, in), or None for a base without a plain W0;
+    - ``_set_weight(array)``: replace W0 (by PiSSA's or OLoRA's residual);
+    - ``_parameter(array)``: a trainable parameter holding ``array``, on W0's device;
+    - ``weight_row_norms(W)``: ||W||_row, shape (out,) (DoRA's merge);
+    - ``_new_adapter()``: an empty module for a second adapter's weights (an `AdapterMixin`);
+    - ``_new_adapter_dict()``: the dict module ``lora_adapters`` that holds those.
+
+    Named adapters (PEFT's semantics)
+    ---------------------------------
+    A layer holds one or more adapters by name, in ``adapter_names`` (insertion order). The
+    first lives on the layer itself (``lora_A``, ``lora_B``, ``r``, ``scaling`` ... are its), the
+    others in ``lora_adapters[name]`` with the same attribute names, so their parameters are
+    called ``<path>.lora_adapters.<name>.lora_A``. ``active_adapter_names`` (the same list on
+    every layer of a model) says which adapters the forward adds, their updates summed;
+    ``merged_adapters`` which are in W0; ``disabled`` runs the base alone; ``mixed_rows`` (a name
+    per batch row, set by `loralab.lora.adapters.mixed_batch`) routes each row through its own.
+    """
+
+    base: Any
+    in_features: int
+    out_features: int
+    plain_base: bool
+    adapter_names: list[str]
+    active_adapter_names: list[str]
+    merged_adapters: list[str]
+    disabled: bool
+    mixed_rows: list[str] | None
+    lora_adapters: Any
+
+    def _weight_array(self, base: Any) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _set_weight(self, array: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _parameter(self, array: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _new_adapter(self) -> Any:
+        raise NotImplementedError
+
+    def _norm_from(self, norm: Any) -> Any:
+        """A (out,) vector of the other backend as this backend's array type."""
+        raise NotImplementedError
+
+    def _new_adapter_dict(self) -> Any:
+        raise NotImplementedError
+
+    def _init_lora(
+        self,
+        base: Any,
+        rng: np.random.Generator,
+        r: Any,
+        alpha: Any,
+        dropout: Any,
+        init: Any,
+        use_rslora: Any,
+        use_dora: Any,
+        adapter_name: Any = DEFAULT_ADAPTER,
+    ) -> None:
+        """Validate the options (the layer's keywords), freeze ``base``, then create A, B (and DoRA's m)."""
+        check_adapter_name(adapter_name, "LoRALinear")
+        validate_lora_options(
+            base.in_features, base.out_features, r, alpha, dropout, init, use_rslora, use_dora
+        )
+        W0 = self._weight_array(base)
+        if W0 is None and (use_dora or INITS[init].moves_W0):
+            raise ValueError(
+                f"LoRALinear: use_dora={use_dora}, init={init!r} need W0 itself, which a "
+                f"{type(base).__name__} base does not hold; use init='kaiming' or 'gaussian' without DoRA"
+            )
+        base.requires_grad_(False)
+        self.base = base
+        self.plain_base = W0 is not None  # W0 is a plain weight: the fused Functions run
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapter_names, self.active_adapter_names = [], [adapter_name]
+        self.merged_adapters, self.disabled, self.mixed_rows = [], False, None
+        self._fill_adapter(self, rng, r, alpha, dropout, init, use_rslora, use_dora)
+        self.adapter_names.append(adapter_name)
+
+    def _fill_adapter(
+        self, holder: Any, rng: np.random.Generator, r, alpha, dropout, init, use_rslora, use_dora
+    ) -> None:
+        """Give ``holder`` (the layer or an adapter module) its options, A, B (and m), initialised."""
+        W0 = self._weight_array(self.base)
+        holder.r, holder.alpha, holder.dropout = int(r), float(alpha), float(dropout)
+        holder.init, holder.use_rslora, holder.use_dora = init, bool(use_rslora), bool(use_dora)
+        holder.scaling = lora_scaling(holder.alpha, holder.r, holder.use_rslora)
+        shape = (self.out_features, self.in_features)
+        A, B, residual = INITS[init](W0, holder.r, holder.scaling, rng, shape)
+        if residual is not None:  # the principal part of W0 moved into A and B
+            self._set_weight(residual)
+            W0 = residual
+        dtype = (
+            W0.dtype
+            if W0 is not None
+            else np.dtype(getattr(self.base, "compute_dtype", np.float32))
+        )
+        # Cast in NumPy first, so float32 values agree bit for bit between the backends.
+        A, B = A.astype(dtype), B.astype(dtype)
+        holder.lora_A = self._parameter(A)
+        holder.lora_B = self._parameter(B)
+        for name, value in holder.kind.extra_parameters(W0, A, B, holder.scaling).items():
+            setattr(holder, name, self._parameter(value))
+        holder._merge_norm = None
+
+    # ----- named adapters ---------------------------------------------------------------------------
+    def adapter(self, name: str) -> Any:
+        """The holder of adapter ``name``: the layer itself for its first adapter, else a module."""
+        if name == self.adapter_names[0]:
+            return self
+        return self.lora_adapters[name]
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        *,
+        rng: np.random.Generator,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> Any:
+        """Add a new adapter beside the existing ones (inactive: `set_adapter` activates it)."""
+        check_adapter_name(adapter_name, "LoRALinear.add_adapter")
+        if adapter_name in self.adapter_names:
+            raise ValueError(
+                f"LoRALinear.add_adapter: adapter {adapter_name!r} exists already; "
+                f"the layer's adapters are {self.adapter_names}"
+            )
+        validate_lora_options(
+            self.in_features, self.out_features, r, alpha, dropout, init, use_rslora, use_dora
+        )
+        if INITS[init].moves_W0:
+            raise ValueError(
+                f"LoRALinear.add_adapter: init={init!r} replaces W0 by a residual, which would change "
+                f"the adapters {self.adapter_names} trained on W0; use 'kaiming' or 'gaussian'"
+            )
+        if use_dora and not self.plain_base:
+            raise ValueError(
+                f"LoRALinear.add_adapter: use_dora=True needs W0 itself, which a "
+                f"{type(self.base).__name__} base does not hold"
+            )
+        holder = self._new_adapter()
+        self._fill_adapter(holder, rng, r, alpha, dropout, init, use_rslora, use_dora)
+        if "lora_adapters" not in self._adapter_children():
+            self.lora_adapters = self._new_adapter_dict()
+        self.lora_adapters[adapter_name] = holder
+        self.adapter_names.append(adapter_name)
+        return holder
+
+    def _adapter_children(self) -> list[str]:
+        return [name for name, _ in self.named_children()]  # type: ignore[attr-defined]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not merged, not the layer's only one). If it is the first, the
+        next adapter's parameters (the same objects) move onto the layer itself."""
+        if len(self.adapter_names) == 1:
+            raise ValueError(
+                f"LoRALinear.delete_adapter: {name!r} is the layer's only adapter; replace the layer "
+                "by its base instead"
+            )
+        stored = name
+        if name == self.adapter_names[0]:
+            stored = self.adapter_names[1]
+            holder = self.lora_adapters[stored]
+            for attr in ADAPTER_PARAMETERS:
+                value = getattr(holder, attr, None)
+                if value is not None:
+                    setattr(self, attr, value)
+                elif getattr(self, attr, None) is not None:
+                    delattr(self, attr)
+            for attr in ADAPTER_OPTIONS:
+                setattr(self, attr, getattr(holder, attr))
+            self._merge_norm = holder._merge_norm
+        del self.lora_adapters[stored]
+        if len(self.lora_adapters) == 0:
+            delattr(self, "lora_adapters")
+        self.adapter_names.remove(name)
+
+    def copy_adapters_from(self, source: Any, to_param: Any) -> None:
+        """Take ``source``'s adapter names, its second and later adapters (their parameters made by
+        ``to_param``) and its active and merged lists: a twin conversion's named-adapter part
+        (the first adapter, on the layer itself, is the converter's)."""
+        for name in source.adapter_names[1:]:
+            src, holder = source.adapter(name), self._new_adapter()
+            for attr in ADAPTER_OPTIONS:
+                setattr(holder, attr, getattr(src, attr))
+            for attr in ("lora_A", "lora_B", *src.kind.extra_names):
+                setattr(holder, attr, to_param(getattr(src, attr)))
+            norm = src._merge_norm  # a merged DoRA adapter's ||W0 + ΔW||_row, for unmerge
+            holder._merge_norm = None if norm is None else self._norm_from(norm)
+            if "lora_adapters" not in self._adapter_children():
+                self.lora_adapters = self._new_adapter_dict()
+            self.lora_adapters[name] = holder
+        self.adapter_names = list(source.adapter_names)
+        self.active_adapter_names = list(source.active_adapter_names)
+        self.merged_adapters = list(source.merged_adapters)
+
+    def adapter_parameters(self, name: str) -> dict[str, Any]:
+        """``{"lora_A": ..., "lora_B": ..., ["lora_magnitude_vector": ...]}`` of adapter ``name``."""
+        holder = self.adapter(name)
+        return {p: getattr(holder, p) for p in ("lora_A", "lora_B", *holder.kind.extra_names)}
+
+    def forward_plan(self) -> tuple[str, Any]:
+        """What the forward runs: ("base", None), ("one", holder), ("sum", holders) or
+        ("mixed", (row_index, holders)), following PEFT: disabled or merged -> the base alone;
+        active adapters this layer lacks are skipped."""
+        if self.disabled or self.merged_adapters:
+            return "base", None
+        if self.mixed_rows is not None:
+            asked = set(self.mixed_rows)
+            used = [n for n in self.adapter_names if n in asked]
+            position = {n: k for k, n in enumerate(used)}
+            index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
+            return "mixed", (index, [self.adapter(n) for n in used])
+        holders = [self.adapter(n) for n in self.active_adapter_names if n in self.adapter_names]
+        if not holders:
+            return "base", None
+        if len(holders) == 1:
+            return "one", holders[0]
+        if any(h.use_dora for h in holders):
+            raise ValueError(
+                f"{self._describe()}: several active adapters {self.active_adapter_names} with a DoRA "
+                "adapter among them is not supported; activate one DoRA adapter at a time"
+            )
+        return "sum", holders
+
+    # ----- the first adapter's view, as the layer had before named adapters --------------------------
+    @property
+    def merged(self) -> bool:
+        """Whether some adapter is merged into ``base.weight`` (see ``merged_adapters``)."""
+        return bool(self.merged_adapters)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self.merged_adapters = (
+            [n for n in self.active_adapter_names if n in self.adapter_names] if value else []
+        )
+
+    @property
+    def weight(self) -> Any:
+        """The base weight W0 (ΔW included while merged)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Any:
+        return self.base.bias
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Add ΔW of each adapter (default: the active ones) into W0 in place, so inference costs
+        exactly one matmul (no extra latency).
+
+        With DoRA the merged weight is m * (W0 + ΔW) / ||W0 + ΔW||_row; the norm is kept for
+        `unmerge`. A base without a plain W0 merges through its ``add_delta_``.
+        """
+        names = self._names_to_merge(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            raise ValueError(
+                f"LoRALinear.merge(): adapters {already} are already merged; call unmerge() first"
+            )
+        for name in names:
+            self._move_delta(self.adapter(name), into_base=True)
+            self.merged_adapters.append(name)
+
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        if adapter_names is None:
+            return [n for n in self.active_adapter_names if n in self.adapter_names]
+        return [n for n in adapter_names if n in self.adapter_names]
+
+    def unmerge(self) -> None:
+        """Subtract every merged ΔW from W0 again (last merged first), restoring W0 up to round-off."""
+        if not self.merged_adapters:
+            raise ValueError("LoRALinear.unmerge(): the layer is not merged; nothing to unmerge")
+        while self.merged_adapters:
+            self._move_delta(self.adapter(self.merged_adapters[-1]), into_base=False)
+            self.merged_adapters.pop()
+
+    def _move_delta(self, holder: Any, into_base: bool) -> None:
+        if self.plain_base:
+            W = self.base.weight.data
+            holder.kind.merge(holder, W) if into_base else holder.kind.unmerge(holder, W)
+            return
+        add = getattr(self.base, "add_delta_", None)
+        if add is None:
+            raise TypeError(
+                f"LoRALinear.merge(): a {type(self.base).__name__} base has no add_delta_, so ΔW "
+                "cannot be merged into it"
+            )
+        delta = holder.delta_weight()  # the backend's array (a torch tensor stays on its device)
+        add(delta if into_base else -delta)
+
+    def _describe(self) -> str:
+        return (
+            f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, "
+            f"r={self.r})"
+        )
+
+    def extra_repr(self) -> str:
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        rs += ", use_dora=True" if self.use_dora else ""
+        rs += f", init={self.init!r}" if INITS[self.init].moves_W0 else ""
+        names = (
+            "" if self.adapter_names == [DEFAULT_ADAPTER] else f", adapters={self.adapter_names}"
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}{names}"
+        )
+
+
+def check_mixed_rows(where: str, n_names: int, x_shape: tuple[int, ...]) -> None:
+    """A mixed batch names one adapter per row: x must be (batch, ..., in) with batch == n_names."""
+    if len(x_shape) < 2 or x_shape[0] != n_names:
+        raise ValueError(
+            f"{where}: mixed_batch got {n_names} adapter names but x has shape {tuple(x_shape)}; "
+            f"expected ({n_names}, ..., in_features), one name per row"
+        )
