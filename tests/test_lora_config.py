@@ -122,3 +122,15 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"loralab.lora.{module}")
     failures, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+@pytest.mark.parametrize(
+    ("init", "error"), [(1, TypeError), (None, TypeError), ("pisa", ValueError)]
+)
+def test_inject_init_wrong_type_or_value(init, error):
+    """init of the wrong type is a TypeError naming it; an unknown name a ValueError listing them."""
+    from loralab.lora import inject_lora
+    from loralab.nn import MLP
+
+    with pytest.raises(error, match="init"):
+        inject_lora(MLP([4, 6, 2], seed=0), ["0"], r=2, init=init)

@@ -259,3 +259,15 @@ def test_an_embedding_takes_a_named_adapter_beside_linear_ones(tmp_path):
     load_adapter(fresh, tmp_path / "emb", adapter_name="emb")
     set_adapter(fresh, "emb")
     np.testing.assert_allclose(fresh(ids).data, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("weights", "error"),
+    [(["1", 1.0], TypeError), ([True, 1.0], TypeError), ([np.nan, 1.0], ValueError)],
+)
+def test_weighted_adapter_wrong_weight_type_or_value(weights, error):
+    """A weight of the wrong type is a TypeError, a non-finite one a ValueError; nothing added."""
+    model = two_adapters()
+    with pytest.raises(error, match="add_weighted_adapter: weights"):
+        add_weighted_adapter(model, ["default", "task"], weights, "mix", combination_type="cat")
+    assert list_adapters(model) == ["default", "task"]

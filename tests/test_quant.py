@@ -265,3 +265,13 @@ def test_quantized_bytes_gives_the_papers_llama_65b_figure():
     )
     with pytest.raises(ValueError, match="dtype"):
         quantized_bytes(10, "nf5")
+
+
+@pytest.mark.parametrize(
+    ("block_size", "error"), [(64.0, TypeError), (True, TypeError), (1, ValueError)]
+)
+def test_bits_per_parameter_block_size_type_and_value(block_size, error):
+    from loralab.quant.memory import bits_per_parameter
+
+    with pytest.raises(error, match="block_size"):
+        bits_per_parameter("nf4", block_size=block_size)

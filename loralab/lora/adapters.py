@@ -284,7 +284,11 @@ def add_weighted_adapter(
             f"add_weighted_adapter: got {len(weights)} weights for {len(names)} adapters {names}"
         )
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(
+                f"add_weighted_adapter: weights must be numbers, got {w!r} ({type(w).__name__})"
+            )
+        if not math.isfinite(w):
             raise ValueError(f"add_weighted_adapter: weights must be finite numbers, got {w!r}")
     if combination_type not in COMBINATIONS:
         raise ValueError(

@@ -57,7 +57,12 @@ ALL_LINEAR = "all-linear"
 # ----- validators (the general ones, positive_int, positive_number, ..., are loralab._validate's) --
 def lora_init(name: str, value: Any, where: str) -> str:
     """``value`` if it is one of loralab's `LORA_INITS`."""
-    if not isinstance(value, str) or value not in LORA_INITS:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{where}: {name} must be a string, one of {list(LORA_INITS)}, got {name}={value!r} "
+            f"({type(value).__name__})"
+        )
+    if value not in LORA_INITS:
         raise ValueError(f"{where}: {name} must be one of {list(LORA_INITS)}, got {name}={value!r}")
     return value
 

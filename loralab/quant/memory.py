@@ -32,8 +32,10 @@ def bits_per_parameter(
     """
     if dtype not in _BITS:
         raise ValueError(f"bits_per_parameter: dtype must be one of {sorted(_BITS)}, got {dtype!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"bits_per_parameter: block_size must be an int >= 2, got {block_size!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"bits_per_parameter: block_size must be an int, got {block_size!r}")
+    if block_size < 2:
+        raise ValueError(f"bits_per_parameter: block_size must be >= 2, got {block_size!r}")
     if double_quant:
         return _BITS[dtype] + 8 / block_size + 32 / (block_size * DOUBLE_QUANT_BLOCK_SIZE)
     return _BITS[dtype] + 32 / block_size
