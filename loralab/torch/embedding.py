@@ -19,6 +19,7 @@ from loralab._validate import boolean
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin
 from loralab.nn.module import make_rng
 from loralab.torch.convert import (
+    lora_twin,
     param_to_numpy,
     param_to_torch,
     register_converter,
@@ -162,13 +163,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
 
 def _to_torch(m: Any, convert: Any, dtype: Any) -> torch.nn.Module:
     """A `loralab.lora.LoRAEmbedding` as a `LoRAEmbedding`, values and flags copied."""
-    base = convert(m.base)
-    flags = {n: p.requires_grad for n, p in base.named_parameters()}
-    t = LoRAEmbedding(
-        base, r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, seed=0
-    )
-    for n, p in base.named_parameters():  # the constructor froze the base; keep the model's flags
-        p.requires_grad_(flags[n])
+    t = lora_twin(LoRAEmbedding, m, convert)
     t.lora_embedding_A = param_to_torch(m.lora_embedding_A, dtype)
     t.lora_embedding_B = param_to_torch(m.lora_embedding_B, dtype)
     t.init, t.scaling, t.merged = m.init, m.scaling, m.merged
@@ -178,13 +173,7 @@ def _to_torch(m: Any, convert: Any, dtype: Any) -> torch.nn.Module:
 
 def _to_numpy(t: Any, convert: Any) -> nn.Module:
     """A `LoRAEmbedding` as a `loralab.lora.LoRAEmbedding`, values and flags copied."""
-    base = convert(t.base)
-    flags = {n: p.requires_grad for n, p in base.named_parameters()}
-    m = lora.LoRAEmbedding(
-        base, r=t.r, alpha=t.alpha, dropout=t.dropout, use_rslora=t.use_rslora, seed=0
-    )
-    for n, p in base.named_parameters():
-        p.requires_grad = flags[n]
+    m = lora_twin(lora.LoRAEmbedding, t, convert)
     m.lora_embedding_A = param_to_numpy(t.lora_embedding_A)
     m.lora_embedding_B = param_to_numpy(t.lora_embedding_B)
     m.init, m.scaling, m.merged = t.init, t.scaling, t.merged
