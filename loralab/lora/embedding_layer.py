@@ -36,10 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from loralab._validate import boolean, positive_int, probability
-from loralab.lora.config import check_rank_fits, lora_init, lora_scaling, positive_number
+from loralab.lora.config import lora_scaling
 from loralab.lora.embedding import lora_embedding_backward, lora_embedding_forward
-from loralab.lora.layer_mixin import BASE_ROWS, DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.layer_mixin import (
+    BASE_ROWS,
+    DEFAULT_ADAPTER,
+    check_adapter_name,
+    validate_lora_options,
+)
 from loralab.lora.variants import KINDS
 from loralab.nn.layers import Embedding
 from loralab.nn.module import Module, Parameter, make_rng
@@ -74,13 +78,9 @@ def validate_embedding_options(
     min(num_embeddings, embedding_dim)); DoRA and the W0-splitting inits are refused.
     """
     where = f"LoRAEmbedding(num_embeddings={num_embeddings}, embedding_dim={embedding_dim})"
-    positive_int("r", r, where)
-    check_rank_fits(int(r), num_embeddings, embedding_dim, where)
-    positive_number("alpha", alpha, where)
-    probability("dropout", dropout, where)
-    lora_init("init", init, where)
-    boolean("use_rslora", use_rslora, where)
-    boolean("use_dora", use_dora, where)
+    validate_lora_options(
+        num_embeddings, embedding_dim, r, alpha, dropout, init, use_rslora, use_dora, where=where
+    )
     if use_dora or init not in ("kaiming", "gaussian"):
         raise ValueError(
             f"{where}: use_dora={use_dora}, init={init!r} are not implemented for embeddings; "

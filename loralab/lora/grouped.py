@@ -33,8 +33,6 @@ import numpy as np
 
 __all__ = ["GroupedCache", "group_rows", "grouped_lora_forward", "grouped_lora_backward"]
 
-BASE = -1  # the group index of rows that use no adapter
-
 
 class GroupedCache(NamedTuple):
     """What `grouped_lora_backward` needs: the rows of each group and their products."""

@@ -93,13 +93,17 @@ def validate_lora_options(
     init: Any,
     use_rslora: Any = False,
     use_dora: Any = False,
+    *,
+    where: str | None = None,
 ) -> None:
     """Raise a clear error for a bad LoRA option (shared by the NumPy and torch layers).
 
     A wrong type is a TypeError, a wrong value a ValueError; alpha must be finite and positive;
-    r at most min(in_features, out_features) (`loralab.lora.config.check_rank_fits`).
+    r at most min(in_features, out_features) (`loralab.lora.config.check_rank_fits`). ``where``
+    starts each message (default ``LoRALinear(in_features=..., out_features=...)``).
     """
-    where = f"LoRALinear(in_features={in_features}, out_features={out_features})"
+    if where is None:
+        where = f"LoRALinear(in_features={in_features}, out_features={out_features})"
     positive_int("r", r, where)
     check_rank_fits(int(r), in_features, out_features, where)
     positive_number("alpha", alpha, where)
