@@ -9,23 +9,7 @@ memory ratio <= 1.10 x its bound. PyTorch's columns appear when torch is install
     python benchmarks/bench_core.py [--repeats N] [--threads N] [--clock wall|cpu]
 """
 
-import argparse
-import dataclasses
-
-from loralab import bench
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--clock", choices=tuple(bench.CLOCKS), default="wall")
-    args = parser.parse_args()
-    config = dataclasses.replace(
-        bench.BenchConfig(), repeats=args.repeats, threads=args.threads, clock=args.clock
-    )
-    bench.run_bench(config, None, sections=("core",))
-
+from loralab.bench import run_sections_main
 
 if __name__ == "__main__":
-    main()
+    run_sections_main(("core",), __doc__.splitlines()[0], repeats=21)

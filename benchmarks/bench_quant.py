@@ -7,23 +7,7 @@ quantization; targets: base memory <= 0.145 of float32, step time <= 1.5 x LoRA'
     python benchmarks/bench_quant.py [--repeats N] [--threads N] [--clock wall|cpu]
 """
 
-import argparse
-import dataclasses
-
-from loralab import bench
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--clock", choices=tuple(bench.CLOCKS), default="wall")
-    args = parser.parse_args()
-    config = dataclasses.replace(
-        bench.BenchConfig(), repeats=args.repeats, threads=args.threads, clock=args.clock
-    )
-    bench.run_bench(config, None, sections=("qlora",))
-
+from loralab.bench import run_sections_main
 
 if __name__ == "__main__":
-    main()
+    run_sections_main(("qlora",), __doc__.splitlines()[0], repeats=15)

@@ -24,7 +24,16 @@ Markdown), `report` (the whole Markdown), `figures`, `suite` (`run_bench`).
 
 from loralab.bench.config import DEFAULT_OUT, BenchConfig, Check, Results
 from loralab.bench.machine import machine_info
-from loralab.bench.suite import run_bench
+from loralab.bench.suite import run_bench, run_sections_main
 from loralab.bench.timing import CLOCKS
 
-__all__ = ["BenchConfig", "Check", "Results", "run_bench", "machine_info", "DEFAULT_OUT", "CLOCKS"]
+__all__ = [
+    "BenchConfig",
+    "Check",
+    "Results",
+    "run_bench",
+    "run_sections_main",
+    "machine_info",
+    "DEFAULT_OUT",
+    "CLOCKS",
+]

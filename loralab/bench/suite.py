@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loralab.bench.config import DEFAULT_OUT, BenchConfig, Results
@@ -13,7 +15,7 @@ from loralab.bench.sections import SECTIONS
 from loralab.bench.timing import CLOCKS
 from loralab.fileio import atomic_write
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "run_sections_main"]
 
 
 def run_bench(
@@ -60,3 +62,26 @@ def run_bench(
         atomic_write(out, text)
         log(f"wrote {out}" + "".join(f" and {out.parent / f}" for f in figures))
     return res
+
+
+def run_sections_main(
+    sections: tuple[str, ...],
+    description: str,
+    *,
+    repeats: int = 21,
+    argv: Sequence[str] | None = None,
+) -> Results:
+    """The command line of a ``benchmarks/bench_*.py`` script: some ``sections``, nothing written.
+
+    Parses ``[--repeats N] [--threads N] [--clock wall|cpu]`` from ``argv`` (default: sys.argv)
+    into the full-size `BenchConfig` and runs `run_bench` on those sections with ``out=None``.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(
+        BenchConfig(), repeats=args.repeats, threads=args.threads, clock=args.clock
+    )
+    return run_bench(config, None, sections=sections)
