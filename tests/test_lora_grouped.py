@@ -21,6 +21,20 @@ def _loss(x, g, As, Bs, scalings, c):
     return float((grouped_lora_forward(x, g, As, Bs, scalings)[0] * c).sum())
 
 
+def _numeric(array, loss, eps=1e-6):
+    """Central differences of ``loss()`` with respect to ``array`` (perturbed in place)."""
+    grad = np.zeros_like(array)
+    for i in np.ndindex(*array.shape):
+        old = array[i]
+        array[i] = old + eps
+        up = loss()
+        array[i] = old - eps
+        down = loss()
+        array[i] = old
+        grad[i] = (up - down) / (2 * eps)
+    return grad
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     batch_shape=st.lists(st.integers(1, 5), min_size=1, max_size=2).map(tuple),
@@ -54,19 +68,9 @@ def test_backward_matches_central_differences(batch_shape, d_in, d_out, ranks, s
     c = rng.normal(size=batch_shape + (d_out,))
     _, cache = grouped_lora_forward(x, g, As, Bs, s)
     dx, dAs, dBs = grouped_lora_backward(c, cache)
-    eps = 1e-6
 
     def numeric(array):
-        grad = np.zeros_like(array)
-        for i in np.ndindex(*array.shape):
-            old = array[i]
-            array[i] = old + eps
-            up = _loss(x, g, As, Bs, s, c)
-            array[i] = old - eps
-            down = _loss(x, g, As, Bs, s, c)
-            array[i] = old
-            grad[i] = (up - down) / (2 * eps)
-        return grad
+        return _numeric(array, lambda: _loss(x, g, As, Bs, s, c))
 
     np.testing.assert_allclose(dx, numeric(x), rtol=1e-6, atol=1e-7)
     for k in range(len(ranks)):
@@ -75,14 +79,17 @@ def test_backward_matches_central_differences(batch_shape, d_in, d_out, ranks, s
 
 
 def test_a_wrong_backward_is_caught():
-    """The check has teeth: dropping the scaling from dA is visible."""
+    """The check has teeth: central differences accept dA and reject dA without the scaling."""
     rng = np.random.default_rng(0)
     x, g, As, Bs, s = _problem(rng, (6,), 4, 3, [2, 2])
     g[:] = [0, 0, 1, 1, 0, 1]
+    c = np.ones((6, 3))
     _, cache = grouped_lora_forward(x, g, As, Bs, s)
-    _, dAs, _ = grouped_lora_backward(np.ones((6, 3)), cache)
-    wrong = [dA / sk for dA, sk in zip(dAs, s, strict=True)]
-    assert not np.allclose(wrong[0], dAs[0])
+    _, dAs, _ = grouped_lora_backward(c, cache)
+    numeric = _numeric(As[0], lambda: _loss(x, g, As, Bs, s, c))
+    wrong = dAs[0] / s[0]
+    assert np.allclose(dAs[0], numeric, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(wrong, numeric, rtol=1e-6, atol=1e-7)
 
 
 def test_unused_adapter_and_base_rows_get_zero():
