@@ -15,28 +15,27 @@ bitsandbytes-exact version.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from loralab.exercises._feedback import Failure, as_array, call_student, describe, run_check
+from loralab.exercises._feedback import (
+    Failure,
+    as_array,
+    call_student,
+    describe,
+    function_name,
+    mistake_note,
+    run_check,
+)
+from loralab.exercises._mistakes import Mistake
 from loralab.quant import INT4_VALUES, NF4_VALUES
 
 __all__ = ["check_nf4_quantization"]
 
 LEVELS = NF4_VALUES.astype(np.float64)
 
-
-@dataclass(frozen=True)
-class Mistake:
-    """A usual mistake of this exercise: ``title`` names it in the verdict, ``explain`` says what is right."""
-
-    kind: str
-    title: str
-    explain: str
-
-
 ONE_ABSMAX = Mistake(
+    "nf4_one_absmax",
     "blocks",
     "you used one absmax for the whole tensor",
     "Blockwise means one absmax per block of `block_size` consecutive values of W.reshape(-1): "
@@ -44,39 +43,40 @@ ONE_ABSMAX = Mistake(
     "its own block.",
 )
 NOT_NORMALISED = Mistake(
+    "nf4_not_normalised",
     "scaling",
     "you did not divide by absmax before looking for the nearest level",
     "The NF4 levels lie in [-1, 1]; weights do not. Divide each block by its absmax first "
     "(W_block / absmax), then find the nearest level.",
 )
 FLOOR = Mistake(
+    "nf4_floor",
     "rounding",
     "you rounded down (the largest level not above the value) instead of to the nearest level",
     "Take the level at the smallest distance: np.abs(x[..., None] - NF4_VALUES).argmin(axis=-1). "
     "np.searchsorted alone finds a neighbour, not the nearest one.",
 )
 UNIFORM = Mistake(
+    "nf4_uniform",
     "levels",
     "you used evenly spaced (int4) levels instead of the NF4 levels",
     "NF4's 16 levels are normal quantiles, dense near 0 where most weights are: use NF4_VALUES "
     "(from loralab.quant), not np.linspace(-1, 1, 16) or k / 7.",
 )
 NO_ABSMAX = Mistake(
+    "nf4_no_absmax",
     "scaling",
     "you dequantized without multiplying by the absmax",
     "NF4_VALUES[codes] lies in [-1, 1]; multiply each value by its block's absmax to undo the "
     "division: NF4_VALUES[codes].reshape(-1, block_size) * absmax[:, None].",
 )
 TILED = Mistake(
+    "nf4_tiled",
     "blocks",
     "you spread the absmax over the values in the wrong order (np.tile instead of np.repeat)",
     "Value i belongs to block i // block_size: np.repeat(absmax, block_size) gives each block's "
     "absmax to its own values; np.tile cycles through the blocks.",
 )
-
-
-def _note(mistake: Mistake) -> str:
-    return f"\n  This matches a known mistake ({mistake.kind}): {mistake.title}. {mistake.explain}"
 
 
 def _nearest(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -150,13 +150,13 @@ def _codes_message(got: np.ndarray, expected: np.ndarray, W, block_size, case: s
     )
     for mistake, variant in _code_variants(W, block_size):
         if np.array_equal(got, np.asarray(variant).reshape(-1)):
-            return msg + _note(mistake)
+            return msg + mistake_note(mistake)
     return msg
 
 
 def _check(quantize_fn: Callable, dequantize_fn: Callable | None) -> str:
-    qname = getattr(quantize_fn, "__name__", "nf4_quantize")
-    dname = getattr(dequantize_fn, "__name__", "nf4_dequantize")
+    qname = function_name(quantize_fn, "nf4_quantize")
+    dname = function_name(dequantize_fn, "nf4_dequantize")
     worst = 0.0
     for shape, block_size, seed in (((6, 32), 16, 41), ((3, 4, 16), 64, 42)):
         W = _inputs(seed, shape)
@@ -171,7 +171,7 @@ def _check(quantize_fn: Callable, dequantize_fn: Callable | None) -> str:
         if absmax.size == 1:
             raise Failure(
                 f"absmax has one value ({float(absmax.reshape(-1)[0]):.6g}); expected one per "
-                f"block, shape {absmax_ref.shape}.{_note(ONE_ABSMAX)}\n  {case}"
+                f"block, shape {absmax_ref.shape}.{mistake_note(ONE_ABSMAX)}\n  {case}"
             )
         if absmax.shape != absmax_ref.shape or not np.allclose(absmax, absmax_ref, rtol=1e-12):
             msg = (
@@ -180,7 +180,7 @@ def _check(quantize_fn: Callable, dequantize_fn: Callable | None) -> str:
                 f"expected {np.round(absmax_ref[:4], 6)}...."
             )
             if np.allclose(absmax, np.abs(W).max(), rtol=1e-12):
-                msg += _note(ONE_ABSMAX)
+                msg += mistake_note(ONE_ABSMAX)
             raise Failure(f"{msg}\n  {case}")
         codes = as_array(out[0], "codes", W.shape, case)
         if codes.size != W.size:
@@ -220,7 +220,7 @@ def _check(quantize_fn: Callable, dequantize_fn: Callable | None) -> str:
             )
             for mistake, variant in variants:
                 if np.allclose(got, variant, rtol=1e-12, atol=1e-15):
-                    msg += _note(mistake)
+                    msg += mistake_note(mistake)
                     break
             raise Failure(f"{msg}\n  {case}")
         worst = max(
