@@ -34,10 +34,12 @@ __all__ = ["EmbeddingLoRACache", "lora_embedding_forward", "lora_embedding_backw
 
 
 class EmbeddingLoRACache(NamedTuple):
+    """What `lora_embedding_forward` keeps for `lora_embedding_backward` (ids flattened)."""
+
     ids: np.ndarray  # (N,) flattened token ids
     u: np.ndarray  # (N, r): A^T[ids]
-    A: np.ndarray
-    B: np.ndarray
+    A: np.ndarray  # (r, num_embeddings)
+    B: np.ndarray  # (embedding_dim, r)
     scaling: float
     batch_shape: tuple[int, ...]
 

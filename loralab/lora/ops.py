@@ -238,6 +238,8 @@ def row_norms(W0: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) -> n
 
 
 class DoRACache(NamedTuple):
+    """What `dora_forward` keeps for `dora_backward` (batch folded into rows)."""
+
     lora: LoRACache  # of the LoRA part, fed with x_d
     z: np.ndarray  # (N, out): x_d W0^T + s (x_d A^T) B^T
     c: np.ndarray  # (out,): m / ||W0 + s B A||
