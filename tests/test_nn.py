@@ -121,6 +121,12 @@ def test_layer_errors_name_the_bad_value():
             "elementwise_affine must be True or False",
         ),
         (lambda: Dropout("0.5"), TypeError, r"Dropout: p must be a number in \[0, 1\)"),
+        (
+            lambda: MLP([2, 3], activation="tanh"),
+            ValueError,
+            r"MLP: activation must be one of \['relu', 'gelu'\], got activation='tanh'",
+        ),
+        (lambda: MLP([2, 3], activation=3), TypeError, "MLP: activation must be one of"),
         (lambda: Dropout(-0.1), ValueError, r"Dropout: expected p in \[0, 1\), got -0.1"),
         (lambda: Linear(2, 3).train("no"), TypeError, r"Linear.train: mode must be True or False"),
         (

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from loralab import functional as F
-from loralab._validate import boolean, positive_int, probability
+from loralab._validate import boolean, one_of, positive_int, probability
 from loralab.nn.module import Module, Parameter, make_rng
 from loralab.tensor import Tensor, as_tensor
 
@@ -243,8 +243,7 @@ class MLP(Sequential):
         if len(sizes) < 2:
             raise ValueError(f"MLP: sizes needs at least [in, out], got {sizes}")
         acts = {"relu": ReLU, "gelu": GELU}
-        if activation not in acts:
-            raise ValueError(f"MLP: activation must be one of {sorted(acts)}, got {activation!r}")
+        activation = one_of("activation", activation, acts, "MLP")
         rng = make_rng(seed, rng)
         layers: list[Module] = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
