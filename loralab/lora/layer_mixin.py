@@ -443,9 +443,8 @@ class LoRALayerMixin(AdapterMixin):
             self.merged_adapters.append(name)
 
     def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
-        if adapter_names is None:
-            return [n for n in self.active_adapter_names if n in self.adapter_names]
-        return [n for n in adapter_names if n in self.adapter_names]
+        names = self.active_adapter_names if adapter_names is None else adapter_names
+        return [n for n in names if n in self.adapter_names]
 
     def unmerge(self) -> None:
         """Subtract every merged ΔW from W0 again (last merged first), restoring W0 up to round-off."""
