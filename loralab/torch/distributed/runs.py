@@ -127,10 +127,3 @@ def global_batches(run: RunConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     ids = load_corpus("devil").train
     return [get_batch(ids, run.global_batch, run.context, rng) for _ in range(run.steps)]
 
-
-def predicted_allreduce_bytes(model: torch.nn.Module) -> int:
-    """Bytes of gradient DDP all-reduces per step, from shapes: sum over trainable p of numel × itemsize.
-
-    LoRA on a (d, k) matrix W0 contributes r (d + k) numbers; full fine-tuning every parameter.
-    """
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
