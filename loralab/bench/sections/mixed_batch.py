@@ -54,26 +54,30 @@ def _activate(model: Any, name: str) -> None:
 
 
 def sides(model: Any, base: Any, x: np.ndarray, names: list[str], k: int) -> dict[str, Callable]:
-    """The ways to serve the batch ``x`` whose row i asks for adapter ``names[i]``."""
+    """The ways to serve the batch ``x`` (n, width) whose row i asks for adapter ``names[i]``.
+
+    Each side, called, returns its output of shape (n, width) (``base``: the base model's).
+    """
     groups = [(f"t{j}", np.flatnonzero(np.array(names) == f"t{j}")) for j in range(k)]
     out_width = x.shape[1]
 
-    def run_base() -> None:
+    def run_base() -> np.ndarray:
         with no_grad():
-            base(x)
+            return base(x).data
 
-    def run_mixed() -> None:
+    def run_mixed() -> np.ndarray:
         with no_grad(), mixed_batch(model, names):
-            model(x)
+            return model(x).data
 
-    def run_naive() -> None:
+    def run_naive() -> np.ndarray:
         y = np.empty((x.shape[0], out_width), dtype=x.dtype)
         with no_grad():
             for name, rows in groups:
                 _activate(model, name)
                 y[rows] = model(x[rows]).data
+        return y
 
-    def run_merge_swap() -> None:
+    def run_merge_swap() -> np.ndarray:
         y = np.empty((x.shape[0], out_width), dtype=x.dtype)
         with no_grad():
             for name, rows in groups:
@@ -81,6 +85,7 @@ def sides(model: Any, base: Any, x: np.ndarray, names: list[str], k: int) -> dic
                 merge_lora(model)
                 y[rows] = model(x[rows]).data
                 unmerge_lora(model)
+        return y
 
     out = {"base": run_base, "mixed": run_mixed, "naive": run_naive}
     if k <= MERGE_SWAP_MAX_K:
