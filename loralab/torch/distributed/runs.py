@@ -126,4 +126,3 @@ def global_batches(run: RunConfig) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(data.x[i], data.y[i]) for i in picks]
     ids = load_corpus("devil").train
     return [get_batch(ids, run.global_batch, run.context, rng) for _ in range(run.steps)]
-
