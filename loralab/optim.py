@@ -7,12 +7,12 @@ r (d + k) numbers per adapted matrix instead of d k: that is most of LoRA's memo
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from loralab._validate import _is_number
 from loralab.tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
@@ -27,7 +27,9 @@ _OPTION_WORDS = {
 
 
 def _real(value: Any, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """``value`` as a float if it is a real number (`_validate`'s rule: not a bool); the range
+    checks stay with the caller, in torch.optim's words."""
+    if not _is_number(value):
         raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
     return float(value)
 
