@@ -34,6 +34,7 @@ __all__ = [
 DIGITS_SIZES = (64, 256, 256, 10)  # 8x8 pixels -> two hidden layers -> 10 digits
 DIGITS_CHECKPOINT = "checkpoints/digits_mlp.safetensors"  # inside the package's data folder
 PRETRAIN_SEED = 0  # the split, the initial weights and the batches of the pre-training
+TEST_FRACTION = 0.25  # of the digits, held out from the pre-training
 PRETRAIN_STEPS = 1500
 PRETRAIN_LR = 2e-3
 PRETRAIN_BATCH = 64
@@ -42,7 +43,7 @@ REGENERATE_COMMAND = "python -m loralab.demo --regenerate-checkpoint"
 
 def digits_split(data: Dataset) -> tuple[Dataset, Dataset]:
     """The fixed (train, test) split of pre-training: test images were never trained on."""
-    return train_test_split(data, 0.25, seed=PRETRAIN_SEED)
+    return train_test_split(data, TEST_FRACTION, seed=PRETRAIN_SEED)
 
 
 def digits_checkpoint_path() -> Path:
@@ -113,7 +114,10 @@ def regenerate_digits_checkpoint(path: str | Path | None = None) -> tuple[Path, 
     model, accuracy = pretrain_digits_mlp(progress=True)
     metadata = {
         "model": f"loralab.nn.MLP({list(DIGITS_SIZES)}, activation='relu')",
-        "data": "loralab.datasets.load_digits(), train_test_split(0.25, seed=0), train part",
+        "data": (
+            f"loralab.datasets.load_digits(), train_test_split({TEST_FRACTION}, "
+            f"seed={PRETRAIN_SEED}), train part"
+        ),
         "training": (
             f"loralab.training.train_classifier: Adam lr={PRETRAIN_LR}, {PRETRAIN_STEPS} steps "
             f"of batch {PRETRAIN_BATCH}, seed {PRETRAIN_SEED}"
