@@ -19,6 +19,7 @@ from loralab._validate import boolean
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin
 from loralab.nn.module import make_rng
 from loralab.torch.convert import (
+    _EMBEDDING_DEFAULTS,
     lora_twin,
     param_to_numpy,
     param_to_torch,
@@ -117,13 +118,13 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
             raise TypeError(
                 f"LoRAEmbedding: base must be a torch.nn.Embedding, got {type(base).__name__}"
             )
-        for option, neutral in (("padding_idx", None), ("max_norm", None)):
-            if getattr(base, option) is not neutral:
+        for option, default in _EMBEDDING_DEFAULTS.items():  # the options to_numpy refuses too
+            value = getattr(base, option)
+            if value != default:
                 raise ValueError(
-                    f"LoRAEmbedding: a base with {option}={getattr(base, option)} is not supported"
+                    f"LoRAEmbedding: a base with {option}={value} is not supported "
+                    f"(loralab.nn.Embedding implements only {option}={default})"
                 )
-        if base.scale_grad_by_freq:
-            raise ValueError("LoRAEmbedding: a base with scale_grad_by_freq=True is not supported")
         super().__init__()
         self.use_custom_backward = boolean(
             "use_custom_backward", use_custom_backward, "LoRAEmbedding"
