@@ -228,8 +228,13 @@ def match_mistake(got: np.ndarray, variants: Sequence[tuple[Mistake, np.ndarray 
     return None
 
 
+# How every known-mistake note starts (`_layer_checks` looks for it to drop a repeated note).
+MISTAKE_NOTE = "\n  This matches a known mistake"
+
+
 def mistake_note(mistake: Mistake) -> str:
-    return f"\n  This matches a known mistake ({mistake.kind}): {mistake.title}. {mistake.explain}"
+    """The line added to a message when the student's answer is ``mistake``'s wrong answer."""
+    return f"{MISTAKE_NOTE} ({mistake.kind}): {mistake.title}. {mistake.explain}"
 
 
 def compare(

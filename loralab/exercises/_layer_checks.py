@@ -10,6 +10,7 @@ import numpy as np
 from loralab.exercises import _reference as ref
 from loralab.exercises import _wrong_answers as mis
 from loralab.exercises._feedback import (
+    MISTAKE_NOTE,
     Failure,
     as_array,
     call_student,
@@ -203,7 +204,7 @@ def _once(problems) -> list[str]:
     """The problems, with a known-mistake note that repeats an earlier one left out."""
     seen, out = set(), []
     for problem in problems:
-        head, sep, note = problem.partition("\n  This matches a known mistake")
+        head, sep, note = problem.partition(MISTAKE_NOTE)
         out.append(head if sep and note in seen else problem)
         if sep:
             seen.add(note)
