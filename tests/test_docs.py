@@ -576,6 +576,20 @@ def test_home_page_example_runs():
     assert 0 < trainable < total
 
 
+def test_qlora_guide_numbers_are_the_ones_loralab_computes():
+    """The QLoRA guide's bits per parameter, memory share and LLaMA 65B size, recomputed."""
+    from loralab.quant import bits_per_parameter, quantized_bytes
+
+    text = " ".join((ROOT / "docs" / "guides" / "qlora.md").read_text(encoding="utf-8").split())
+    plain = bits_per_parameter("nf4")
+    double = bits_per_parameter("nf4", double_quant=True)
+    gb = quantized_bytes(65e9, "nf4", double_quant=True) / 1e9
+    assert f"{plain:g} bits become {double:.3f}" in text  # "4.5 bits become 4.127"
+    assert f"= {double:.3f} \\text{{ bits per parameter}}" in text
+    assert f"${double:.3f}/32 = {double / 32:.3f}$ of its float32 memory" in text
+    assert f"about {gb:.1f} GB, instead of {65e9 * 2 / 1e9:.0f} GB in 16-bit" in text
+
+
 def test_home_page_lists_every_tutorial():
     tutorials = [
         {"uri": "tutorials/01_a.ipynb", "title": "1. First", "group": "."},
