@@ -21,6 +21,7 @@ __all__ = ["TorchBackend", "is_torch_model"]
 
 
 def is_torch_model(model: Any) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module`` (the test `register_backend` pairs with `TorchBackend`)."""
     return isinstance(model, torch.nn.Module)
 
 

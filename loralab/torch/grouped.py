@@ -74,7 +74,11 @@ class GroupedLoRAFunction(torch.autograd.Function):
 
 
 def grouped_lora(x: torch.Tensor, index: torch.Tensor, holders: Sequence[Any]) -> torch.Tensor:
-    """`GroupedLoRAFunction` over the adapters ``holders`` (each with lora_A, lora_B, scaling)."""
+    """`GroupedLoRAFunction` over the adapters ``holders`` (each with lora_A, lora_B, scaling).
+
+    x : (..., in); index : int tensor of shape x.shape[:-1] (-1: no adapter); holder k's A_k is
+    (r_k, in) and B_k (out, r_k). Returns the low-rank part only, shape (..., out).
+    """
     As = [h.lora_A for h in holders]
     Bs = [h.lora_B for h in holders]
     return GroupedLoRAFunction.apply(x, index, [h.scaling for h in holders], *As, *Bs)
@@ -87,7 +91,11 @@ def grouped_lora_autograd(
     Bs: Sequence[torch.Tensor],
     scalings: Sequence[float],
 ) -> torch.Tensor:
-    """The same as `GroupedLoRAFunction` through plain autograd (a masked sum; the reference)."""
+    """The same as `GroupedLoRAFunction` through plain autograd (a masked sum; the reference).
+
+    x : (..., in); index : shape x.shape[:-1]; As[k] : (r_k, in); Bs[k] : (out, r_k); scalings :
+    K floats. Returns shape (..., out).
+    """
     y = x.new_zeros((*x.shape[:-1], Bs[0].shape[0]))
     for k, (A, B, s) in enumerate(zip(As, Bs, scalings, strict=True)):
         rows = (index == k).unsqueeze(-1).to(x.dtype)

@@ -252,6 +252,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         return torch.nn.Parameter(torch.from_numpy(array).to(self._device()))
 
     def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
+        """||W||_row: the norm of each row of W (out, in), shape (out,) (DoRA's norm)."""
         return torch.linalg.norm(W, dim=1)
 
     def _new_adapter(self) -> LoRAAdapter:
@@ -351,6 +352,7 @@ class LoRAAdapter(AdapterMixin, torch.nn.Module):
         self.register_buffer("_merge_norm", None, persistent=False)
 
     def weight_row_norms(self, W: torch.Tensor) -> torch.Tensor:
+        """||W||_row: the norm of each row of W (out, in), shape (out,) (DoRA's norm)."""
         return torch.linalg.norm(W, dim=1)
 
 

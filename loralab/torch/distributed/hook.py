@@ -31,9 +31,11 @@ class ByteCounter:
         self.steps: list[list[BucketRecord]] = []
 
     def start_step(self) -> None:
+        """Open the list of the next step's buckets (call before each backward pass)."""
         self.steps.append([])
 
     def record(self, bucket: Any) -> None:
+        """Append a `BucketRecord` of ``bucket`` (a ``dist.GradBucket``) to the current step."""
         buffer = bucket.buffer()
         grads = bucket.gradients()
         nbytes = buffer.numel() * buffer.element_size()
