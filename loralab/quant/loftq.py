@@ -99,8 +99,9 @@ def loftq(
     errors = []
     for _ in range(num_iter):
         q = quantize(target, dtype, block_size, double_quant)
-        L, R = _rank_r(W - q.dequantize(), r)
-        approx = q.dequantize().astype(np.float64) + L.astype(np.float64) @ R
+        Q = q.dequantize()
+        L, R = _rank_r(W - Q, r)
+        approx = Q.astype(np.float64) + L.astype(np.float64) @ R
         errors.append(float(np.linalg.norm(W - approx)) / norm)
         target = W - L @ R
     plain = quantize(W, dtype, block_size, double_quant).dequantize()
