@@ -57,6 +57,10 @@ class MLPArrays:
 
     @classmethod
     def random(cls, width: int, rng: np.random.Generator, r: int = RANK) -> MLPArrays:
+        """N_LAYERS layers of float32 arrays drawn from U(-1/sqrt(width), 1/sqrt(width)).
+
+        W0 (width, width), b (width,), A (r, width), and B (width, r) scaled by 0.01 (nonzero).
+        """
         bound = 1.0 / math.sqrt(width)
 
         def u(*shape: int) -> np.ndarray:

@@ -48,14 +48,19 @@ class Workspace:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the scratch array now held (4 x the largest request so far)."""
         return int(self._buffer.nbytes)
 
 
 class Linear4bitFn(Function):
     """``y = x W0^T + b`` with ``W0 = weight.dequantize()``, rebuilt in backward instead of saved.
 
-    Backward: dx = dy W0 (W0 dequantized again); no dW0; db = sum of dy over rows if b needs it.
-    Keyword options ``weight`` (a `QuantizedTensor` of shape (out, in)) and ``workspace``.
+    Inputs x (..., in) and b (out,) or None; output (..., out). Backward: dx = dy W0 (W0
+    dequantized again); no dW0; db = sum of dy over rows if b needs it. Keyword options
+    ``weight`` (a `QuantizedTensor` of shape (out, in)) and ``workspace``.
+
+    The math is `loralab.functional.LinearFn`'s, but that Function saves W for its backward,
+    which would hold every layer's float32 W0 between the passes; this one saves the codes.
     """
 
     @staticmethod
