@@ -359,7 +359,10 @@ def check_equivalence(
         )
     compared = [n for n in trainable if n not in zero_grad]
     if not compared:
-        raise ValueError("check_equivalence: every trainable parameter is in zero_grad")
+        raise ValueError(
+            f"check_equivalence: every trainable parameter is in zero_grad ({sorted(zero_grad)}); "
+            "leave at least one to compare"
+        )
     options = dict(optimizer_options or {})
     np_cls, t_cls = _OPTIMIZERS[optimizer]
     np_opt = np_cls([np_params[n] for n in trainable], lr=lr, **options)
