@@ -56,17 +56,22 @@ class GradeReport:
 
     @property
     def score(self) -> int:
+        """How many exercises passed."""
         return sum(r.passed for r in self.results)
 
     @property
     def total(self) -> int:
+        """How many exercises the notebook holds (and were graded)."""
         return len(self.results)
 
     @property
     def passed(self) -> bool:
+        """True when there is at least one exercise and every one passed."""
         return self.total > 0 and self.score == self.total
 
     def format(self) -> str:
+        """The report as printed by ``loralab grade``: one PASS/FAIL line per exercise (with the
+        check's message under a FAIL), the cells that raised, and ``Score: score/total``."""
         lines = [f"Grading {self.notebook}"]
         for r in self.results:
             number = list(EXERCISES).index(r.key) + 1
