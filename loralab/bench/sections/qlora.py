@@ -17,23 +17,18 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
-from loralab import functional as F
-from loralab import optim
-from loralab.bench.config import ALPHA, LR, N_LAYERS, RANK, Check, Results
+from loralab.bench.config import ALPHA, N_LAYERS, RANK, Check, Results
+from loralab.bench.mlp import LINEAR_NAMES, engine_step
 from loralab.bench.sections._table import table
 from loralab.bench.timing import CLOCKS, paired_ratio, time_alternating
 from loralab.lora import inject_lora
 from loralab.nn import MLP
 from loralab.quant import Linear4bit, quantize_model
-from loralab.tensor import Tensor
-from loralab.training import train_step
 
 MEMORY_TARGET, TIME_TARGET = 0.145, 1.5
-LINEAR_NAMES = [str(2 * i) for i in range(N_LAYERS)]
 
 
 def build(width: int, quantized: bool, seed: int = 0) -> MLP:
@@ -47,13 +42,6 @@ def build(width: int, quantized: bool, seed: int = 0) -> MLP:
         shape = layer.lora_B.shape
         layer.lora_B.data[...] = np.random.default_rng(seed).uniform(-1e-3, 1e-3, shape)
     return model
-
-
-def step_fn(model: MLP, x: np.ndarray, target: np.ndarray) -> Callable[[], Any]:
-    """One Adam training step of ``model`` on (x, target)."""
-    opt = optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
-    xt = Tensor(x)
-    return lambda: train_step(opt, lambda: F.mse_loss(model(xt), target))
 
 
 def bases(model: MLP) -> list[Linear4bit]:
@@ -82,8 +70,8 @@ def run(res: Results, log: Callable[[str], None]) -> None:
 
     times = time_alternating(
         {
-            "qlora": step_fn(qlora, x, target),
-            "lora": step_fn(lora, x, target),
+            "qlora": engine_step(qlora, x, target),
+            "lora": engine_step(lora, x, target),
             "dequantize": dequantize_all,
         },
         cfg.repeats,
