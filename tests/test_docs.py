@@ -590,6 +590,28 @@ def test_qlora_guide_numbers_are_the_ones_loralab_computes():
     assert f"about {gb:.1f} GB, instead of {65e9 * 2 / 1e9:.0f} GB in 16-bit" in text
 
 
+def test_exercise_numbers_in_notebooks_and_instructors_guide_are_the_catalogues():
+    """Exercise N is the N-th entry of `loralab.exercises.EXERCISES` (what `next_step` prints)."""
+    from loralab.exercises._catalogue import EXERCISES
+
+    numbered = {i: e.notebook for i, e in enumerate(EXERCISES.values(), start=1)}
+    for notebook in sorted({e.notebook for e in EXERCISES.values()}):
+        nb = json.loads((ROOT / "tutorials" / "exercises" / notebook).read_text(encoding="utf-8"))
+        headings = "\n".join(
+            line
+            for cell in nb["cells"]
+            if cell["cell_type"] == "markdown"
+            for line in "".join(cell["source"]).splitlines()
+            if line.startswith("#")
+        )
+        named = {int(n) for n in re.findall(r"^#+ Exercises? (\d+)", headings, flags=re.M)}
+        named |= {int(n) for n in re.findall(r"^# Exercises \d+–(\d+)", headings, flags=re.M)}
+        assert named == {i for i, nbk in numbered.items() if nbk == notebook}, notebook
+    guide = (ROOT / "docs" / "guides" / "instructors.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| `([^`]+\.ipynb)` \|", guide, flags=re.M)
+    assert {int(i): nbk for i, nbk in rows} == numbered
+
+
 def test_home_page_lists_every_tutorial():
     tutorials = [
         {"uri": "tutorials/01_a.ipynb", "title": "1. First", "group": "."},
