@@ -71,7 +71,8 @@ def _inject(fn, name) -> str:
                 f"'<module>.lora_A' and '<module>.lora_B', e.g. '{modules[0]}.lora_A'.\n  {case}"
             )
         got_modules = sorted({n.rsplit(".", 1)[0] for n in added})
-        if set(added) != set(_lora_names(modules)):
+        expected = set(_lora_names(modules))
+        if set(added) != expected:
             wrong = mis.injected_modules(shapes, targets)
             mistake = next((m for m, mods in wrong if sorted(mods) == got_modules), None)
             raise Failure(
@@ -81,7 +82,6 @@ def _inject(fn, name) -> str:
             )
         for module in modules:
             _check_pair(new_params, module, shapes[f"{module}.weight"], r, case)
-        expected = set(_lora_names(modules))
         if trainable != expected:
             sets = mis.trainable_sets(shapes, modules, expected)
             mistake = next((m for m, t in sets if trainable == t), None)
