@@ -17,11 +17,10 @@ __all__ = ["Linear", "Embedding", "LayerNorm", "ReLU", "GELU", "Dropout", "Seque
 
 
 def check_input(owner: str, x: Any, features: int) -> Tensor:
-    """``x`` as a Tensor, after checking its last dimension is ``features``."""
-    x = as_tensor(x)
-    if x.ndim == 0 or x.shape[-1] != features:
-        raise ValueError(f"{owner}: expected x of shape (..., {features}), got {x.shape}")
-    return x
+    """``x`` as a Tensor, after checking its last dimension is ``features`` (the message starts
+    with ``owner``: ``Linear(in_features=64): expected x of shape (..., 64), got (32, 60)``)."""
+    F._check_last_dim("x", x, features, owner)
+    return as_tensor(x)
 
 
 class Linear(Module):
