@@ -590,6 +590,17 @@ def test_qlora_guide_numbers_are_the_ones_loralab_computes():
     assert f"about {gb:.1f} GB, instead of {65e9 * 2 / 1e9:.0f} GB in 16-bit" in text
 
 
+def test_math_guide_gpt3_count_is_the_one_loralab_params_computes():
+    from loralab.counting import get_preset, lora_params_for_model
+
+    text = (ROOT / "docs" / "guides" / "math.md").read_text(encoding="utf-8")
+    shape = get_preset("gpt3-175b")
+    count = lora_params_for_model(shape, 4, ["q", "v"])
+    assert count == shape.n_layers * 2 * 4 * (shape.d_model + shape.d_model)
+    stated = f"{shape.n_layers} \\times 2 \\times 4 \\times ({shape.d_model} + {shape.d_model})"
+    assert f"{stated} = {count:,}".replace(",", "{,}") in text  # "... = 18{,}874{,}368"
+
+
 def test_exercise_numbers_in_notebooks_and_instructors_guide_are_the_catalogues():
     """Exercise N is the N-th entry of `loralab.exercises.EXERCISES` (what `next_step` prints)."""
     from loralab.exercises._catalogue import EXERCISES
