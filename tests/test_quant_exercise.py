@@ -1,4 +1,4 @@
-"""Exercise 11's check: a right answer passes, each usual mistake is named."""
+"""Exercise 14's check (NF4 quantization): a right answer passes, each usual mistake is named."""
 
 from pathlib import Path
 
