@@ -116,7 +116,7 @@ def test_pattern_key_is_peft_get_pattern_key(keys, name, expected):
 
 
 @pytest.mark.parametrize(
-    "module", ["config", "ops", "variants", "layer", "backend", "inject", "adapter"]
+    "module", ["config", "ops", "variants", "linear_layer", "backend", "inject", "peft_format"]
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(f"loralab.lora.{module}")

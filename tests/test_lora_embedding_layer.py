@@ -21,8 +21,8 @@ from loralab.lora import (
     set_adapter,
     unmerge_lora,
 )
-from loralab.lora.adapter import WEIGHTS_NAME
 from loralab.lora.embedding_layer import LoRAEmbeddingFn
+from loralab.lora.peft_format import WEIGHTS_NAME
 from loralab.models import GPT
 from loralab.nn import Embedding
 from loralab.tensor import Tensor

@@ -13,7 +13,7 @@ from loralab.lora import (
     set_adapter,
     unmerge_lora,
 )
-from loralab.lora.functions import GroupedLoRAFn, GroupedLoRALinearFn
+from loralab.lora.engine_functions import GroupedLoRAFn, GroupedLoRALinearFn
 from loralab.tensor import Tensor
 
 

@@ -1,4 +1,4 @@
-"""loralab.nn: Module bookkeeping and layers (LoRALinear: test_lora_layer.py)."""
+"""loralab.nn: Module bookkeeping and layers (LoRALinear: test_lora_linear_layer.py)."""
 
 import math
 

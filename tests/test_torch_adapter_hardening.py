@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from loralab import nn  # noqa: E402
 from loralab.lora import LoraConfig  # noqa: E402
-from loralab.lora.adapter import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from loralab.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from loralab.torch import (  # noqa: E402
     LoRALinear,
     inject_lora,

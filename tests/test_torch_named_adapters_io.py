@@ -52,7 +52,7 @@ def test_the_layout_is_peft_s(tmp_path):
         "adapter_model.safetensors",
         "task",
     ]
-    config, tensors = L.adapter.read_adapter(tmp_path / "a" / "task")
+    config, tensors = L.peft_format.read_adapter(tmp_path / "a" / "task")
     assert config.r == 3 and config.use_rslora and set(config.target_modules) == {"0", "4"}
     assert sorted(tensors) == [
         f"base_model.model.{p}.lora_{m}.weight" for p in ("0", "4") for m in ("A", "B")

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 import loralab.lora as np_lora  # noqa: E402
 from loralab import Tensor, lora, nn  # noqa: E402
-from loralab.lora.functions import DoRALinearFn  # noqa: E402
+from loralab.lora.engine_functions import DoRALinearFn  # noqa: E402
 from loralab.torch import (  # noqa: E402
     LoRALinear,
     check_equivalence,

@@ -17,7 +17,7 @@ from loralab.lora import (
     merge_lora,
     save_adapter,
 )
-from loralab.lora.functions import DoRALinearFn
+from loralab.lora.engine_functions import DoRALinearFn
 from loralab.lora.ops import dora_forward, row_norms
 from loralab.lora.variants import loraplus_param_groups, olora_init, pissa_init
 from loralab.nn import MLP, Linear

@@ -3,37 +3,27 @@
 One package, in layers (each module imports only those above it in this list):
 
 - `loralab.lora.ops`: the pure-NumPy forwards and hand-derived backwards (LoRA, the LoRA branch
-  alone, DoRA); imports nothing of loralab. Beside it, as pure: `loralab.lora.embedding` (LoRA
+  alone, DoRA); imports nothing of loralab. Beside it, as pure: `loralab.lora.embedding_ops` (LoRA
   on an embedding table) and `loralab.lora.grouped` (one batch, many adapters);
 - `loralab.lora.variants`: scaling rules, initialisations (PiSSA, OLoRA), DoRA as small objects; LoRA+;
 - `loralab.lora.config`: `LoraConfig` (PEFT's field names, validated once) and the validators;
-- `loralab.lora.layer_mixin`: what the NumPy and torch `LoRALinear` share (options, ΔW, merging,
+- `loralab.lora.linear_shared`: what the NumPy and torch `LoRALinear` share (options, ΔW, merging,
   named adapters) and `register_linear_type` (the base-layer interface);
-- `loralab.lora.functions`: the engine Functions LoRA runs (`LoRALinearFn`, `DoRALinearFn`,
+- `loralab.lora.engine_functions`: the engine Functions LoRA runs (`LoRALinearFn`, `DoRALinearFn`,
   `LoRABranchFn`, the grouped ones) and `lora_linear`, thin wrappers over `ops`;
-- `loralab.lora.layer`: `LoRALinear`, the NumPy layer, and the holders of its named adapters;
+- `loralab.lora.linear_layer`: `LoRALinear`, the NumPy layer, and the holders of its named adapters;
 - `loralab.lora.embedding_layer`: `LoRAEmbedding` and its Function (LoRA on a token table);
 - `loralab.lora.backend`: how one implementation reaches NumPy and (registered) torch models;
 - `loralab.lora.inject`: `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting;
-- `loralab.lora.adapters`: named adapters (`set_adapter`, `delete_adapter`, `disable_adapters`),
+- `loralab.lora.named_adapters`: named adapters (`set_adapter`, `delete_adapter`, `disable_adapters`),
   mixed batches (`mixed_batch`) and `add_weighted_adapter`;
-- `loralab.lora.adapter`: `save_adapter` / `load_adapter` in HF PEFT's format.
+- `loralab.lora.peft_format`: `save_adapter` / `load_adapter` in HF PEFT's format.
 """
 
-from loralab.lora.adapter import load_adapter, save_adapter
-from loralab.lora.adapters import (
-    active_adapters,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    mixed_batch,
-    set_adapter,
-)
 from loralab.lora.backend import Backend, register_backend
 from loralab.lora.config import LoraConfig
 from loralab.lora.embedding_layer import LoRAEmbedding
-from loralab.lora.functions import lora_linear
+from loralab.lora.engine_functions import lora_linear
 from loralab.lora.inject import (
     count_parameters,
     inject_lora,
@@ -42,8 +32,18 @@ from loralab.lora.inject import (
     merge_lora,
     unmerge_lora,
 )
-from loralab.lora.layer import LoRALinear
-from loralab.lora.layer_mixin import register_linear_type
+from loralab.lora.linear_layer import LoRALinear
+from loralab.lora.linear_shared import register_linear_type
+from loralab.lora.named_adapters import (
+    active_adapters,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+)
+from loralab.lora.peft_format import load_adapter, save_adapter
 from loralab.lora.variants import loraplus_param_groups
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Backends: how the one implementation of injection, merging and the adapter format reaches a model.
 
-`loralab.lora.inject` and `loralab.lora.adapter` are written once, for any kind of model; what
+`loralab.lora.inject` and `loralab.lora.peft_format` are written once, for any kind of model; what
 differs between a `loralab.nn.Module` and a ``torch.nn.Module`` is small and lives in a
 `Backend`: which layer type is the LoRA layer, which types it wraps, how to build one, and how to
 move arrays in and out of parameters. The NumPy backend is registered here; the torch twin
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from loralab.lora.embedding_layer import EMBEDDING_TYPES, LoRAEmbedding
-from loralab.lora.layer import LoRALinear
-from loralab.lora.layer_mixin import LINEAR_TYPES
+from loralab.lora.linear_layer import LoRALinear
+from loralab.lora.linear_shared import LINEAR_TYPES
 from loralab.nn.layers import Linear
 from loralab.nn.module import Module
 

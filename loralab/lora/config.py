@@ -163,7 +163,7 @@ class LoraConfig:
     ----------
     r : int, default 8
         The rank of every adapted layer (unless ``rank_pattern`` says otherwise).
-    lora_alpha : float, default 16
+    lora_alpha : float, default 8 (PEFT's default; scaling = alpha / r = 1 at r = 8)
         The scaling numerator: s = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``).
         Finite and positive.
     lora_dropout : float in [0, 1), default 0.0
@@ -195,7 +195,7 @@ class LoraConfig:
     """
 
     r: int = 8
-    lora_alpha: float = 16
+    lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = None
     use_rslora: bool = False

@@ -8,7 +8,7 @@ out = embedding_dim, as PEFT counts them):
 
 with PEFT's names and shapes, ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B``
 (embedding_dim, r), and s = alpha / r (alpha / sqrt(r) for rsLoRA). The math, a gather forward and a
-scatter-add backward that touch only the used token columns of A, is `loralab.lora.embedding`.
+scatter-add backward that touch only the used token columns of A, is `loralab.lora.embedding_ops`.
 
 Initialisation follows PEFT's source (``peft/tuners/lora/layer.py``, ``reset_lora_parameters``):
 A = 0 and B ~ N(0, 1), the reverse of LoRALinear's and the choice of the LoRA authors' ``loralib``
@@ -20,7 +20,7 @@ As in PEFT, ``dropout`` is accepted (a config sets it for every target) but an e
 branch applies none: its input is a token id, not a vector to drop entries from.
 
 Named adapters: a LoRAEmbedding holds one adapter, named after the adapter it was made for
-(PEFT's ``"default"`` unless named), and follows the protocol of `loralab.lora.layer_mixin.LoRALayerMixin` for it
+(PEFT's ``"default"`` unless named), and follows the protocol of `loralab.lora.linear_shared.LoRALayerMixin` for it
 (``adapter_names``, ``active_adapter_names``, ``merged_adapters``, ``disabled``, ``mixed_rows``),
 so `loralab.lora.set_adapter`, ``disable_adapters`` and ``mixed_batch`` switch it on and off
 with the model's other layers. A second adapter on an embedding is not implemented.
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from loralab.lora.config import lora_scaling
-from loralab.lora.embedding import lora_embedding_backward, lora_embedding_forward
-from loralab.lora.layer_mixin import (
+from loralab.lora.embedding_ops import lora_embedding_backward, lora_embedding_forward
+from loralab.lora.linear_shared import (
     BASE_ROWS,
     DEFAULT_ADAPTER,
     check_adapter_name,
@@ -74,7 +74,7 @@ def validate_embedding_options(
 ) -> None:
     """Raise a clear error for a bad option of a LoRAEmbedding (shared by both backends and injection).
 
-    The same validators as `loralab.lora.layer_mixin.validate_lora_options` (r at most
+    The same validators as `loralab.lora.linear_shared.validate_lora_options` (r at most
     min(num_embeddings, embedding_dim)); DoRA and the W0-splitting inits are refused.
     """
     where = f"LoRAEmbedding(num_embeddings={num_embeddings}, embedding_dim={embedding_dim})"
@@ -161,7 +161,7 @@ class LoRAEmbeddingMixin:
         self.adapter_names, self.active_adapter_names = [adapter_name], [adapter_name]
         self.disabled, self.mixed_rows = False, None
 
-    # ----- its one named adapter (the protocol of loralab.lora.layer_mixin.LoRALayerMixin) -----
+    # ----- its one named adapter (the protocol of loralab.lora.linear_shared.LoRALayerMixin) -----
     @property
     def merged_adapters(self) -> list[str]:
         return list(self.adapter_names) if self.merged else []
@@ -259,7 +259,7 @@ class LoRAEmbeddingMixin:
 
 class LoRAEmbeddingFn(Function):
     """``h = E[ids] + s A^T[ids] B^T`` over (ids, E, A, B), the backward of
-    `loralab.lora.embedding.lora_embedding_backward`. With ``rows`` (bool, shape (batch,)) only
+    `loralab.lora.embedding_ops.lora_embedding_backward`. With ``rows`` (bool, shape (batch,)) only
     those rows of a mixed batch add the adapter; the others are E[ids].
 
     ids get no gradient (they are integers); dA touches only the columns of used tokens; dE is
@@ -298,7 +298,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
         The pre-trained table E (num_embeddings, embedding_dim); kept as ``base`` and frozen.
     r : int, default 8
         Rank of the update, 1 <= r <= min(num_embeddings, embedding_dim).
-    alpha : float, default 16
+    alpha : float, default 8
         scaling = alpha / r (alpha / sqrt(r) with ``use_rslora``).
     dropout : float in [0, 1), default 0.0
         Stored for the adapter's config; not applied (as in PEFT, see the module docstring).
@@ -334,7 +334,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
         base: Any,
         *,
         r: int = 8,
-        alpha: float = 16,
+        alpha: float = 8,
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,

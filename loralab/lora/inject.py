@@ -27,7 +27,7 @@ from loralab.lora.config import (
     target_names,
 )
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
-from loralab.lora.layer_mixin import DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.linear_shared import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 from loralab.nn.module import make_rng
 
@@ -46,7 +46,7 @@ __all__ = [
 
 _DEFAULTS: dict[str, Any] = {  # inject_lora's option keywords and their defaults
     "r": 8,
-    "alpha": 16,
+    "alpha": 8,
     "dropout": 0.0,
     "init": "kaiming",
     "use_rslora": False,
@@ -181,7 +181,7 @@ def wrap_targets(
     A plain linear module is replaced by ``backend.build(base, ...)``; an existing LoRA layer
     (when the model has adapters already and ``adapter_name`` is new) gets the adapter beside
     its others (`LoRALayerMixin.add_adapter`), inactive and frozen as in PEFT until
-    `loralab.lora.adapters.set_adapter` activates it. Each layer's r and alpha come from
+    `loralab.lora.named_adapters.set_adapter` activates it. Each layer's r and alpha come from
     ``config`` (``rank_pattern``/``alpha_pattern`` matched as PEFT does). Everything is checked
     for every target before anything changes (a model whose LoRA layers are merged is refused:
     new layers would start unmerged beside merged ones); the first adapter's parameters are the
@@ -323,7 +323,7 @@ def inject_lora(
     target_modules: str | Sequence[str] | LoraConfig,
     *,
     r: int = 8,
-    alpha: float = 16,
+    alpha: float = 8,
     dropout: float = 0.0,
     init: str = "kaiming",
     use_rslora: bool = False,

@@ -4,7 +4,7 @@ Three ops, each a ``*_forward`` returning ``(y, cache)`` and a ``*_backward(dy, 
 
 - `lora_forward` / `lora_backward`: the fused LoRA linear layer (below);
 - `branch_forward` / `branch_backward`: the LoRA branch alone, ``s ((x * mask) A^T) B^T``, for a
-  base layer that computes its own part (a quantized W0, see `loralab.lora.layer_mixin`);
+  base layer that computes its own part (a quantized W0, see `loralab.lora.linear_shared`);
 - `dora_forward` / `dora_backward`: DoRA's layer (at the end of this file).
 
 The fused LoRA linear layer.

@@ -18,7 +18,7 @@ torch tensors) for merging. This module imports only `loralab.lora.ops`.
 
 Adding a variant: write its object here (an init with ``__call__``, or a kind with
 ``extra_parameters``/``merge``/``unmerge`` and a ``name`` the layers map to their forward
-Function), register it in `INITS` or `KINDS`, then give both layers (`loralab.lora.functions` and
+Function), register it in `INITS` or `KINDS`, then give both layers (`loralab.lora.engine_functions` and
 `loralab.torch.layers`) a Function for the new forward if it needs one.
 """
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from loralab.lora.inject import match_target
-from loralab.lora.layer_mixin import register_linear_type
+from loralab.lora.linear_shared import register_linear_type
 from loralab.nn import Linear, Module, Parameter
 from loralab.nn.layers import check_input
 from loralab.quant.blockwise import QuantizedTensor, quantize

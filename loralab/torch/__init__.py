@@ -11,7 +11,7 @@ The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
   `register_numpy_converter`);
 - `check_equivalence` (the harness) and `shared_dropout_masks`;
 - named adapters, mixed batches and adapter arithmetic (`set_adapter`, `mixed_batch`,
-  `add_weighted_adapter`, ...: `loralab.lora.adapters`'s functions, which serve torch models);
+  `add_weighted_adapter`, ...: `loralab.lora.named_adapters`'s functions, which serve torch models);
 - `save_adapter` / `load_adapter` (the same functions as in `loralab.lora`:
   they accept torch models and write HF PEFT's format).
 

@@ -1,6 +1,6 @@
 """``LoRAEmbedding`` in PyTorch, with the same hand-derived backward as the NumPy Function.
 
-`LoRAEmbeddingFunction` is `loralab.lora.embedding` written in torch: a gather forward and a
+`LoRAEmbeddingFunction` is `loralab.lora.embedding_ops` written in torch: a gather forward and a
 scatter-add backward (``index_add_``) into the columns of A that the batch used; the ids get no
 gradient and the frozen table E none. Importing this module registers the layer's converters with
 `loralab.torch.convert` (``to_torch`` / ``to_numpy``), as `loralab.torch.gpt` does for the GPT.
@@ -104,7 +104,7 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
         base: torch.nn.Embedding,
         *,
         r: int = 8,
-        alpha: float = 16,
+        alpha: float = 8,
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,

@@ -12,7 +12,7 @@ import torch
 
 from loralab.lora.config import LoraConfig
 from loralab.lora.inject import make_config, wrap_targets
-from loralab.lora.layer_mixin import DEFAULT_ADAPTER
+from loralab.lora.linear_shared import DEFAULT_ADAPTER
 from loralab.torch.adapter_backend import TorchBackend
 
 __all__ = ["inject_lora"]
@@ -23,7 +23,7 @@ def inject_lora(
     target_modules: str | Sequence[str] | LoraConfig,
     *,
     r: int = 8,
-    alpha: float = 16,
+    alpha: float = 8,
     dropout: float = 0.0,
     init: str = "kaiming",
     use_rslora: bool = False,

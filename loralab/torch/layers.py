@@ -5,7 +5,7 @@
 unless W0 itself asks for a gradient. That skipped (out, in) matmul is what a real framework
 saves under LoRA too.
 
-Base layers: as on the NumPy side (`loralab.lora.layer_mixin`'s docstring), a LoRALinear wraps a
+Base layers: as on the NumPy side (`loralab.lora.linear_shared`'s docstring), a LoRALinear wraps a
 ``torch.nn.Linear`` or a *linear-like* module registered with `register_linear_type` (the 4-bit
 `loralab.torch.quant.Linear4bit` registers itself: that is QLoRA). A plain Linear runs the whole
 layer through the fused `LoRALinearFunction`; any other base runs ``base(x) + LoRABranchFunction(x,
@@ -23,7 +23,12 @@ import torch.nn.functional as F
 
 from loralab._validate import boolean
 from loralab.functional import dropout_mask
-from loralab.lora.layer_mixin import DEFAULT_ADAPTER, AdapterMixin, LoRALayerMixin, check_mixed_rows
+from loralab.lora.linear_shared import (
+    DEFAULT_ADAPTER,
+    AdapterMixin,
+    LoRALayerMixin,
+    check_mixed_rows,
+)
 from loralab.nn.module import make_rng
 from loralab.torch.grouped import grouped_lora
 from loralab.torch.variants import DoRALinearFunction
@@ -48,7 +53,7 @@ def register_linear_type(cls: type) -> type:
 
     ``cls`` must be a ``torch.nn.Module`` with ``in_features``, ``out_features``, a forward
     (..., in_features) -> (..., out_features) differentiable in x, and optionally ``add_delta_``
-    and ``compute_dtype`` (see `loralab.lora.layer_mixin`). Usable as a class decorator.
+    and ``compute_dtype`` (see `loralab.lora.linear_shared`). Usable as a class decorator.
     """
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise TypeError(f"register_linear_type: expected a torch.nn.Module class, got {cls!r}")
@@ -165,7 +170,7 @@ class LoRABranchFunction(torch.autograd.Function):
 class LoRALinear(LoRALayerMixin, torch.nn.Module):
     """A frozen linear base plus a trainable rank-r update: h = W0 x + b + (alpha/r) B A x.
 
-    The twin of `loralab.lora.LoRALinear`, sharing its code (`loralab.lora.layer_mixin.LoRALayerMixin`:
+    The twin of `loralab.lora.LoRALinear`, sharing its code (`loralab.lora.linear_shared.LoRALayerMixin`:
     options, validation messages, initialisation, merging, repr): same parameter names
     (``base.weight``, ``base.bias``, ``lora_A``, ``lora_B``, ``lora_magnitude_vector``) and, for
     the same ``seed``, the same initial A, B, residual W0 and magnitude, bit for bit.
@@ -207,7 +212,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         base: torch.nn.Module,
         *,
         r: int = 8,
-        alpha: float = 16,
+        alpha: float = 8,
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,

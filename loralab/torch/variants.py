@@ -1,4 +1,4 @@
-"""The LoRA variants in torch: DoRA's Function, the twin of `loralab.lora.functions.DoRALinearFn`.
+"""The LoRA variants in torch: DoRA's Function, the twin of `loralab.lora.engine_functions.DoRALinearFn`.
 
 Everything else about the variants is shared with the NumPy side (`loralab.lora.variants`): the
 scaling rules, PiSSA/OLoRA initialisation (computed in NumPy, so both start from the same A, B

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from loralab import lora, nn
 from loralab.lora import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from loralab.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from loralab.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 X = np.random.default_rng(0).standard_normal((3, 8))
 KEY = "base_model.model.{}.lora_{}.weight"

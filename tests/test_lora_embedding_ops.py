@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loralab.lora.embedding import lora_embedding_backward, lora_embedding_forward
+from loralab.lora.embedding_ops import lora_embedding_backward, lora_embedding_forward
 
 
 def _problem(rng, batch_shape, vocab, dim, r):

@@ -1,4 +1,4 @@
-"""loralab.lora.layer: LoRALinear's contract (shapes, init, merging, gradients, validation, dropout)
+"""loralab.lora.linear_layer: LoRALinear's contract (shapes, init, merging, gradients, validation, dropout)
 and the linear-like base interface a quantized base implements."""
 
 import math
@@ -16,7 +16,7 @@ from loralab.lora import (
     register_linear_type,
     save_adapter,
 )
-from loralab.lora.functions import LoRABranchFn
+from loralab.lora.engine_functions import LoRABranchFn
 from loralab.nn import Linear, Module, Parameter, ReLU, Sequential
 
 

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from loralab import nn
 from loralab.lora import inject_lora, load_adapter, lora_layers, save_adapter
-from loralab.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from loralab.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 CASES = 240
 X = np.random.default_rng(0).standard_normal((3, 8))

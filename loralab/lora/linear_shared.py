@@ -6,11 +6,11 @@ with A of shape (r, in), B of shape (out, r) and s = alpha / r (alpha / sqrt(r) 
 
 Shared by both backends
 -----------------------
-`LoRALayerMixin` holds everything the NumPy layer (`loralab.lora.layer.LoRALinear`) and the torch
+`LoRALayerMixin` holds everything the NumPy layer (`loralab.lora.linear_layer.LoRALinear`) and the torch
 layer (`loralab.torch.layers.LoRALinear`) have in common: validation, the options, initialisation
 (in NumPy, so both start from the same values bit for bit), ΔW, merging, unmerging and the repr.
 A backend adds its parameters, dropout masks and forward Functions (the NumPy ones are in
-`loralab.lora.functions`).
+`loralab.lora.engine_functions`).
 
 Base layers (the interface a quantized base implements)
 -------------------------------------------------------
@@ -33,7 +33,7 @@ adapter lives on the layer itself, so a layer with one adapter keeps the paramet
 further adapter is an `AdapterMixin` module in ``lora_adapters[name]`` with the same attribute
 names (``<path>.lora_adapters.<name>.lora_A``). ``adapter(name)`` gives an adapter's holder; the
 forward adds the active adapters' updates (summed), or the base alone when disabled or merged,
-or routes each row of a mixed batch through its own adapter (`loralab.lora.functions.GroupedLoRALinearFn`, the grouped
+or routes each row of a mixed batch through its own adapter (`loralab.lora.engine_functions.GroupedLoRALinearFn`, the grouped
 op of `loralab.lora.grouped`). Why this layout: every existing model, twin, test and adapter file
 keeps its names; see docs/guides/many_adapters.md.
 """
@@ -189,7 +189,7 @@ class LoRALayerMixin(AdapterMixin):
     called ``<path>.lora_adapters.<name>.lora_A``. ``active_adapter_names`` (the same list on
     every layer of a model) says which adapters the forward adds, their updates summed;
     ``merged_adapters`` which are in W0; ``disabled`` runs the base alone; ``mixed_rows`` (a name
-    per batch row, set by `loralab.lora.adapters.mixed_batch`) routes each row through its own.
+    per batch row, set by `loralab.lora.named_adapters.mixed_batch`) routes each row through its own.
     """
 
     base: Any
@@ -293,7 +293,7 @@ class LoRALayerMixin(AdapterMixin):
         *,
         rng: np.random.Generator,
         r: int = 8,
-        alpha: float = 16,
+        alpha: float = 8,
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,

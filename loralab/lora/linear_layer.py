@@ -5,8 +5,8 @@
 with A of shape (r, in), B of shape (out, r) and s = alpha / r (alpha / sqrt(r) for rsLoRA).
 
 The backend-neutral part (options, initialisation, ΔW, merging, named adapters, the base-layer
-interface) is `loralab.lora.layer_mixin.LoRALayerMixin`, shared with the torch layer; the
-Functions the forward runs are in `loralab.lora.functions`. Here: the NumPy layer, its parameters
+interface) is `loralab.lora.linear_shared.LoRALayerMixin`, shared with the torch layer; the
+Functions the forward runs are in `loralab.lora.engine_functions`. Here: the NumPy layer, its parameters
 and dropout masks, and the small modules that hold its further named adapters (`LoRAAdapter` in
 an `AdapterDict`, ``layer.lora_adapters[name]``).
 
@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from loralab import functional as F
-from loralab.lora.functions import (
+from loralab.lora.engine_functions import (
     DoRALinearFn,
     GroupedLoRAFn,
     GroupedLoRALinearFn,
     LoRABranchFn,
     LoRALinearFn,
 )
-from loralab.lora.layer_mixin import (
+from loralab.lora.linear_shared import (
     DEFAULT_ADAPTER,
     LINEAR_TYPES,
     AdapterMixin,
@@ -57,7 +57,7 @@ class LoRALinear(LoRALayerMixin, Module):
         The pre-trained layer; kept as the field ``base`` and frozen (W0 and b get no gradient).
     r : int, default 8
         Rank of the update, 1 <= r <= min(in_features, out_features).
-    alpha : float, default 16
+    alpha : float, default 8
         The scaling numerator, finite and positive: scaling = alpha / r (alpha / sqrt(r) with
         ``use_rslora``).
     dropout : float in [0, 1), default 0.0
@@ -97,7 +97,7 @@ class LoRALinear(LoRALayerMixin, Module):
         base: Any,
         *,
         r: int = 8,
-        alpha: float = 16,
+        alpha: float = 8,
         dropout: float = 0.0,
         init: str = "kaiming",
         use_rslora: bool = False,

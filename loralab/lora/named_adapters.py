@@ -1,6 +1,6 @@
 """One base, many adapters: PEFT's named-adapter functions, mixed batches and adapter arithmetic.
 
-A LoRA layer can hold several adapters by name (`loralab.lora.layer_mixin.LoRALayerMixin`); these
+A LoRA layer can hold several adapters by name (`loralab.lora.linear_shared.LoRALayerMixin`); these
 functions act on every LoRA layer of a model at once, NumPy or torch alike (written once, over
 `loralab.lora.backend`), with PEFT's names and semantics:
 
@@ -28,7 +28,7 @@ import numpy as np
 from loralab._validate import positive_int
 from loralab.lora.backend import backend_for
 from loralab.lora.inject import active_names, adapter_names_of, check_known
-from loralab.lora.layer_mixin import BASE_ROWS, check_adapter_name
+from loralab.lora.linear_shared import BASE_ROWS, check_adapter_name
 
 __all__ = [
     "set_adapter",

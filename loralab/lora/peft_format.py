@@ -46,7 +46,7 @@ from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
 from loralab.lora.inject import active_names, adapter_names_of
-from loralab.lora.layer_mixin import DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.linear_shared import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 
 __all__ = [

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from loralab.lora import inject_lora, load_adapter, lora_layers, save_adapter
-from loralab.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from loralab.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from loralab.nn import MLP
 
 
