@@ -514,7 +514,7 @@ def test_reference_solution_passes(key, capsys):
 def test_next_exercise_is_named_in_order(capsys):
     ex.check_lora_backward(S.lora_backward)
     assert (
-        "Next: exercise 4, `lora_param_count, lora_model_param_count` (03_counting_and_svd.ipynb)"
+        "Next: exercise 4, `lora_param_count, lora_model_param_count` (04_counting_and_svd.ipynb)"
         in (capsys.readouterr().out)
     )
 
@@ -635,6 +635,16 @@ def test_notebooks_hold_every_exercise_once_with_a_stub_and_no_outputs():
                 assert "raise NotImplementedError" in "".join(cell["source"])
                 seen.append(meta["exercise"])
     assert seen == list(EXERCISES)
+
+
+def test_each_notebook_file_is_numbered_by_its_first_exercise():
+    """A student looking for exercise N finds it in the file numbered N, or the last one before it."""
+    first = {}
+    for number, exercise in enumerate(EXERCISES.values(), start=1):
+        first.setdefault(exercise.notebook, number)
+    for notebook, number in first.items():
+        assert notebook.startswith(f"{number:02d}_"), (notebook, number)
+    assert sorted(p.name for p in _notebooks()) == sorted(first)
 
 
 def test_solutions_are_not_shipped_in_the_package():
@@ -834,7 +844,7 @@ def test_the_forward_check_tells_the_scalings_apart():
 
 
 @pytest.mark.parametrize(
-    "name", ["03_counting_and_svd", "04_merge_and_optimizer", "05_subspace_similarity"]
+    "name", ["04_counting_and_svd", "06_merge_and_optimizer", "09_subspace_similarity"]
 )
 def test_headers_describe_the_inputs_their_checks_use(name):
     nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text(encoding="utf-8"))

@@ -60,7 +60,7 @@ def test_partly_wrong_notebook_scores_per_exercise(tmp_path, capsys):
     sources["adam_step"] = (
         "def adam_step(params, grads, state, trainable, lr, betas, eps, t)\n    pass"
     )
-    student = tmp_path / "04_merge_and_optimizer.ipynb"
+    student = tmp_path / "06_merge_and_optimizer.ipynb"
     fill_notebook(NOTEBOOKS[3], sources, student)
     report = grade_notebook(student)
     assert [(r.key, r.passed) for r in report.results] == [
@@ -92,7 +92,7 @@ def test_one_hanging_or_exiting_exercise_leaves_the_others_graded(tmp_path):
     sources["sgd_step"] = (
         "def sgd_step(params, grads, trainable, lr):\n    while True:\n        pass"
     )
-    student = tmp_path / "04_merge_and_optimizer.ipynb"
+    student = tmp_path / "06_merge_and_optimizer.ipynb"
     fill_notebook(NOTEBOOKS[3], sources, student)
     start = time.perf_counter()
     report = grade_notebook(student, timeout=60, time_limit=0.5)
@@ -110,7 +110,7 @@ def test_one_hanging_or_exiting_exercise_leaves_the_others_graded(tmp_path):
 def test_a_cell_that_never_finishes_is_interrupted_and_the_rest_is_graded(tmp_path):
     sources = _solution_sources()
     sources["sgd_step"] = "while True:\n    pass"  # at top level: the cell itself never ends
-    student = tmp_path / "04_merge_and_optimizer.ipynb"
+    student = tmp_path / "06_merge_and_optimizer.ipynb"
     fill_notebook(NOTEBOOKS[3], sources, student)
     report = grade_notebook(student, timeout=3)
     assert [(r.key, r.passed) for r in report.results] == [

@@ -10,7 +10,7 @@ from loralab.exercises import quant_checks as qc
 from loralab.quant import NF4_VALUES, quantize
 
 LEVELS = NF4_VALUES.astype(np.float64)
-NOTEBOOK = Path(__file__).parents[1] / "tutorials" / "exercises" / "11_nf4_quantization.ipynb"
+NOTEBOOK = Path(__file__).parents[1] / "tutorials" / "exercises" / "14_nf4_quantization.ipynb"
 
 
 def nearest(x, levels=LEVELS):

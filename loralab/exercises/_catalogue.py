@@ -50,7 +50,7 @@ _ALL = [
     Exercise(
         "lora_backward",
         "lora_backward(dy, x, W0, A, B, scaling)",
-        "02_lora_backward.ipynb",
+        "03_lora_backward.ipynb",
         ("lora_backward",),
         "check_lora_backward",
         "You derived dx, dA and dB by the chain rule, summed over the batch, and skipped dW0: "
@@ -59,7 +59,7 @@ _ALL = [
     Exercise(
         "param_count",
         "lora_param_count(d, k, r) and lora_model_param_count(shapes, r, targets)",
-        "03_counting_and_svd.ipynb",
+        "04_counting_and_svd.ipynb",
         ("lora_param_count", "lora_model_param_count"),
         "check_param_count",
         "You showed that LoRA trains r (d + k) numbers per matrix instead of d k.",
@@ -67,7 +67,7 @@ _ALL = [
     Exercise(
         "low_rank_approx",
         "low_rank_approx(W, r)",
-        "03_counting_and_svd.ipynb",
+        "04_counting_and_svd.ipynb",
         ("low_rank_approx",),
         "check_low_rank_approx",
         "Your truncated SVD reaches the Eckart–Young bound: no rank-r matrix is closer to W, "
@@ -76,7 +76,7 @@ _ALL = [
     Exercise(
         "merge",
         "merge(W0, A, B, scaling) and unmerge(W, A, B, scaling)",
-        "04_merge_and_optimizer.ipynb",
+        "06_merge_and_optimizer.ipynb",
         ("merge", "unmerge"),
         "check_merge",
         "You folded scaling * B A into W0 and took it out again: a merged LoRA model runs "
@@ -85,7 +85,7 @@ _ALL = [
     Exercise(
         "sgd_step",
         "sgd_step(params, grads, trainable, lr)",
-        "04_merge_and_optimizer.ipynb",
+        "06_merge_and_optimizer.ipynb",
         ("sgd_step",),
         "check_optimizer_step",
         "Your SGD step moves only the trainable parameters and leaves the frozen ones untouched.",
@@ -93,7 +93,7 @@ _ALL = [
     Exercise(
         "adam_step",
         "adam_step(params, grads, state, trainable, lr, betas, eps, t)",
-        "04_merge_and_optimizer.ipynb",
+        "06_merge_and_optimizer.ipynb",
         ("adam_step",),
         "check_optimizer_step",
         "Your Adam step matches PyTorch's formulas (bias-corrected moments, eps outside the "
@@ -102,7 +102,7 @@ _ALL = [
     Exercise(
         "subspace_similarity",
         "subspace_similarity(U1, U2, i, j)",
-        "05_subspace_similarity.ipynb",
+        "09_subspace_similarity.ipynb",
         ("subspace_similarity",),
         "check_subspace_similarity",
         "You computed the LoRA paper's phi(A1, A2, i, j) = ||U1_i^T U2_j||_F^2 / min(i, j): "
@@ -111,7 +111,7 @@ _ALL = [
     Exercise(
         "lora_init",
         "init_lora(in_features, out_features, r, rng)",
-        "06_lora_init.ipynb",
+        "10_lora_init.ipynb",
         ("init_lora",),
         "check_lora_init",
         "You started LoRA as the paper does (Section 4.1): A random, B = 0. So ΔW = B A = 0 and "
@@ -121,7 +121,7 @@ _ALL = [
     Exercise(
         "lora_dropout_backward",
         "lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p)",
-        "07_lora_dropout.ipynb",
+        "11_lora_dropout.ipynb",
         ("lora_dropout_backward",),
         "check_lora_dropout_backward",
         "You back-propagated through dropout on the LoRA path: the forward's mask and 1 / (1 - p) "
@@ -131,7 +131,7 @@ _ALL = [
     Exercise(
         "inject_lora",
         "inject_lora_by_name(params, targets, r, rng)",
-        "08_inject_by_name.ipynb",
+        "12_inject_by_name.ipynb",
         ("inject_lora_by_name",),
         "check_inject_lora",
         "You chose modules by name as PEFT does (the name is a target or ends with '.' + target), "
@@ -141,7 +141,7 @@ _ALL = [
     Exercise(
         "dora_forward",
         "dora_forward(x, W0, A, B, scaling, m)",
-        "09_dora_forward.ipynb",
+        "13_dora_forward.ipynb",
         ("dora_forward",),
         "check_dora_forward",
         "You computed DoRA's forward (Liu et al., 2024): the adapted weight W0 + scaling * B A "
@@ -150,7 +150,7 @@ _ALL = [
     Exercise(
         "nf4_quantization",
         "nf4_quantize(W, block_size) and nf4_dequantize(codes, absmax, shape, block_size)",
-        "11_nf4_quantization.ipynb",
+        "14_nf4_quantization.ipynb",
         ("nf4_quantize", "nf4_dequantize"),
         "check_nf4_quantization",
         "You quantized W blockwise to NormalFloat-4 as QLoRA does (Section 3): one absmax per "
