@@ -278,6 +278,11 @@ def set_merged(model: Any, merged: bool, adapter_names: Sequence[str] | None = N
         raise ValueError(f"merge_lora: layers {wrong} are already merged; call unmerge_lora first")
     if wrong:
         raise ValueError(f"unmerge_lora: layers {wrong} are not merged; nothing to unmerge")
+    for path, layer in layers if merged else ():
+        names = None if adapter_names is None else list(adapter_names)
+        problem = layer.merge_problem(names) if hasattr(layer, "merge_problem") else None
+        if problem:
+            raise ValueError(f"merge_lora: layer {path!r}: {problem}; nothing was merged")
     for _, layer in layers:
         if not merged:
             layer.unmerge()

@@ -442,6 +442,24 @@ class LoRALayerMixin(AdapterMixin):
             self._move_delta(self.adapter(name), into_base=True)
             self.merged_adapters.append(name)
 
+    def merge_problem(self, adapter_names: list[str] | None = None) -> str | None:
+        """Why merging ``adapter_names`` (default: the active ones) would write a W0 that is not
+        finite, or None: checked on every layer before `loralab.lora.merge_lora` changes one."""
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return None
+        base = self.base
+        W0 = base.weight.data if self.plain_base else getattr(base, "dequantized_weight", None)
+        if W0 is None:
+            return None
+        merged = _as_numpy(W0() if callable(W0) else W0).copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name in names:
+                merged += _as_numpy(self.adapter(name).delta_weight())
+                if not np.isfinite(merged).all():
+                    return f"adapter {name!r} makes W0 + ΔW not finite in {merged.dtype}"
+        return None
+
     def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapter_names if adapter_names is None else adapter_names
         return [n for n in names if n in self.adapter_names]
@@ -485,6 +503,10 @@ class LoRALayerMixin(AdapterMixin):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}{names}"
         )
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.detach().cpu().numpy()
 
 
 def check_mixed_rows(where: str, n_names: int, x_shape: tuple[int, ...]) -> None:

@@ -204,7 +204,9 @@ def dequantize_blockwise_8bit(codes: np.ndarray, absmax: np.ndarray, block_size:
 class QuantizedTensor:
     """A weight stored blockwise in 4 or 8 bits; `dequantize` gives the float32 approximation.
 
-    Build one with `quantize`. Fields (all NumPy arrays are the stored bytes):
+    Build one with `quantize`. Fields (all NumPy arrays are the stored bytes); a tensor built by
+    hand (or from loaded arrays) is checked whole when it is made, so a wrong length, a code
+    outside the level table or a non-finite constant is a ValueError naming the field:
 
     Attributes
     ----------
@@ -231,6 +233,9 @@ class QuantizedTensor:
     absmax_stored: np.ndarray
     absmax_scale: np.ndarray | None = None
     absmax_offset: np.float32 | None = None
+
+    def __post_init__(self) -> None:
+        _validate_quantized(self)
 
     @property
     def double_quant(self) -> bool:
@@ -313,12 +318,86 @@ class QuantizedTensor:
         )
 
 
-def _check_block_size(block_size: Any) -> int:
+def _check_block_size(block_size: Any, where: str = "quantize") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"quantize: block_size must be an int, got {type(block_size).__name__}")
+        raise TypeError(f"{where}: block_size must be an int, got {type(block_size).__name__}")
     if block_size < 2 or block_size & (block_size - 1):
-        raise ValueError(f"quantize: block_size must be a power of two >= 2, got {block_size}")
+        raise ValueError(f"{where}: block_size must be a power of two >= 2, got {block_size}")
     return int(block_size)
+
+
+def _check_array(name: str, value: Any, dtype: Any, length: int) -> np.ndarray:
+    where = "QuantizedTensor"
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{where}: {name} must be a NumPy array, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise TypeError(f"{where}: {name} must have dtype {np.dtype(dtype)}, got {value.dtype}")
+    if value.shape != (length,):
+        raise ValueError(
+            f"{where}: {name} must have shape ({length},) for this shape and block size, "
+            f"got {value.shape}"
+        )
+    return value
+
+
+def _check_constants(name: str, values: np.ndarray, non_negative: bool) -> None:
+    bad = ~np.isfinite(values) | ((values < 0) if non_negative else False)
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "finite and >= 0" if non_negative else "finite"
+        raise ValueError(
+            f"QuantizedTensor: {name} must be {kind}; {int(bad.sum())} values are not, the "
+            f"first at index {i} is {values[i]!r}"
+        )
+
+
+def _validate_quantized(q: QuantizedTensor) -> None:
+    """Check every field of ``q`` against the others (lengths, dtypes, codes, constants)."""
+    where = "QuantizedTensor"
+    if not isinstance(q.dtype, str) or q.dtype not in LEVELS:
+        raise ValueError(f"{where}: dtype must be one of {sorted(LEVELS)}, got {q.dtype!r}")
+    _check_block_size(q.block_size, where)
+    shape = q.shape
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(f"{where}: shape must be a tuple of positive ints, got {shape!r}")
+    n = int(np.prod(shape, dtype=np.int64))
+    n_blocks = -(-n // q.block_size)
+    four_bit = _BITS[q.dtype] == 4
+    codes = _check_array("codes", q.codes, np.uint8, -(-n // 2) if four_bit else n)
+    n_levels = LEVELS[q.dtype].size
+    if n_levels < 2 ** _BITS[q.dtype]:  # int4 (15 levels) and int8 (255): some codes mean nothing
+        top = (
+            max(int((codes >> 4).max()), int((codes & 0x0F).max()))
+            if four_bit
+            else int(codes.max())
+        )
+        if top >= n_levels:
+            raise ValueError(
+                f"{where}: codes must index the {n_levels} levels of {q.dtype!r} (0 to "
+                f"{n_levels - 1}), got a code {top}"
+            )
+    if q.absmax_scale is None:
+        if q.absmax_offset is not None:
+            raise ValueError(f"{where}: absmax_offset is set but absmax_scale is None")
+        absmax = _check_array("absmax_stored", q.absmax_stored, np.float32, n_blocks)
+        _check_constants("absmax_stored", absmax, non_negative=True)
+        return
+    _check_array("absmax_stored", q.absmax_stored, np.uint8, n_blocks)
+    scale = _check_array(
+        "absmax_scale", q.absmax_scale, np.float32, -(-n_blocks // DOUBLE_QUANT_BLOCK_SIZE)
+    )
+    _check_constants("absmax_scale", scale, non_negative=True)
+    offset = q.absmax_offset
+    if not isinstance(offset, np.float32):
+        raise TypeError(
+            f"{where}: absmax_offset must be a numpy.float32 with double quantization, got "
+            f"{offset!r} ({type(offset).__name__})"
+        )
+    _check_constants("absmax_offset", np.array([offset]), non_negative=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _check_constants("the dequantized absmax", q.absmax, non_negative=False)
 
 
 def _check_weight(W: Any) -> np.ndarray:
@@ -337,6 +416,14 @@ def _check_weight(W: Any) -> np.ndarray:
         raise ValueError(
             f"quantize: W must be finite; {int((~finite).sum())} values are not, "
             f"the first at index {tuple(int(i) for i in bad)} is {array[tuple(bad)]!r}"
+        )
+    limit = float(np.finfo(np.float32).max)
+    too_big = np.abs(array) > limit
+    if too_big.any():  # float64 values that would round to inf in float32
+        bad = np.argwhere(too_big)[0]
+        raise ValueError(
+            f"quantize: W must fit in float32 (|W| <= {limit:.4g}); {int(too_big.sum())} values "
+            f"do not, the first at index {tuple(int(i) for i in bad)} is {array[tuple(bad)]!r}"
         )
     return array
 
@@ -367,7 +454,8 @@ def quantize(
     TypeError
         W not floating point; dtype not a str; block_size or double_quant of the wrong type.
     ValueError
-        W empty or not finite; dtype unknown; block_size not a power of two >= 2.
+        W empty, not finite or beyond float32's range; dtype unknown; block_size not a power of
+        two >= 2.
 
     Examples
     --------

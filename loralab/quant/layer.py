@@ -10,18 +10,20 @@ and again in the backward pass, so that between the two only the 4-bit codes are
 every layer's float32 W0 until its backward would give the memory back). Both dequantize into a
 `Workspace`, one float32 array reused by all the layers of a model: NumPy hands a freed large
 array back to the operating system, and a fresh W0 per call cost as much in page faults as the
-dequantization itself (torch's caching allocator spares bitsandbytes this).
+dequantization itself (torch's caching allocator spares bitsandbytes this). The array is per
+thread, so several threads may call one quantized model's forward at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from loralab.lora.inject import match_target
-from loralab.lora.linear_shared import register_linear_type
+from loralab.lora.linear_shared import LoRALayerMixin, register_linear_type
 from loralab.nn import Linear, Module, Parameter
 from loralab.nn.layers import check_input
 from loralab.quant.blockwise import QuantizedTensor, quantize
@@ -35,21 +37,34 @@ class Workspace:
 
     `Linear4bit` layers dequantize W0 into it in the forward and the backward pass; the layers
     of one model share one (`quantize_model` gives them the same), so it holds one layer's W0.
+    Each thread gets its own array, so threads calling one model's forward at once never write
+    into the W0 another thread is multiplying with (a thread holds at most one scratch W0).
+    A copy (or a pickled model) starts with an empty workspace.
     """
 
     def __init__(self) -> None:
-        self._buffer = np.empty(0, dtype=np.float32)
+        self._local = threading.local()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (Workspace, ())  # scratch is never copied; threading.local cannot be pickled
+
+    def _buffer(self) -> np.ndarray:
+        return getattr(self._local, "buffer", _EMPTY)
 
     def get(self, size: int) -> np.ndarray:
-        """A float32 array of at least ``size`` elements (its contents are scratch)."""
-        if self._buffer.size < size:
-            self._buffer = np.empty(size, dtype=np.float32)
-        return self._buffer
+        """A float32 array of at least ``size`` elements, the calling thread's (contents are scratch)."""
+        buffer = self._buffer()
+        if buffer.size < size:
+            buffer = self._local.buffer = np.empty(size, dtype=np.float32)
+        return buffer
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the scratch array now held (4 x the largest request so far)."""
-        return int(self._buffer.nbytes)
+        """Bytes of the calling thread's scratch array (4 x its largest request so far)."""
+        return int(self._buffer().nbytes)
+
+
+_EMPTY = np.empty(0, dtype=np.float32)
 
 
 class Linear4bitFn(Function):
@@ -220,7 +235,10 @@ def quantize_model(
     Returns
     -------
     The same model, changed in place. Every selected layer is quantized before any is
-    replaced, so a refused call leaves the model as it was.
+    replaced, so a refused call leaves the model as it was. On a model with LoRA layers already
+    (`loralab.lora.inject_lora` first), the Linear bases inside them are quantized (a LoRA
+    layer's own name selects its base); refused for merged layers, DoRA adapters and adapters
+    that are not float32.
 
     Raises
     ------
@@ -229,12 +247,25 @@ def quantize_model(
     """
     modules = dict(model.named_modules())
     linears = {name: m for name, m in modules.items() if name and isinstance(m, Linear)}
-    chosen = [n for n in linears if target_modules is None or match_target(n, target_modules)]
+    chosen = [
+        n
+        for n in linears
+        if target_modules is None
+        or match_target(n, target_modules)
+        or (
+            _lora_parent(modules, n) is not None
+            and match_target(n[: -len(".base")], target_modules)
+        )
+    ]
     if not chosen:
         raise ValueError(
             f"quantize_model: target_modules={target_modules!r} matched no Linear; "
             f"the Linear modules of this model are {list(linears)}"
         )
+    for name in chosen:
+        lora = _lora_parent(modules, name)
+        if lora is not None:
+            _check_lora_parent(name, lora)
     built = {
         name: Linear4bit(
             linears[name], dtype=dtype, block_size=block_size, double_quant=double_quant
@@ -246,4 +277,32 @@ def quantize_model(
         layer.workspace = workspace
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+        lora = _lora_parent(modules, name)
+        if lora is not None:  # the LoRA layer now runs base(x) + its branch (W0 is not plain)
+            lora.plain_base = False
     return model
+
+
+def _lora_parent(modules: dict[str, Module], name: str) -> LoRALayerMixin | None:
+    """The LoRA layer whose base is module ``name``, if it is one."""
+    parent, _, child = name.rpartition(".")
+    layer = modules.get(parent) if child == "base" else None
+    return layer if isinstance(layer, LoRALayerMixin) else None
+
+
+def _check_lora_parent(name: str, layer: LoRALayerMixin) -> None:
+    """Refuse, by name, a LoRA layer whose base cannot become 4-bit under its adapters."""
+    where = f"quantize_model: {name!r} is the base of a LoRA layer"
+    if layer.merged:
+        raise ValueError(
+            f"{where} whose adapters {layer.merged_adapters} are merged; unmerge first"
+        )
+    dora = [n for n in layer.adapter_names if layer.adapter(n).use_dora]
+    if dora:
+        raise ValueError(f"{where} with DoRA adapters {dora}, which need W0 itself")
+    dtypes = sorted({str(layer.adapter(n).lora_A.data.dtype) for n in layer.adapter_names})
+    if dtypes != ["float32"]:
+        raise ValueError(
+            f"{where} whose adapters are {dtypes}; a 4-bit base computes in float32, so its "
+            "adapters must be float32 too (quantize before inject_lora)"
+        )

@@ -81,6 +81,11 @@ def loftq(
     Returns
     -------
     LoftQResult
+
+    Raises
+    ------
+    ValueError
+        W not a matrix or all zeros; r, num_iter or scaling out of range.
     """
     W = np.asarray(getattr(W, "data", W))
     if W.ndim != 2:
@@ -95,6 +100,14 @@ def loftq(
         raise ValueError(f"loftq: scaling must be a positive number, got {scaling!r}")
     W = W.astype(np.float32)
     norm = float(np.linalg.norm(W.astype(np.float64)))
+    if (
+        norm == 0
+    ):  # quantize(W) would already be exact, and A = B = 0 is an adapter that never trains
+        raise ValueError(
+            f"loftq: W (shape {W.shape}) is all zeros, so there is no quantization error to "
+            "cancel and the errors relative to ||W|| are undefined; quantize it as it is and "
+            "start the adapter with the default init (B = 0)"
+        )
     target = W
     errors = []
     for _ in range(num_iter):
