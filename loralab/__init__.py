@@ -6,11 +6,13 @@ the fused LoRA op with a hand-derived backward (`loralab.lora.ops`), optimizers
 `loralab.torch` (the only module that imports torch).
 """
 
-from loralab import functional, lora, nn, optim
+from loralab import _deprecated, functional, lora, nn, optim
 from loralab._gradcheck import GradcheckError, gradcheck, numerical_grad
 from loralab.tensor import Context, Function, Tensor, is_grad_enabled, no_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_deprecated.install()  # 0.1's module paths (loralab.lora.adapter, ...) still import; removed in 0.3
 
 __all__ = [
     "Tensor",

@@ -8,10 +8,11 @@ step written by hand in NumPy. Every function accepts Tensors or ndarrays (ndarr
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loralab._deprecated import moved_attribute
 from loralab._validate import boolean, probability
 from loralab.tensor import Function, Tensor, as_tensor
 
@@ -402,3 +403,10 @@ def dropout(
         return x
     rng = rng if rng is not None else np.random.default_rng()
     return x * dropout_mask(x.shape, p, rng, x.dtype)
+
+
+if not TYPE_CHECKING:  # mypy would otherwise accept any attribute of F
+
+    def __getattr__(name: str) -> Any:
+        """0.1's names (``F.lora_linear``, ``F.Linear``, ...) with a DeprecationWarning; removed in 0.3."""
+        return moved_attribute(__name__, name)

@@ -1,5 +1,8 @@
 """Layers and models on the autograd engine: ``Module``, ``Linear`` and friends (LoRA: `loralab.lora`)."""
 
+from typing import TYPE_CHECKING, Any
+
+from loralab._deprecated import moved_attribute
 from loralab.nn.layers import GELU, MLP, Dropout, Embedding, LayerNorm, Linear, ReLU, Sequential
 from loralab.nn.module import Module, Parameter
 
@@ -15,3 +18,9 @@ __all__ = [
     "Sequential",
     "MLP",
 ]
+
+if not TYPE_CHECKING:  # mypy would otherwise accept any attribute of loralab.nn
+
+    def __getattr__(name: str) -> Any:
+        """0.1's ``loralab.nn.LoRALinear`` with a DeprecationWarning; removed in 0.3."""
+        return moved_attribute(__name__, name)
