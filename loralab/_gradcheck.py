@@ -102,7 +102,7 @@ def gradcheck(
             idx = tuple(int(k) for k in np.argwhere(bad)[0])
             raise GradcheckError(
                 f"gradcheck: gradient of input {i} (shape {t.shape}) is wrong at index {idx}: "
-                f"got {got[idx]!r}, expected {expected[idx]!r} from central differences "
+                f"got {float(got[idx])!r}, expected {float(expected[idx])!r} from central differences "
                 f"({int(bad.sum())} of {bad.size} elements differ; max abs error "
                 f"{np.abs(got - expected).max():.3g})"
             )

@@ -1,6 +1,7 @@
 """loralab's gradient checks: central differences, and gradcheck's teeth (it can fail)."""
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -73,3 +74,11 @@ def test_loralab_gradcheck_is_the_function_and_no_module_shadows_it():
     assert callable(loralab.gradcheck) and loralab.gradcheck is gradcheck
     assert importlib.util.find_spec("loralab.gradcheck") is None
     assert gradcheck.__module__ == "loralab._gradcheck"
+
+
+def test_gradcheck_prints_plain_numbers_not_numpy_reprs():
+    with pytest.raises(GradcheckError) as info:
+        gradcheck(WrongSquare.apply, rand((3, 2), 10))
+    message = str(info.value)
+    assert "np.float" not in message
+    assert re.search(r"got -?\d[\d.e+-]*, expected -?\d[\d.e+-]* from central", message), message
