@@ -27,7 +27,11 @@ from loralab.lora.config import (
     target_names,
 )
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
-from loralab.lora.linear_shared import DEFAULT_ADAPTER, check_adapter_name
+from loralab.lora.linear_shared import (
+    DEFAULT_ADAPTER,
+    check_adapter_name,
+    check_not_in_mixed_batch,
+)
 from loralab.lora.variants import INITS
 from loralab.nn.module import make_rng
 
@@ -189,6 +193,7 @@ def wrap_targets(
     """
     check_adapter_name(adapter_name, "inject_lora")
     existing = backend.lora_layers(model)
+    check_not_in_mixed_batch(existing, "inject_lora")
     merged = [n for n, m in existing if m.merged]
     if merged:
         raise ValueError(
@@ -267,6 +272,7 @@ def set_merged(model: Any, merged: bool, adapter_names: Sequence[str] | None = N
     layers = backend_for(model, what).lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no LoRA layers; call inject_lora first")
+    check_not_in_mixed_batch(layers, what)
     if merged and adapter_names is not None:
         adapter_names = check_known(model, adapter_names, what)
     if merged:

@@ -62,6 +62,7 @@ __all__ = [
     "BASE_ROWS",
     "check_adapter_name",
     "check_mixed_rows",
+    "check_not_in_mixed_batch",
     "LINEAR_TYPES",
     "register_linear_type",
     "validate_lora_options",
@@ -389,6 +390,8 @@ class LoRALayerMixin(AdapterMixin):
         if self.mixed_rows is not None:
             asked = set(self.mixed_rows)
             used = [n for n in self.adapter_names if n in asked]
+            if not used:  # only "__base__" rows, or adapters this layer does not hold
+                return "base", None
             position = {n: k for k, n in enumerate(used)}
             index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
             return "mixed", (index, [self.adapter(n) for n in used])
@@ -502,6 +505,16 @@ class LoRALayerMixin(AdapterMixin):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, dropout={self.dropout:g}{rs}, merged={self.merged}{names}"
+        )
+
+
+def check_not_in_mixed_batch(layers: list[tuple[str, Any]], where: str) -> None:
+    """Refuse a change of adapters (merge, delete, add ...) inside a `mixed_batch` block: the
+    block routes rows by the names it was given, and would run the changed layers wrongly."""
+    if any(getattr(layer, "mixed_rows", None) is not None for _, layer in layers):
+        raise ValueError(
+            f"{where}: called inside a mixed_batch block, whose rows are routed by the adapters "
+            "it was given; change adapters after the block ends"
         )
 
 

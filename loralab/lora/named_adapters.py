@@ -19,6 +19,7 @@ Every function validates the whole request first; a refused call changes nothing
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 from loralab._validate import positive_int
 from loralab.lora.backend import backend_for
 from loralab.lora.inject import active_names, adapter_names_of, check_known
-from loralab.lora.linear_shared import BASE_ROWS, check_adapter_name
+from loralab.lora.linear_shared import BASE_ROWS, check_adapter_name, check_not_in_mixed_batch
 
 __all__ = [
     "set_adapter",
@@ -84,6 +85,7 @@ def set_adapter(model: Any, adapter_name: str | Sequence[str]) -> None:
     """
     names = check_known(model, adapter_name, "set_adapter")
     layers = _named_layers(model, "set_adapter")
+    check_not_in_mixed_batch(layers, "set_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"set_adapter: layers {merged} are merged; call unmerge_lora first")
@@ -104,6 +106,7 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
     """
     (name,) = check_known(model, [adapter_name], "delete_adapter")
     layers = _named_layers(model, "delete_adapter")
+    check_not_in_mixed_batch(layers, "delete_adapter")
     if any(name in layer.merged_adapters for _, layer in layers):
         raise ValueError(f"delete_adapter: adapter {name!r} is merged; call unmerge_lora first")
     active = active_adapters(model)
@@ -126,19 +129,21 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
 def disable_adapters(model: Any) -> Iterator[Any]:
     """Inside the block the model computes with its base weights alone (PEFT's ``disable_adapter``).
 
-    A merged model is refused (W0 holds ΔW; unmerge first).
+    A merged model is refused (W0 holds ΔW; unmerge first). Blocks nest: when one ends, the
+    model computes as the enclosing block (if any) said.
     """
     layers = _named_layers(model, "disable_adapters")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"disable_adapters: layers {merged} are merged; call unmerge_lora first")
+    outer = [layer.disabled for _, layer in layers]  # an enclosing block's state comes back
     for _, layer in layers:
         layer.disabled = True
     try:
         yield model
     finally:
-        for _, layer in layers:
-            layer.disabled = False
+        for (_, layer), was in zip(layers, outer, strict=True):
+            layer.disabled = was
 
 
 @contextmanager
@@ -152,7 +157,9 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     The batch must have ``len(adapter_names)`` rows (x of shape (len, ..., in)).
 
     Refused: unknown names (the message lists the known ones), a merged model, DoRA adapters
-    (as PEFT), and adapters with dropout in training mode.
+    (as PEFT), and adapters with dropout in training mode. Blocks nest (the enclosing block's
+    rows come back when an inner one ends); inside one, changing the adapters (`merge_lora`,
+    `delete_adapter`, `set_adapter`, `add_weighted_adapter`, `inject_lora`) is refused.
     """
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(
@@ -187,13 +194,14 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         raise ValueError(
             f"mixed_batch: adapters {dora} use DoRA, which a mixed batch does not support"
         )
+    outer = [layer.mixed_rows for _, layer in layers]  # an enclosing block's rows come back
     for _, layer in layers:
         layer.mixed_rows = rows
     try:
         yield model
     finally:
-        for _, layer in layers:
-            layer.mixed_rows = None
+        for (_, layer), was in zip(layers, outer, strict=True):
+            layer.mixed_rows = was
 
 
 # ----- adapter arithmetic ------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def add_weighted_adapter(
     adapters : list of str
         Existing adapter names, no repeats.
     weights : list of float
-        w_i, one per adapter, finite (negative subtracts a task).
+        w_i, one per adapter, finite (negative subtracts a task); Python or NumPy numbers.
     adapter_name : str
         A new name.
     combination_type : "linear", "cat" or "svd" (default, as PEFT)
@@ -264,8 +272,11 @@ def add_weighted_adapter(
     ------
     ValueError
         Unknown or repeated adapter names (the message lists the known ones), an existing
-        ``adapter_name``, weights of the wrong length or not finite, an unknown
-        ``combination_type``, "linear" with different ranks, DoRA adapters, a merged model.
+        ``adapter_name``, weights of the wrong length, not finite or so large that the new
+        A, B or B A would overflow the adapters' dtype, an unknown ``combination_type``,
+        "linear" with different ranks, DoRA adapters, adapters on an embedding (a
+        `loralab.lora.LoRAEmbedding` holds one adapter), a merged model, a call inside a
+        `mixed_batch` block.
     """
     names = check_known(model, list(adapters), "add_weighted_adapter")
     if not names:
@@ -283,8 +294,8 @@ def add_weighted_adapter(
         raise ValueError(
             f"add_weighted_adapter: got {len(weights)} weights for {len(names)} adapters {names}"
         )
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
+    for w in weights:  # Python or NumPy real numbers (np.float32(0.5)), as PEFT accepts
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
             raise TypeError(
                 f"add_weighted_adapter: weights must be numbers, got {w!r} ({type(w).__name__})"
             )
@@ -300,10 +311,22 @@ def add_weighted_adapter(
     if len(names) == 1:
         combination_type = "linear"  # as PEFT: one adapter is scaled, whatever was asked
     layers = _named_layers(model, "add_weighted_adapter")
+    check_not_in_mixed_batch(layers, "add_weighted_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise ValueError(
             f"add_weighted_adapter: layers {merged} are merged; call unmerge_lora first"
+        )
+    single = [
+        n
+        for n, layer in layers
+        if not hasattr(layer, "add_adapter") and any(a in layer.adapter_names for a in names)
+    ]
+    if single:  # a LoRAEmbedding holds one adapter: the combination would have nowhere to go
+        raise ValueError(
+            f"add_weighted_adapter: layers {single} ({type(dict(layers)[single[0]]).__name__}) "
+            f"hold one adapter each, so a combined adapter cannot be added beside {names}; "
+            "combine adapters on Linear layers only"
         )
     ranks: dict[str, int] = {}
     first: Any = None
@@ -344,7 +367,15 @@ def add_weighted_adapter(
                 f"layer {path!r} ({layer.in_features}, {layer.out_features})"
             )
         hs, ws = [h for h, _ in present], [float(w) for _, w in present]
-        A, B = _combine(hs, ws, combination_type, rank)
+        with np.errstate(over="ignore", invalid="ignore"):
+            A, B = _combine(hs, ws, combination_type, rank)
+            dtype = _to_numpy(hs[0].lora_A).dtype
+            fits = all(np.isfinite(M.astype(dtype)).all() for M in (A, B, B @ A))
+        if not fits:
+            raise ValueError(
+                f"add_weighted_adapter: weights {list(weights)} give layer {path!r} an adapter "
+                f"whose A, B or B A is not finite in {dtype}; use smaller weights"
+            )
         plans.append((layer, A, B))
     backend = backend_for(model, "add_weighted_adapter")
     options = dict(
