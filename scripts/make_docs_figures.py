@@ -1,6 +1,7 @@
 """Draw the figures of the docs home page: LoRA's block diagram and two panels of computed numbers.
 
-Writes ``docs/assets/figures/lora_block.svg`` and ``docs/assets/figures/lora_at_a_glance.svg``
+Writes ``docs/assets/figures/lora_block.svg`` (and its copy in ``loralab/data/figures/``, which
+tutorials 1 and 5 load from the installed package) and ``docs/assets/figures/lora_at_a_glance.svg``
 (committed, shown on the home page and in tutorials 1 and 5; run this script again after
 changing it). The output is deterministic: the same code writes the same bytes. Needs numpy and
 matplotlib (``pip install -e ".[all]"``).
@@ -29,6 +30,9 @@ from loralab.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "assets" / "figures"
+# The block diagram also ships in the package, for tutorials run outside the repository
+# (loralab.teaching.figure reads it); tests/test_teaching.py checks the two copies are the same.
+PACKAGE_DIR = ROOT / "loralab" / "data" / "figures"
 FIGURE = "lora_at_a_glance.svg"
 BLOCK_FIGURE = "lora_block.svg"
 
@@ -190,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder")
     args = parser.parse_args(argv)
-    print(f"wrote {draw_block(args.out)}")
+    block = draw_block(args.out)
+    print(f"wrote {block}")
+    if args.out == OUT_DIR:
+        print(f"wrote {atomic_write(PACKAGE_DIR / BLOCK_FIGURE, block.read_bytes())}")
     print(f"wrote {draw(args.out)}")
     return 0
 
