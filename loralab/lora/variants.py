@@ -243,8 +243,12 @@ def loraplus_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+ (Hayou et al., 2024): B learns ``ratio`` times faster.
 
-    lr_B = loraplus_lr_ratio * lr_A. The paper's argument: with B = 0 at the start and A random,
-    equal learning rates leave the update of B too slow as the width grows.
+    lr_B = loraplus_lr_ratio * lr_A. The paper's argument is about width, not about B's zero
+    start: as the embedding dimension (width) n grows, one learning rate for A and B cannot give
+    efficient feature learning (a rate small enough to keep A's contribution stable leaves B's
+    updates too small to learn features); the efficient rates have lr_B / lr_A growing like n,
+    hence lr_B = lambda * lr_A with lambda >> 1 (the paper's experiments use lambda = 2^4 = 16
+    as a good default; PEFT has none and asks the caller for it).
 
     The groups are PEFT's (``peft.optimizers.create_loraplus_optimizer``), in its order, the
     empty ones left out:
