@@ -3,15 +3,15 @@
 It lives outside the ``loralab`` package, so students who install or import loralab do not get it.
 Each function has exactly the name and signature of a stub in ``tutorials/exercises/``; its source
 is swapped into the stub cell by the tests and by ``python instructor/solutions.py OUT_DIR``, which
-writes solved (unexecuted) copies of every exercise notebook to OUT_DIR. Every function body is
+writes solved (unexecuted) copies of every exercise notebook to OUT_DIR (``solved/`` is git-ignored). Every function body is
 self-contained apart from ``np`` (imported by each notebook's first cell) and, for NF4,
 ``NF4_VALUES`` (imported by that notebook's first cell).
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,16 +138,37 @@ def solution_sources() -> dict[str, str]:
     return {
         name: inspect.getsource(obj)
         for name, obj in globals().items()
-        if inspect.isfunction(obj) and obj.__module__ == __name__ and name != "solution_sources"
+        if inspect.isfunction(obj) and obj.__module__ == __name__ and name not in _NOT_SOLUTIONS
     }
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python instructor/solutions.py OUT_DIR``: write a solved copy of every exercise notebook."""
     from loralab.exercises.grade import fill_notebook
 
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "solved")
+    parser = argparse.ArgumentParser(
+        prog="python instructor/solutions.py",
+        description="Write solved (unexecuted) copies of every notebook in tutorials/exercises/ "
+        "to OUT_DIR. For instructors: do not hand them out.",
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        type=Path,
+        help="folder for the solved notebooks, created if missing (e.g. solved/, git-ignored)",
+    )
+    out = parser.parse_args(argv).out_dir
+    if out.exists() and not out.is_dir():
+        parser.error(f"OUT_DIR {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     notebooks = Path(__file__).resolve().parent.parent / "tutorials" / "exercises"
     for path in sorted(notebooks.glob("*.ipynb")):
         fill_notebook(path, solution_sources(), out / path.name)
         print(f"wrote {out / path.name}")
+    return 0
+
+
+_NOT_SOLUTIONS = {"solution_sources", "main"}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

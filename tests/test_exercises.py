@@ -369,6 +369,10 @@ PLANTED = {
         ex.check_inject_lora,
         [_inject(match=lambda m, targets: any(t in m for t in targets))],
     ),
+    "inject_endswith_no_dot": (
+        ex.check_inject_lora,
+        [_inject(match=lambda m, targets: any(m.endswith(t) for t in targets))],
+    ),
     "inject_exact_name": (ex.check_inject_lora, [_inject(match=lambda m, targets: m in targets)]),
     "inject_not_frozen": (
         ex.check_inject_lora,
@@ -514,9 +518,132 @@ def test_reference_solution_passes(key, capsys):
 def test_next_exercise_is_named_in_order(capsys):
     ex.check_lora_backward(S.lora_backward)
     assert (
-        "Next: exercise 4, `lora_param_count, lora_model_param_count` (04_counting_and_svd.ipynb)"
-        in (capsys.readouterr().out)
+        "Next: exercise 4, `lora_param_count, lora_model_param_count`, in the exercise notebook "
+        "exercises/04_counting_and_svd.ipynb." in (capsys.readouterr().out)
     )
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        # without `where` the file is always named: the check cannot know it is in that notebook
+        (
+            None,
+            "Next: exercise 2, `lora_forward_from_config`, in the exercise notebook "
+            "exercises/01_lora_forward.ipynb.",
+        ),
+        (
+            "01_lora_forward.ipynb",
+            "Next: exercise 2, `lora_forward_from_config`, further down this notebook.",
+        ),
+        ("some/folder/01_lora_forward.ipynb", "further down this notebook."),
+        # a tutorial (no exercise in it): carry on there, the exercise is for later
+        (
+            "05b_build_lora_yourself.ipynb",
+            "Next: carry on with this notebook. For practice "
+            "later: exercise 2, `lora_forward_from_config`, in the exercise notebook "
+            "exercises/01_lora_forward.ipynb.",
+        ),
+        ("03_lora_backward.ipynb", "in the exercise notebook exercises/01_lora_forward.ipynb."),
+    ],
+)
+def test_the_next_step_knows_where_the_check_was_called_from(where, said, capsys):
+    assert ex.check_lora_forward(S.lora_forward, where=where)
+    out = capsys.readouterr().out
+    assert said in out
+    if where is None or "01_" not in where:
+        assert "this notebook" not in out or where.startswith("05b")
+
+
+def test_every_check_takes_where_and_refuses_a_non_string():
+    for key, exercise in EXERCISES.items():
+        check = getattr(ex, exercise.check)
+        assert inspect.signature(check).parameters["where"].default is None, key
+    with pytest.raises(TypeError, match="check_merge: where must be a notebook's file name"):
+        ex.check_merge(S.merge, S.unmerge, where=3)
+
+
+def test_the_forward_is_praised_for_not_forming_delta_w_only_when_it_did_not(capsys):
+    assert ex.check_lora_forward(S.lora_forward)
+    out = capsys.readouterr().out
+    assert "never formed the (out, in) matrix ΔW = B A" in out
+
+    def forms_delta_w(x, W0, A, B, scaling):
+        return x @ (W0 + scaling * (B @ A)).T
+
+    assert ex.check_lora_forward(forms_delta_w)  # right, so it passes ...
+    out = capsys.readouterr().out
+    assert "never formed" not in out and "ΔW" not in out.split("\n")[0]
+    assert "it formed one, such as ΔW = B A" in out  # ... and is told what it did
+
+
+def test_the_backward_is_praised_for_skipping_dW0_only_when_it_did(capsys):
+    assert ex.check_lora_backward(S.lora_backward)
+    assert "And it computed no dW0" in capsys.readouterr().out
+
+    def computes_dW0(dy, x, W0, A, B, scaling):
+        dW0 = _dW0(dy, x)  # computed, never returned
+        assert dW0.shape == W0.shape
+        return S.lora_backward(dy, x, W0, A, B, scaling)
+
+    assert ex.check_lora_backward(computes_dW0)
+    out = capsys.readouterr().out
+    assert "skipped dW0" not in out and "computed no dW0" not in out
+    assert "it formed one, such as dW0 = dy^T x" in out
+
+
+def test_an_in_place_edit_in_a_helper_is_blamed_on_the_helper(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        x *= 1.0
+        return S.lora_forward(x, W0, A, B, scaling)
+
+    def lora_forward_from_config(x, W0, A, B, alpha, r):
+        return lora_forward(x, W0, A, B, alpha / r)
+
+    assert not ex.check_lora_forward(lora_forward_from_config)
+    out = capsys.readouterr().out
+    assert (
+        "Your `lora_forward` (called by your `lora_forward_from_config`) changed its argument `x` in place."
+        in out
+    )
+    assert "It happened in `lora_forward`" in out
+    assert "shape error" not in out
+
+
+def test_a_name_error_gets_its_own_hint_not_the_shape_hint(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return x @ W0.T + scalng * ((x @ A.T) @ B.T)  # noqa: F821
+
+    assert not ex.check_lora_forward(lora_forward)
+    out = capsys.readouterr().out
+    assert "raised NameError" in out and "A NameError means" in out
+    assert "shape error" not in out
+
+
+def test_a_shape_error_still_gets_the_shape_hint(capsys):
+    assert not ex.check_lora_forward(lambda x, W0, A, B, scaling: x @ W0 + scaling * (x @ A.T))
+    assert "A shape error usually means" in capsys.readouterr().out
+
+
+def test_adam_state_for_frozen_parameters_is_refused(capsys):
+    def adam_step(params, grads, state, trainable, lr, betas, eps, t):
+        new_params, new_state = S.adam_step(params, grads, state, trainable, lr, betas, eps, t)
+        return new_params, {**new_state, "W0": (0.0, 0.0)}
+
+    assert not ex.check_optimizer_step(adam_step)
+    assert "new_state also holds ['W0']" in capsys.readouterr().out
+
+
+def test_numbers_in_messages_are_plain_and_show_the_difference(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        return S.lora_forward(x, W0, A, B, scaling) * (1 + 1e-7)
+
+    assert not ex.check_lora_forward(lora_forward)
+    out = capsys.readouterr().out
+    got, expected = re.search(r"\(got (\S+), expected (\S+)\)", out).groups()
+    assert got != expected and "np." not in out
+    assert "test case: x (3, 7)" in out
+    assert ex._feedback.describe(s=np.float64(0.5), n=np.int64(3)) == "test case: s=0.5, n=3"
 
 
 def test_a_correct_float32_forward_is_told_to_keep_float64(capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +72,13 @@ def test_partly_wrong_notebook_scores_per_exercise(tmp_path, capsys):
     ]
     assert MISTAKES["gradient_ascent"].title in report.results[1].message
     assert "adam_step is not defined" in report.results[2].message
-    assert any("SyntaxError" in e for e in report.cell_errors)
+    # the error is located in the notebook (cell, line), not in IPython's made-up file name
+    syntax = [e for e in report.cell_errors if "SyntaxError" in e]
+    assert syntax == [
+        "cell 10 (`def adam_step(params, grads, state, trainable, lr, betas,...`), line 1 "
+        "raised SyntaxError: expected ':'"
+    ], report.cell_errors
+    assert not any(".py, line" in e for e in report.cell_errors)
     assert report.score == 1 and not report.passed
     assert main([str(student)]) == 1
     assert "Score: 1/3" in capsys.readouterr().out
@@ -197,3 +205,21 @@ def test_grade_time_limit_must_be_positive(capsys, limit, via_cli):
     assert (cli_main(["grade", *argv]) if via_cli else main(argv)) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "--time-limit" in lines[0]
+
+
+def test_solutions_script_has_a_real_command_line(tmp_path):
+    """`--help` prints usage (it once wrote notebooks into a folder named --help); OUT_DIR is required."""
+    script = ROOT / "instructor" / "solutions.py"
+    run = [sys.executable, str(script)]
+    shown = subprocess.run([*run, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and "OUT_DIR" in shown.stdout
+    missing = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2 and "OUT_DIR" in missing.stderr
+    assert list(tmp_path.iterdir()) == []
+    done = subprocess.run([*run, "solved"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "solved").iterdir()) == [p.name for p in NOTEBOOKS]
+
+
+def test_solved_notebooks_are_git_ignored():
+    assert "solved/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()

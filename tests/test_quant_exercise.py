@@ -1,5 +1,6 @@
 """Exercise 14's check (NF4 quantization): a right answer passes, each usual mistake is named."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,16 @@ def test_the_notebook_filled_with_answers_is_graded_correct(tmp_path):
     fill_notebook(NOTEBOOK, SOLUTIONS, solved)
     report = grade_notebook(solved)
     assert [(r.key, r.passed) for r in report.results] == [("nf4_quantization", True)], report
+
+
+def test_a_float32_w_hat_is_named_with_digits_that_differ(capsys):
+    """Not "got 1.03884, expected 1.03884": the dtype is named and the digits show the gap."""
+
+    def float32_dequantize(codes, absmax, shape, block_size):
+        return good_dequantize(codes, absmax, shape, block_size).astype(np.float32)
+
+    assert not check_nf4_quantization(good_quantize, float32_dequantize)
+    out = capsys.readouterr().out
+    got, expected = re.search(r"\(got (\S+), expected (\S+)\)", out).groups()
+    assert got != expected
+    assert "Your W_hat is float32" in out and "NF4_VALUES.astype(np.float64)" in out

@@ -1,8 +1,14 @@
-"""The list of exercises, in course order: where each lives, what passing it proves, what comes next."""
+"""The list of exercises, in course order: where each lives, what passing it proves, what comes next.
+
+Exercise N is the N-th entry of ``_ALL``; its notebook in ``tutorials/exercises/`` is named by the
+number of the first exercise it holds (``03_lora_backward.ipynb`` holds exercise 3). A new exercise
+goes at the end of the list, in a notebook of its own or after the last one's exercises.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 
 
 @dataclass(frozen=True)
@@ -16,14 +22,35 @@ class Exercise:
     check: str
     proved: str
 
-    def next_step(self) -> str:
+    @property
+    def number(self) -> int:
+        """The exercise's number, its position in the course (from 1)."""
+        return list(EXERCISES).index(self.key) + 1
+
+    def next_step(self, where: str | None = None) -> str:
+        """What to do after passing, for a check called from the notebook named ``where``.
+
+        ``where`` is a notebook's file name (or path), e.g. ``"05b_build_lora_yourself.ipynb"``.
+        Called from the notebook that holds the next exercise, it is "further down this notebook";
+        from a tutorial (a notebook that holds no exercise), "carry on with this notebook", and the
+        next exercise for later; otherwise (and when ``where`` is None) the next exercise and the
+        exercise notebook that holds it, by name.
+        """
+        here = PurePath(where).name if where is not None else None
         keys = list(EXERCISES)
         i = keys.index(self.key)
+        tutorial = here is not None and here not in {e.notebook for e in EXERCISES.values()}
         if i + 1 == len(keys):
-            return "that was the last exercise. Well done!"
+            done = "that was the last exercise. Well done!"
+            return f"carry on with this notebook; {done}" if tutorial else done
         nxt = EXERCISES[keys[i + 1]]
-        where = "further down this notebook" if nxt.notebook == self.notebook else nxt.notebook
-        return f"exercise {i + 2}, `{', '.join(nxt.functions)}` ({where})."
+        exercise = f"exercise {i + 2}, `{', '.join(nxt.functions)}`"
+        if here == nxt.notebook:
+            return f"{exercise}, further down this notebook."
+        elsewhere = f"{exercise}, in the exercise notebook exercises/{nxt.notebook}"
+        if tutorial:
+            return f"carry on with this notebook. For practice later: {elsewhere}."
+        return f"{elsewhere}."
 
 
 _ALL = [
@@ -34,7 +61,7 @@ _ALL = [
         ("lora_forward",),
         "check_lora_forward",
         "You computed y = x W0^T + scaling * x A^T B^T for single and batched inputs: "
-        "the LoRA layer's output without ever forming the (out, in) matrix ΔW = B A.",
+        "the LoRA layer's output.",
     ),
     Exercise(
         "lora_forward_from_config",
@@ -53,8 +80,7 @@ _ALL = [
         "03_lora_backward.ipynb",
         ("lora_backward",),
         "check_lora_backward",
-        "You derived dx, dA and dB by the chain rule, summed over the batch, and skipped dW0: "
-        "the frozen W0 needs no gradient, which is where LoRA saves its memory.",
+        "You derived dx, dA and dB by the chain rule and summed them over the batch.",
     ),
     Exercise(
         "param_count",

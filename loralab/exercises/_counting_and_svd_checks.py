@@ -1,5 +1,5 @@
 """Checks of what LoRA costs and what low rank means: parameter counts, the truncated SVD and
-the LoRA paper's subspace similarity (notebooks 03 and 05)."""
+the LoRA paper's subspace similarity (exercises 4, 5 and 9)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def check_param_count(
     *,
     strict: bool = False,
     time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``lora_param_count(d, k, r) -> int`` and, if given, the whole-model count.
 
@@ -60,6 +61,7 @@ def check_param_count(
         lambda: _param_count(student_fn, student_model_fn),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -117,7 +119,11 @@ def _param_count(fn, model_fn) -> str:
 
 
 def check_low_rank_approx(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``low_rank_approx(W, r) -> W_r``, the best rank-r approximation via the SVD.
 
@@ -132,6 +138,7 @@ def check_low_rank_approx(
         lambda: _low_rank(student_fn, function_name(student_fn, "low_rank_approx")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -168,7 +175,11 @@ def _low_rank(fn, name) -> str:
 
 
 def check_subspace_similarity(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``subspace_similarity(U1, U2, i, j) -> float`` (LoRA paper, Section 7.2).
 
@@ -184,6 +195,7 @@ def check_subspace_similarity(
         lambda: _subspace(student_fn, function_name(student_fn, "subspace_similarity")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 

@@ -1,5 +1,5 @@
 """The check of DoRA's forward (Liu et al., 2024): LoRA's adapted weight split into a
-direction and a trained magnitude (notebook 09)."""
+direction and a trained magnitude (exercise 13)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,17 @@ from loralab.exercises._feedback import (
     match_mistake,
     run_check,
 )
-from loralab.exercises._hints import BATCH_HINT, SHAPE_HINT, probe_note
+from loralab.exercises._hints import BATCH_HINT, SHAPE_HINT, is_shape_error, probe_note
 
 # --------------------------------------------------------------------------------------- DoRA
 
 
 def check_dora_forward(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``dora_forward(x, W0, A, B, scaling, m) -> y`` (DoRA, Liu et al., 2024).
 
@@ -42,6 +46,7 @@ def check_dora_forward(
         lambda: _dora(student_fn, function_name(student_fn, "dora_forward")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -65,7 +70,7 @@ def _dora(fn, name) -> str:
         try:
             y = call_student(fn, name, args, _DORA_ARGS, case)
         except Failure as failure:
-            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+            if not is_shape_error(failure.raised):
                 raise
             hint = batch_hint or "\n  " + (_dora_probe(fn, name) or SHAPE_HINT)
             raise Failure(f"{failure}{hint}", raised=failure.raised) from None

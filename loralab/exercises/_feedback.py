@@ -5,18 +5,22 @@ note), returns True/False, and raises ``AssertionError`` with the same text when
 
 Every call of a student's function goes through `call_student`, which gives it at most
 ``time_limit`` seconds (an endless loop becomes a verdict, not a hung notebook) and turns an
-exception, a call of ``sys.exit()`` or an input changed in place into a message.
+exception, a call of ``sys.exit()`` or an input changed in place into a message. The student's
+function gets read-only copies of the check's arrays, so an in-place edit fails at the very line
+that makes it, in whichever of the student's functions it is.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import re
 import signal
 import sysconfig
 import threading
 import time
 import traceback
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -44,14 +48,47 @@ class Failure(Exception):
         self.raised = raised
 
 
+def number(value, digits: int = 6) -> str:
+    """``value`` (a Python or NumPy number) as plain text: ``0.0863``, never ``np.float64(0.0863)``."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}g}"
+    return str(value)
+
+
+def got_and_expected(got, expected) -> tuple[str, str]:
+    """Both numbers with as few significant digits (6 to 17) as show that they differ."""
+    for digits in (6, 9, 12, 17):
+        a, b = number(got, digits), number(expected, digits)
+        if a != b:
+            break
+    return a, b
+
+
+def low_precision_note(arr: np.ndarray, what: str) -> str:
+    """A sentence naming a float32 (or float16) result: the checks compare in float64."""
+    if arr.dtype.kind != "f" or arr.dtype.itemsize >= 8:
+        return ""
+    return (
+        f" {what} is {arr.dtype} (about {np.finfo(arr.dtype).precision} significant digits), while "
+        "the check expects float64: keep the float64 inputs in float64 (look for an `astype`, a "
+        "float32 constant or array in the computation)."
+    )
+
+
 def describe(**arrays) -> str:
     """One line naming the inputs of a test case, e.g. ``x (2, 4, 7), W0 (5, 7), scaling=1.667``."""
     parts = []
     for name, value in arrays.items():
         if isinstance(value, np.ndarray):
             parts.append(f"{name} {tuple(value.shape)}")
-        elif isinstance(value, float):
-            parts.append(f"{name}={value:.4g}")
+        elif isinstance(value, (float, np.floating)):
+            parts.append(f"{name}={float(value):.4g}")
+        elif isinstance(value, np.integer):
+            parts.append(f"{name}={int(value)}")
         else:
             parts.append(f"{name}={value!r}")
     return "test case: " + ", ".join(parts)
@@ -75,8 +112,8 @@ def function_name(fn: Callable, default: str) -> str:
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
-def _where(exc: BaseException) -> str:
-    """The last line of the student's own code in the traceback (not numpy internals)."""
+def _student_frame(exc: BaseException):
+    """The last frame of the student's own code in the traceback (not numpy internals), or None."""
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
@@ -84,9 +121,14 @@ def _where(exc: BaseException) -> str:
     ]
     # Every module that calls a student's function is named *_checks.py (or is this one).
     frames = [f for f in frames if not f.filename.endswith(("_feedback.py", "_checks.py"))]
-    if not frames:
+    return frames[-1] if frames else None
+
+
+def _where(exc: BaseException) -> str:
+    """Where in the student's own code ``exc`` was raised, as a sentence ("" when unknown)."""
+    frame = _student_frame(exc)
+    if frame is None:
         return ""
-    frame = frames[-1]
     line = f": `{frame.line.strip()}`" if frame.line else ""
     return f"\n  It happened in `{frame.name}`, line {frame.lineno}{line}."
 
@@ -144,11 +186,39 @@ def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[st
     An exception, a call of ``sys.exit()``, running out of time or an input changed in place
     becomes a `Failure` whose message says which.
     """
+    return call_student_traced(fn, name, args, arg_names, case, trace_memory=False)[0]
+
+
+def call_student_traced(
+    fn: Callable,
+    name: str,
+    args: Sequence,
+    arg_names: Sequence[str],
+    case: str,
+    *,
+    trace_memory: bool = True,
+) -> tuple[object, int | None]:
+    """`call_student`, and the peak bytes the call allocated (NumPy arrays included).
+
+    The peak is None when it cannot be measured (``tracemalloc`` already runs, say, in the
+    student's own code) or was not asked for.
+    """
     before = [copy.deepcopy(a) for a in args]
+    given = [_read_only_copy(a) for a in args]
     seconds = _time_limit.get()
+    trace = trace_memory and not tracemalloc.is_tracing()
+    peak = None
     try:
         with _alarm(seconds):
-            out = fn(*args)
+            if trace:
+                tracemalloc.start()
+            try:
+                out = fn(*given)
+                if trace:
+                    peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                if trace:
+                    tracemalloc.stop()
     except _TimeUp as exc:
         raise Failure(
             f"`{name}` did not return within {seconds:g} s, so the check stopped it.{_where(exc)}\n"
@@ -171,18 +241,74 @@ def call_student(fn: Callable, name: str, args: Sequence, arg_names: Sequence[st
             raised=exc,
         ) from exc
     except Exception as exc:
+        if isinstance(exc, ValueError) and "read-only" in str(exc):
+            # not `raised`: the checks add hints on shapes to raised errors, and this is none
+            raise Failure(_in_place_message(exc, name, arg_names, case)) from exc
+        hint = exception_hint(exc)
         raise Failure(
-            f"Your `{name}` raised {type(exc).__name__}: {exc}{_where(exc)}\n  {case}",
+            f"Your `{name}` raised {type(exc).__name__}: {exc}{_where(exc)}\n  {case}"
+            + (f"\n  {hint}" if hint else ""),
             raised=exc,
         ) from exc
-    for arg_name, old, new in zip(arg_names, before, args, strict=True):
+    for arg_name, old, new in zip(arg_names, before, given, strict=True):
         if not _same(old, new):
             raise Failure(
                 f"Your `{name}` changed its argument `{arg_name}` in place. The caller still needs "
                 f"the original `{arg_name}`: compute a new array (e.g. `out = {arg_name} + ...`) "
                 f"instead of `{arg_name} += ...` or `{arg_name}[...] = ...`.\n  {case}"
             )
-    return out
+    return out, peak
+
+
+def _read_only_copy(value):
+    """``value`` with every array in it (also inside dicts, lists, tuples) a read-only copy."""
+    if isinstance(value, np.ndarray):
+        out = value.copy()
+        out.flags.writeable = False
+        return out
+    if isinstance(value, dict):
+        return {k: _read_only_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_read_only_copy(v) for v in value)
+    return value
+
+
+def _in_place_message(exc: BaseException, name: str, arg_names: Sequence[str], case: str) -> str:
+    """The message for a write into one of the (read-only) input arrays."""
+    frame = _student_frame(exc)
+    culprit = frame.name if frame is not None else name
+    called = f" (called by your `{name}`)" if culprit != name else ""
+    line = frame.line.strip() if frame is not None and frame.line else ""
+    arg = next(
+        (a for a in arg_names if re.match(rf"\s*{re.escape(a)}\b\s*(\[|[-+*/@%]|//|\*\*|=)", line)),
+        None,
+    )
+    what = f"its argument `{arg}`" if arg else "one of its input arrays"
+    arg = arg or (arg_names[0] if arg_names else "x")
+    return (
+        f"Your `{culprit}`{called} changed {what} in place.{_where(exc)}\n"
+        f"  The caller still needs the original: compute a new array (e.g. `out = {arg} + ...`) "
+        f"instead of `{arg} += ...` or `{arg}[...] = ...`.\n  {case}"
+    )
+
+
+def exception_hint(exc: BaseException) -> str | None:
+    """A sentence on what an exception of this kind usually means (None: no general advice).
+
+    Shape errors (ValueError, IndexError) get their hint from the check, which knows the shapes.
+    """
+    hints = {
+        NameError: "A NameError means a name that does not exist when the function runs: a typo, "
+        "a variable defined only in another function or in a cell not run yet, or a missing "
+        "import (`import numpy as np`).",
+        AttributeError: "An AttributeError means an attribute or method that the object does not "
+        "have: check the spelling, and what type the value really is (print `type(...)`).",
+        ZeroDivisionError: "A division by zero: check what the denominator is for these inputs.",
+    }
+    for kind, hint in hints.items():
+        if isinstance(exc, kind):
+            return hint
+    return None
 
 
 def _same(a, b) -> bool:
@@ -284,30 +410,47 @@ def difference(
         return None
     if not np.all(np.isfinite(arr)):
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        msg = f"{what} contains {arr[bad]} at index {bad} (expected {expected[bad]:.6g}). "
+        msg = f"{what} contains {arr[bad]} at index {bad} (expected {number(expected[bad])}). "
         msg += _NAN_HINT if np.isnan(arr[bad]) else _INF_HINT
     else:
         err = np.abs(arr - expected)
         at = np.unravel_index(int(np.argmax(err)), err.shape)
         idx = tuple(int(i) for i in at)
+        got_text, expected_text = got_and_expected(arr[at], expected[at])
         msg = (
             f"{what} has the right shape {arr.shape} but wrong values: max abs error "
-            f"{err[at]:.3g} at index {idx} (got {arr[at]:.6g}, expected {expected[at]:.6g})."
+            f"{number(err[at], 3)} at index {idx} (got {got_text}, expected {expected_text})."
         )
-        if arr.dtype == np.float32 and np.allclose(arr, expected, rtol=1e-4, atol=1e-5):
-            msg += " Your result is float32: keep the float64 inputs in float64."
+        msg += low_precision_note(arr, f"Your {what}")
     return msg + (mistake_note(mistake) if mistake else "")
 
 
+def check_where(where: object, check: str) -> str | None:
+    """``where`` (the calling notebook's file name) as given, or a TypeError naming the check."""
+    if where is not None and not isinstance(where, str):
+        raise TypeError(
+            f"{check}: where must be a notebook's file name (str) or None, got where={where!r}"
+        )
+    return where
+
+
 def run_check(
-    key: str, body: Callable[[], str], *, strict: bool, time_limit: float | None = None
+    key: str,
+    body: Callable[[], str],
+    *,
+    strict: bool,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Run a check body; print the verdict; return True/False or raise in strict mode.
 
     ``body`` returns an extra line for the success message or raises `Failure`. Each call of
     the student's function in it may take ``time_limit`` seconds (None: `TIME_LIMIT`).
+    ``where`` names the notebook the check is called from, for the "Next:" line
+    (`Exercise.next_step`).
     """
     exercise = EXERCISES[key]
+    check_where(where, f"check_{key}")
     token = _time_limit.set(check_time_limit(time_limit, f"check_{key}"))
     try:
         detail = body()
@@ -330,6 +473,6 @@ def run_check(
     message = f"Correct: {exercise.title}. {exercise.proved}"
     if detail:
         message += f"\n  {detail}"
-    message += f"\n  Next: {exercise.next_step()}"
+    message += f"\n  Next: {exercise.next_step(where)}"
     print(message)
     return True

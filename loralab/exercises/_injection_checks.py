@@ -1,5 +1,5 @@
 """The check of injecting LoRA into a model by module name, as PEFT's ``target_modules`` does
-(notebook 08)."""
+(exercise 12)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ from loralab.exercises._mistakes import MISTAKES
 
 
 def check_inject_lora(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``inject_lora_by_name(params, targets, r, rng) -> (new_params, trainable)``.
 
@@ -35,7 +39,8 @@ def check_inject_lora(
     zero. ``new_params`` holds every original array unchanged plus the new ones (``params``
     itself is not changed); ``trainable`` (a set or list) names exactly the new ones.
 
-    Recognised mistakes: targets matched as substrings, or compared with the whole name; base
+    Recognised mistakes: targets matched as substrings, as name endings without the '.' before
+    them ('up' selecting 'mlp.gate_up'), or compared with the whole name; base
     weights (or the adapted W0) left trainable; B not zero (and the initialisation mistakes).
     """
     return run_check(
@@ -43,6 +48,7 @@ def check_inject_lora(
         lambda: _inject(student_fn, function_name(student_fn, "inject_lora_by_name")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -52,7 +58,8 @@ def _lora_names(modules) -> list[str]:
 
 def _inject(fn, name) -> str:
     shapes = ref.injection_model()
-    for targets, r, seed in ((["q", "v"], 2, 71), (["o", "mlp.up"], 3, 72)):
+    # "attn.v" is a target with a dot; "up" must not select "mlp.gate_up", nor "o" "mlp.down".
+    for targets, r, seed in ((["q", "attn.v"], 2, 71), (["o", "up"], 3, 72)):
         g = ref.rng(seed)
         params = {n: g.standard_normal(s) for n, s in shapes.items()}
         case = describe(

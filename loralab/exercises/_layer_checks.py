@@ -1,5 +1,5 @@
 """Checks of the LoRA layer itself: its forward, its backward, its start (A random, B = 0) and
-dropout on its LoRA path (notebooks 01, 02, 06 and 07)."""
+dropout on its LoRA path (exercises 1-3, 10 and 11)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from loralab.exercises._feedback import (
     Failure,
     as_array,
     call_student,
+    call_student_traced,
     close,
     describe,
     difference,
@@ -23,14 +24,18 @@ from loralab.exercises._feedback import (
     positional_names,
     run_check,
 )
-from loralab.exercises._hints import BATCH_HINT, SHAPE_HINT, probe_note
+from loralab.exercises._hints import BATCH_HINT, SHAPE_HINT, is_shape_error, probe_note
 from loralab.exercises._mistakes import MISTAKES
 
 # ----------------------------------------------------------------------------------- forward
 
 
 def check_lora_forward(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``lora_forward(x, W0, A, B, scaling) -> y``.
 
@@ -52,6 +57,7 @@ def check_lora_forward(
         lambda: _forward(student_fn, function_name(student_fn, key), config),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -78,7 +84,7 @@ def _forward(fn, name, config) -> str:
         try:
             y, case = _forward_call(fn, name, config, inp, alpha, r)
         except Failure as failure:
-            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+            if not is_shape_error(failure.raised):
                 raise
             hint = BATCH_HINT if worked_2d else _square_probe(fn, name, config) or SHAPE_HINT
             raise Failure(f"{failure}\n  {hint}", raised=failure.raised) from failure.raised
@@ -89,7 +95,51 @@ def _forward(fn, name, config) -> str:
         if problem:
             raise Failure(f"{problem}\n  {case}" + (f"\n  {BATCH_HINT}" if worked_2d else ""))
         worked_2d = True
-    return ""
+    return "" if config else _memory_note(fn, name, backward=False)
+
+
+# A wide layer on which one (out, in) float64 matrix (12.6 MB) dwarfs all that LoRA's forward and
+# backward need (under 0.2 MB): the peak memory of a call shows whether it formed one.
+_WIDE_OUT, _WIDE_IN, _WIDE_R = 1024, 1536, 2
+
+
+def _memory_note(fn, name, *, backward: bool) -> str:
+    """A line saying whether ``fn`` formed an (out, in) matrix (ΔW = B A, dW0 = dy^T x), measured
+    by its peak memory on a wide layer; "" when the peak cannot be measured."""
+    inp = ref.lora_inputs((4,), _WIDE_IN, _WIDE_OUT, _WIDE_R, 5)
+    arrays = {
+        k: inp[k] for k in (("dy", "x", "W0", "A", "B") if backward else ("x", "W0", "A", "B"))
+    }
+    args = (*arrays.values(), 2.0)
+    arg_names = (*arrays, "scaling")
+    case = describe(**dict(zip(arg_names, args, strict=True)))
+    _, peak = call_student_traced(fn, name, args, arg_names, case)
+    if peak is None:
+        return ""
+    size = _WIDE_OUT * _WIDE_IN * 8
+    layer = f"on a layer with out = {_WIDE_OUT}, in = {_WIDE_IN}, your function's memory peaked at"
+    measured = f"{peak / 1e6:.2f} MB, against {size / 1e6:.1f} MB for one (out, in) matrix"
+    if peak < size / 4:
+        if backward:
+            return (
+                f"And it computed no dW0: {layer} {measured}. The frozen W0 needs no gradient, "
+                "which is where LoRA saves its memory."
+            )
+        return (
+            f"And it never formed the (out, in) matrix ΔW = B A: {layer} {measured}; the only "
+            "thing between the two products is x A^T, r numbers per row."
+        )
+    if backward:
+        return (
+            f"Your gradients are right, but {layer} {measured}: it formed one, such as "
+            "dW0 = dy^T x. The frozen W0 needs no gradient: leave dW0 out, which is where LoRA "
+            "saves its memory."
+        )
+    return (
+        f"Your output is right, but {layer} {measured}: it formed one, such as ΔW = B A or "
+        "W0 + scaling * B A. LoRA's forward never needs it: (x @ A.T) @ B.T keeps the "
+        "intermediate at r numbers per row."
+    )
 
 
 def _square_probe(fn, name, config) -> str | None:
@@ -110,7 +160,11 @@ def _square_probe(fn, name, config) -> str | None:
 
 
 def check_lora_backward(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``lora_backward(dy, x, W0, A, B, scaling) -> (dx, dA, dB)``.
 
@@ -132,6 +186,7 @@ def check_lora_backward(
         lambda: _gradients(student_fn, function_name(student_fn, "lora_backward"), dropout=False),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -165,7 +220,7 @@ def _gradients(fn, name, dropout) -> str:
         try:
             out = call_student(fn, name, args, arg_names, case)
         except Failure as failure:
-            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+            if not is_shape_error(failure.raised):
                 raise
             hint = batch_hint or ("\n  " + (_grad_probe(fn, name, dropout, wrong) or SHAPE_HINT))
             raise Failure(f"{failure}{hint}", raised=failure.raised) from None
@@ -197,7 +252,7 @@ def _gradients(fn, name, dropout) -> str:
         if note:
             raise Failure(f"Your dx, dA and dB are all correct, but you returned 4 values.{note}")
         passed += 1
-    return ""
+    return "" if dropout else _memory_note(fn, name, backward=True)
 
 
 def _once(problems) -> list[str]:
@@ -264,7 +319,11 @@ def _strip_dW0(out, args):
 
 
 def check_lora_init(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``init_lora(in_features, out_features, r, rng) -> (A, B)``.
 
@@ -281,6 +340,7 @@ def check_lora_init(
         lambda: _init(student_fn, function_name(student_fn, "init_lora")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -340,7 +400,11 @@ def _init(fn, name) -> str:
 
 
 def check_lora_dropout_backward(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``lora_dropout_backward(dy, x, W0, A, B, scaling, keep, p) -> (dx, dA, dB)``.
 
@@ -361,4 +425,5 @@ def check_lora_dropout_backward(
         ),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )

@@ -1,5 +1,5 @@
 """Checks of what happens around the layer in training and deployment: merging ΔW = scaling * B A
-into W0 and back, and optimizer steps that move only the trainable parameters (notebook 04)."""
+into W0 and back, and optimizer steps that move only the trainable parameters (exercises 6-8)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from loralab.exercises._feedback import (
     positional_names,
     run_check,
 )
-from loralab.exercises._hints import SHAPE_HINT, probe_note
+from loralab.exercises._hints import SHAPE_HINT, is_shape_error, probe_note
 from loralab.exercises._mistakes import MISTAKES
 
 # ------------------------------------------------------------------------------------ merge
@@ -33,6 +33,7 @@ def check_merge(
     *,
     strict: bool = False,
     time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``merge(W0, A, B, scaling) -> W`` and, if given, ``unmerge(W, A, B, scaling) -> W0``.
 
@@ -47,6 +48,7 @@ def check_merge(
         lambda: _merge(student_merge, student_unmerge),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -65,7 +67,7 @@ def _merge(merge_fn, unmerge_fn) -> str:
         try:
             W = call_student(merge_fn, mname, (W0, A, B, scaling), _MERGE_ARGS, case)
         except Failure as failure:
-            if failure.raised is None or isinstance(failure.raised, NotImplementedError):
+            if not is_shape_error(failure.raised):
                 raise
             hint = _merge_probe(merge_fn) or SHAPE_HINT
             raise Failure(f"{failure}\n  {hint}", raised=failure.raised) from failure.raised
@@ -110,7 +112,11 @@ def _merge_probe(merge_fn) -> str | None:
 
 
 def check_optimizer_step(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check one optimizer step that updates only the trainable parameters.
 
@@ -135,6 +141,7 @@ def check_optimizer_step(
         lambda: _optimizer(student_fn, function_name(student_fn, key), key == "adam_step"),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -188,6 +195,13 @@ def _optimizer(fn, name, adam) -> str:
             compare(new_params[n], expected[t - 1][0][n], what=what, case=case, variants=variants)
         if adam:
             _compare_state(state, t, trainable, expected, wrong, case)
+            extra = sorted(set(state) - set(trainable), key=str)
+            if extra:
+                raise Failure(
+                    f"new_state also holds {extra}: Adam keeps (m, v) only for the parameters "
+                    "it trains. For a frozen weight they would be two more arrays of its size, "
+                    f"the optimizer memory that LoRA saves.\n  {case}"
+                )
         params = {n: np.asarray(p) for n, p in new_params.items()}
     return ""
 

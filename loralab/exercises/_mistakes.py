@@ -428,6 +428,14 @@ _LIST = [
         "equals the target or ends with '.' + target: name == t or name.endswith('.' + t).",
     ),
     Mistake(
+        "inject_endswith_no_dot",
+        "injection",
+        "you matched names that end with the target, without the '.' before it",
+        "`name.endswith('up')` also selects 'mlp.gate_up' (and the target 'q' would select "
+        "'attn.xq'). A target names whole parts of the path: name == t or "
+        "name.endswith('.' + t).",
+    ),
+    Mistake(
         "inject_exact_name",
         "injection",
         "you compared the whole name with the target, so nothing matched",

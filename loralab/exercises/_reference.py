@@ -157,6 +157,7 @@ def injection_model(d: int = 8, kv: int = 4, ff: int = 12, vocab: int = 11) -> d
                 f"{layer}.attn.v.weight": (kv, d),
                 f"{layer}.attn.o.weight": (d, d),
                 f"{layer}.mlp.up.weight": (ff, d),
+                f"{layer}.mlp.gate_up.weight": (ff, d),
                 f"{layer}.mlp.down.weight": (d, ff),
                 f"{layer}.norm.weight": (d,),
             }

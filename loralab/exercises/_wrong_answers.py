@@ -244,6 +244,10 @@ def _substring(module, targets):
     return any(t in module for t in targets)
 
 
+def _no_dot(module, targets):
+    return any(module.endswith(t) for t in targets)
+
+
 def _exact(module, targets):
     return module in targets
 
@@ -253,6 +257,7 @@ def injected_modules(shapes, targets):
     M = MISTAKES
     return [
         (M["inject_substring"], ref.adapted_modules(shapes, targets, _substring)),
+        (M["inject_endswith_no_dot"], ref.adapted_modules(shapes, targets, _no_dot)),
         (M["inject_exact_name"], ref.adapted_modules(shapes, targets, _exact)),
     ]
 

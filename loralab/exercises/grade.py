@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
@@ -246,12 +247,7 @@ def grade_notebook(path, *, timeout: int = 120, time_limit: float | None = None)
     for index, cell in enumerate(nb.cells[:-1]):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
-                why = stopped if output["ename"] == "KeyboardInterrupt" else None
-                report.cell_errors.append(
-                    f"cell {index} {why}"
-                    if why
-                    else f"cell {index} raised {output['ename']}: {output['evalue']}"
-                )
+                report.cell_errors.append(_cell_error(index, cell, output, stopped))
     found = _parse_results(nb.cells[-1])
     for key in keys:
         if key in found:
@@ -264,6 +260,30 @@ def grade_notebook(path, *, timeout: int = 120, time_limit: float | None = None)
                 ExerciseResult(key, False, "not graded: the notebook did not run.")
             )
     return report
+
+
+# IPython compiles each cell as a file with a made-up name: "invalid syntax (106727793.py, line 13)".
+_CELL_FILE = re.compile(r"\s*\((?:[^()]*[\\/])?\d+\.py, line (\d+)\)$")
+
+
+def _cell_error(index: int, cell, output, stopped: str) -> str:
+    """One line naming a cell that raised: its number counted from 1 at the top of the notebook
+    (markdown cells included), how it starts, and for a SyntaxError the line of the cell."""
+    lines = cell.source.splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    first = first if len(first) <= 60 else first[:57] + "..."
+    label = f"cell {index + 1}" + (f" (`{first}`)" if first else "")
+    if output["ename"] == "KeyboardInterrupt":
+        return f"{label}: {stopped}"
+    evalue = output["evalue"]
+    found = _CELL_FILE.search(evalue)
+    if found:
+        number = int(found.group(1))
+        evalue = evalue[: found.start()]
+        if 1 <= number <= len(lines) and lines[number - 1].strip() and number > 1:
+            evalue += f": `{lines[number - 1].strip()}`"
+        label += f", line {number}"
+    return f"{label} raised {output['ename']}: {evalue}"
 
 
 def _parse_results(cell) -> dict[str, tuple[bool, str]]:

@@ -1,4 +1,4 @@
-"""The check of exercise 11: blockwise NF4 quantization and dequantization (QLoRA, Section 3).
+"""The check of exercise 14: blockwise NF4 quantization and dequantization (QLoRA, Section 3).
 
 The student writes::
 
@@ -24,7 +24,10 @@ from loralab.exercises._feedback import (
     call_student,
     describe,
     function_name,
+    got_and_expected,
+    low_precision_note,
     mistake_note,
+    number,
     run_check,
 )
 from loralab.exercises._mistakes import Mistake
@@ -125,6 +128,7 @@ def check_nf4_quantization(
     *,
     strict: bool = False,
     time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``nf4_quantize(W, block_size)`` and, if given, ``nf4_dequantize(codes, absmax, shape, block_size)``.
 
@@ -137,6 +141,7 @@ def check_nf4_quantization(
         lambda: _check(student_quantize, student_dequantize),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -145,8 +150,9 @@ def _codes_message(got: np.ndarray, expected: np.ndarray, W, block_size, case: s
     i = int(wrong[0])
     msg = (
         f"nf4_quantize's codes are wrong for {wrong.size} of {expected.size} values; the first is "
-        f"value {i} (W.reshape(-1)[{i}] = {W.reshape(-1)[i]:.6g}, block {i // block_size}): "
-        f"got code {got[i]}, expected {expected[i]} (level {LEVELS[expected[i]]:.4f})."
+        f"value {i} (W.reshape(-1)[{i}] = {number(W.reshape(-1)[i])}, block {i // block_size}): "
+        f"got code {number(got[i])}, expected {number(expected[i])} "
+        f"(level {number(LEVELS[expected[i]], 4)})."
     )
     for mistake, variant in _code_variants(W, block_size):
         if np.array_equal(got, np.asarray(variant).reshape(-1)):
@@ -213,11 +219,15 @@ def _check(quantize_fn: Callable, dequantize_fn: Callable | None) -> str:
                 (NO_ABSMAX, values.reshape(W.shape)),
                 (TILED, (values * np.tile(absmax_ref, block_size)[: values.size]).reshape(W.shape)),
             ]
-            at = np.unravel_index(int(np.argmax(np.abs(got - expected))), expected.shape)
+            err = np.abs(got - expected)
+            at = np.unravel_index(int(np.argmax(err)), expected.shape)
+            got_text, expected_text = got_and_expected(got[at], expected[at])
             msg = (
-                f"nf4_dequantize's W_hat has wrong values: at index {tuple(int(i) for i in at)} "
-                f"got {got[at]:.6g}, expected {expected[at]:.6g}."
-            )
+                f"nf4_dequantize's W_hat has wrong values: max abs error {number(err[at], 3)} at "
+                f"index {tuple(int(i) for i in at)} (got {got_text}, expected {expected_text})."
+            ) + low_precision_note(got, "Your W_hat")
+            if got.dtype == np.float32:
+                msg += " (`NF4_VALUES` itself is float32: `NF4_VALUES.astype(np.float64)` is not.)"
             for mistake, variant in variants:
                 if np.allclose(got, variant, rtol=1e-12, atol=1e-15):
                     msg += mistake_note(mistake)
