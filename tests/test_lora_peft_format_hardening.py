@@ -380,3 +380,151 @@ def test_saving_again_replaces_the_pair(tmp_path):
     save_adapter(model, tmp_path / "ad")
     assert load_file(str(tmp_path / "ad" / WEIGHTS_NAME))[KEY.format("0", "A")].shape == (3, 8)
     np.testing.assert_array_equal(load_adapter(base(), tmp_path / "ad")(X).data, model(X).data)
+
+
+# ----- 9. issue 23: removal failures, symbolic links, modes, names, nested keys, overflow ---------
+def test_a_save_whose_old_contents_cannot_be_removed_says_so(tmp_path, monkeypatch):
+    import shutil
+
+    save_adapter(trained(seed=1), tmp_path / "ad")
+    real = shutil.rmtree
+
+    def stuck(path, ignore_errors=False, **kwargs):  # as if a file inside were undeletable
+        if os.path.basename(path).startswith(".ad."):
+            if ignore_errors:
+                return None
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    new = trained(seed=2)
+    with pytest.raises(OSError, match=r"new folder is in place at .*ad'.*could not be removed"):
+        save_adapter(new, tmp_path / "ad")
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_adapter(base(), tmp_path / "ad")(X).data, new(X).data)
+
+
+def test_saving_through_a_symbolic_link_replaces_the_linked_folder_and_keeps_the_link(tmp_path):
+    save_adapter(trained(seed=1), tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    new = trained(seed=2)
+    save_adapter(new, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    for where in ("link", "real"):
+        np.testing.assert_array_equal(load_adapter(base(), tmp_path / where)(X).data, new(X).data)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dangling.*symbolic link.*nowhere"):
+        save_adapter(new, tmp_path / "dangling")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_every_file_of_a_save_is_0644_named_adapters_included(tmp_path):
+    model = trained()
+    inject_lora(model, ["0"], r=2, adapter_name="task")
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "ad")
+    finally:
+        os.umask(old)
+    modes = {
+        os.path.relpath(os.path.join(folder, name), tmp_path): os.stat(
+            os.path.join(folder, name)
+        ).st_mode
+        & 0o777
+        for folder, dirs, files in os.walk(tmp_path / "ad")
+        for name in files + dirs
+    }
+    assert f"ad/task/{WEIGHTS_NAME}" in modes
+    assert modes == {p: 0o755 if p == "ad/task" else 0o644 for p in modes}
+
+
+BAD_NAMES = ["/abs/path", "a/b", "a\\b", "..", ".", "", "a\x00b", "x" * 300, "a.b", "_x", "__base__",
+             "has space", "CON", "keys", "training", "forward", "items", "to"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_adapter_names_that_are_not_one_safe_path_component_are_refused_first(tmp_path, name):
+    model = trained()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="not a valid adapter name"):
+        inject_lora(model, ["0"], r=2, adapter_name=name)
+    save_adapter(trained(seed=1), tmp_path / "ad")
+    with pytest.raises(ValueError, match="not a valid adapter name"):
+        load_adapter(model, tmp_path / "ad", adapter_name=name)
+    with pytest.raises(ValueError, match="not a valid adapter name"):
+        lora.add_weighted_adapter(model, ["default"], [1.0], name, combination_type="linear")
+    assert_unchanged(model, snap)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def test_reserved_names_cover_the_numpy_adapter_dict():
+    from loralab.lora.linear_layer import AdapterDict
+    from loralab.lora.linear_shared import RESERVED_ADAPTER_NAMES
+
+    public = {n for n in dir(AdapterDict()) if not n.startswith("_")}
+    assert public <= set(RESERVED_ADAPTER_NAMES), public - set(RESERVED_ADAPTER_NAMES)
+
+
+def test_reserved_names_cover_what_breaks_the_torch_twin():
+    torch = pytest.importorskip("torch")
+    from loralab.lora.linear_shared import RESERVED_ADAPTER_NAMES, check_adapter_name
+
+    public = {n for n in dir(torch.nn.ModuleDict()) if not n.startswith("_")}
+    assert public <= set(RESERVED_ADAPTER_NAMES), public - set(RESERVED_ADAPTER_NAMES)
+    for name in public:  # each would break to_torch: ModuleDict refuses it as a key
+        with pytest.raises(KeyError):
+            torch.nn.ModuleDict()[name] = torch.nn.Linear(1, 1)
+        with pytest.raises(ValueError, match="reserved"):
+            check_adapter_name(name, "test")
+
+
+def test_keys_naming_a_module_inside_a_lora_layer_are_refused(tmp_path):
+    model = inject_lora(base(), ["0"], r=2, alpha=4, seed=0)
+    g = np.random.default_rng(1)
+    nested = {
+        "base_model.model.0.base.lora_A.weight": g.standard_normal((2, 8)),
+        "base_model.model.0.base.lora_B.weight": g.standard_normal((16, 2)),
+    }
+    directory = write(tmp_path / "nested", good_config(target_modules=["0.base"]), nested)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"0\.base.*inside the LoRA layer '0'"):
+        load_adapter(model, directory, adapter_name="other")
+    assert_unchanged(model, snap)
+    assert [n for n, _ in lora_layers(model)] == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "limit"),
+    [(np.float32, 1e300, "3.403e\\+38"), (np.float16, 7e4, "6.55e\\+04")],
+)
+def test_values_that_overflow_the_models_dtype_are_refused_by_key(tmp_path, dtype, value, limit):
+    tensors = good_tensors()
+    tensors[KEY.format("2", "B")][1, 0] = -value
+    directory = write(tmp_path / "big", good_config(), tensors)
+    name = np.dtype(dtype).name
+    match = rf"{re.escape(KEY.format('2', 'B'))}.*{re.escape(f'{value:.4g}')}.*{name}.*{limit}"
+    for model in (
+        nn.MLP([8, 16, 4], seed=0, dtype=dtype),
+        inject_lora(nn.MLP([8, 16, 4], seed=0, dtype=dtype), ["0", "2"], r=2, alpha=4),
+    ):
+        refused(model, directory, ValueError, match)
+    tensors[KEY.format("2", "B")][1, 0] = float(np.finfo(dtype).max) / 2  # fits: loads
+    load_adapter(
+        nn.MLP([8, 16, 4], seed=0, dtype=dtype), write(tmp_path / "ok", good_config(), tensors)
+    )
+
+
+def test_overflow_is_refused_for_a_float16_torch_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("loralab.torch")  # registers the torch backend
+    tensors = good_tensors()
+    tensors[KEY.format("0", "A")][0, 0] = 1e6
+    directory = write(tmp_path / "big", good_config(), tensors)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = model.half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"0\.lora_A\.weight.*1e\+06.*float16"):
+        load_adapter(model, directory)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -40,6 +40,7 @@ keeps its names; see docs/guides/many_adapters.md.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -124,16 +125,66 @@ ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "s
 ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
 
 
+MAX_ADAPTER_NAME = 100
+"""The longest adapter name: it names a folder when saved (`loralab.lora.save_adapter`)."""
+
+RESERVED_ADAPTER_NAMES = (
+    # Attributes of the dict module holding a layer's adapters (torch.nn.ModuleDict, and the NumPy
+    # AdapterDict): an adapter named so would shadow one, or torch refuses it with a bare KeyError.
+    # Fixed here (the core never imports torch); tests/test_lora_peft_format_hardening.py checks
+    # that it covers both dicts' attributes.
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children",
+    "clear", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float",
+    "forward", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu",
+    "items", "keys", "load_state_dict", "modules", "mtia", "named_buffers", "named_children",
+    "named_modules", "named_parameters", "parameters", "pop", "register_backward_hook",
+    "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook",
+    "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module",
+    "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+    "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to",
+    "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
+)  # fmt: skip
+_WINDOWS_DEVICES = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)),
+}
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def check_adapter_name(name: Any, where: str) -> str:
-    """``name`` if it can name an adapter: a non-empty str without '.', not ``"__base__"``."""
+    """``name`` if it can name an adapter, else a TypeError/ValueError saying why.
+
+    A saved adapter's name is a folder's name (`loralab.lora.save_adapter`) and a key of the
+    module dict holding a layer's adapters, so it must be one safe path component: 1 to
+    `MAX_ADAPTER_NAME` ASCII letters, digits, '-' or '_', starting with a letter or a digit (no
+    '/', '\\', '.', '..', NUL or absolute path; not a Windows device name such as ``"CON"``),
+    and not one of `RESERVED_ADAPTER_NAMES` (``"keys"``, ``"training"``, ``"forward"`` ...).
+    ``"__base__"`` (`BASE_ROWS`) is refused by the same rule.
+    """
     if not isinstance(name, str):
         raise TypeError(
             f"{where}: adapter_name must be a str, got {name!r} ({type(name).__name__})"
         )
-    if not name or "." in name or name == BASE_ROWS or name.startswith("_"):
+    if (
+        len(name) > MAX_ADAPTER_NAME
+        or not _ADAPTER_NAME.fullmatch(name)
+        or name.upper() in _WINDOWS_DEVICES
+    ):
+        shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
         raise ValueError(
-            f"{where}: adapter_name={name!r} is not a valid adapter name (non-empty, no '.', "
-            f"not starting with '_', not {BASE_ROWS!r})"
+            f"{where}: adapter_name={shown!r} is not a valid adapter name: it names a folder "
+            f"when saved, so use 1 to {MAX_ADAPTER_NAME} letters, digits, '-' or '_', starting "
+            "with a letter or a digit (not a Windows device name such as 'CON')"
+        )
+    if name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(
+            f"{where}: adapter_name={name!r} is not a valid adapter name: it is reserved, an "
+            "attribute of the module dict that holds a layer's adapters (torch.nn.ModuleDict); "
+            "choose another name"
         )
     return name
 

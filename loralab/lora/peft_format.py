@@ -14,14 +14,18 @@ A saved adapter is a directory with two files:
     An embedding (`loralab.lora.LoRAEmbedding`) has ``base_model.model.<module path>.lora_embedding_A``
     of shape (r, num_embeddings) and ``.lora_embedding_B`` of shape (embedding_dim, r), no ``.weight``.
 
-Saving writes both files into a temporary folder that then replaces the destination
-(`loralab.fileio.atomic_directory`), so a reader never sees new weights beside an old config.
+Saving writes both files into a temporary folder that then replaces the destination in one
+step (`loralab.fileio.atomic_directory`); loading opens both files from one version of the
+folder (`loralab.fileio.open_together`). So a reader never sees new weights beside an old
+config, even while another process saves; a save killed at any moment leaves the old adapter
+or the new one; two saves to one folder at once run one after the other. A symbolic link to an
+adapter folder is followed: the folder it points to is replaced, the link kept.
 
 Loading is all or nothing, in three steps: (1) read the config and only the *header* of the
 safetensors file (8-byte little-endian length, then JSON) and check every key, dtype and shape
-against the whole model; (2) read just the declared tensors (``safetensors.safe_open``, never
-pickle) and check that they are finite; (3) only then change the model. A refused load leaves
-every array, flag and module of the model as it was.
+against the whole model; (2) read just the declared tensors (their byte ranges, never pickle)
+and check that they are finite and stay finite once cast to the model's dtype; (3) only then
+change the model. A refused load leaves every array, flag and module of the model as it was.
 
 The model-specific part (which layers exist, how to read and write their arrays) is a small
 `loralab.lora.backend.Backend`: the NumPy one, or the torch one that `loralab.torch` registers,
@@ -35,13 +39,16 @@ import math
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loralab.fileio import atomic_directory
+from loralab.fileio import atomic_directory, open_together
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
@@ -202,11 +209,13 @@ def _layer_suffixes(layer: Any) -> dict[str, str]:
 # ----- reading: config and header first, tensors second ---------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
-    """One entry of a safetensors header: its key, dtype name ("F32", ...) and shape."""
+    """One entry of a safetensors header: its key, dtype name ("F32", ...), shape and bytes."""
 
     key: str
     dtype: str
     shape: tuple[int, ...]
+    begin: int = 0  # the tensor's bytes in the file: [begin, end)
+    end: int = 0
 
 
 def _no_duplicates(where: str) -> Any:
@@ -230,11 +239,12 @@ def _parse_json(text: str | bytes, where: str) -> Any:
         raise ValueError(f"{where}: the JSON is nested too deeply to be a config") from None
 
 
-def read_config(path: Path) -> LoraConfig:
-    """``adapter_config.json`` as a validated `LoraConfig`; every error names the file."""
+def read_config(f: BufferedReader, path: Path) -> LoraConfig:
+    """``adapter_config.json`` (open as ``f``) as a validated `LoraConfig`; every error names
+    the file ``path``."""
     where = f"load_adapter: {str(path)!r}"
     try:
-        text = path.read_bytes()
+        text = f.read()
     except OSError as exc:
         raise FileNotFoundError(f"{where}: cannot read: {exc}") from exc
     data = _parse_json(text, where)
@@ -243,28 +253,26 @@ def read_config(path: Path) -> LoraConfig:
     return LoraConfig.from_dict(data, source=where)
 
 
-def read_header(path: Path) -> list[TensorSpec]:
-    """The tensors a safetensors file declares, checked without reading their data.
+def read_header(f: BufferedReader, path: Path) -> list[TensorSpec]:
+    """The tensors a safetensors file (open as ``f``) declares, checked without reading their data.
 
     The format: 8 bytes (little-endian u64) giving the header's length n, n bytes of JSON
     ``{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
     data. Each entry must be a float (F16, F32, F64), its offsets must lie inside the file and
-    span exactly prod(shape) * itemsize bytes; keys must be unique.
+    span exactly prod(shape) * itemsize bytes, no two may overlap; keys must be unique.
     """
     where = f"load_adapter: {str(path)!r}"
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(
-                f"{where}: cannot read: {size} bytes is too short for a safetensors file"
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(
-                f"{where}: cannot read: the header claims {n} bytes but {size - 8} follow its length"
-            )
-        raw = f.read(n)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{where}: cannot read: {size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, _MAX_HEADER):
+        raise ValueError(
+            f"{where}: cannot read: the header claims {n} bytes but {size - 8} follow its length"
+        )
+    raw = f.read(n)
     header = _parse_json(raw, f"{where}: cannot read: the header")
     if not isinstance(header, dict):
         raise ValueError(f"{where}: cannot read: the header must be a JSON object")
@@ -272,14 +280,15 @@ def read_header(path: Path) -> list[TensorSpec]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{where}: __metadata__ must map strings to strings")
     data_size = size - 8 - n
-    specs = []
-    for key, entry in header.items():
-        spec = _check_entry(key, entry, data_size, where)
-        specs.append(spec)
+    specs = [_check_entry(key, entry, data_size, 8 + n, where) for key, entry in header.items()]
+    spans = sorted((s.begin, s.end, s.key) for s in specs if s.end > s.begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{where}: cannot read: tensors {first} and {second} overlap")
     return specs
 
 
-def _check_entry(key: str, entry: Any, data_size: int, where: str) -> TensorSpec:
+def _check_entry(key: str, entry: Any, data_size: int, start: int, where: str) -> TensorSpec:
     _split_key(key)  # an unexpected key is refused before its size or dtype matter
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise ValueError(f"{where}: tensor {key}: expected dtype, shape and data_offsets")
@@ -304,46 +313,51 @@ def _check_entry(key: str, entry: Any, data_size: int, where: str) -> TensorSpec
             f"{where}: tensor {key} declares bytes [{begin}, {end}) for shape {tuple(shape)} "
             f"({nbytes} bytes) but the data section has {data_size} bytes"
         )
-    return TensorSpec(key, dtype, tuple(shape))
+    return TensorSpec(key, dtype, tuple(shape), start + begin, start + end)
 
 
-def read_tensors(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    """Only the tensors ``keys`` of a checked safetensors file; each must be finite."""
-    from safetensors import SafetensorError, safe_open
-
+def read_tensors(f: BufferedReader, path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """The tensors ``specs`` (checked by `read_header`) of the safetensors file open as ``f``:
+    each read as little-endian floats straight from its byte range (no pickle); each must be
+    finite."""
     where = f"load_adapter: {str(path)!r}"
     tensors = {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in keys:
-                tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{where}: cannot read the tensors: {exc}") from exc
-    for key, value in tensors.items():
+    for spec in specs:
+        buffer = bytearray(spec.end - spec.begin)
+        f.seek(spec.begin)
+        if f.readinto(buffer) != len(buffer):
+            raise ValueError(f"{where}: cannot read the tensors: {spec.key} is cut short")
+        dtype = np.dtype(_FLOAT_DTYPES[spec.dtype]).newbyteorder("<")
+        value = np.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
         if not np.isfinite(value).all():
-            raise ValueError(f"{where}: tensor {key} holds NaN or infinite values")
+            raise ValueError(f"{where}: tensor {spec.key} holds NaN or infinite values")
+        tensors[spec.key] = value.astype(value.dtype.newbyteorder("="), copy=False)
     return tensors
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """Read and check an adapter directory: (config, tensors keyed as in the file). No pickle."""
-    config_path, weights_path = _paths(directory)
-    config = read_config(config_path)
-    specs = read_header(weights_path)
-    return config, read_tensors(weights_path, [s.key for s in specs])
+    """Read and check an adapter directory: (config, tensors keyed as in the file). No pickle.
+
+    Both files come from one save, even while another process saves to ``directory``
+    (`loralab.fileio.open_together`)."""
+    with _open_adapter(directory) as (config, weights, config_path, weights_path):
+        specs = read_header(weights, weights_path)
+        return read_config(config, config_path), read_tensors(weights, weights_path, specs)
 
 
-def _paths(directory: str | os.PathLike) -> tuple[Path, Path]:
+@contextmanager
+def _open_adapter(
+    directory: str | os.PathLike,
+) -> Iterator[tuple[BufferedReader, BufferedReader, Path, Path]]:
+    """The config and weights files of ``directory``, open, from one save of it."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"load_adapter: adapter directory {str(directory)!r} does not exist"
+    with open_together(directory, [CONFIG_NAME, WEIGHTS_NAME], where="load_adapter") as files:
+        yield (
+            files[CONFIG_NAME],
+            files[WEIGHTS_NAME],
+            directory / CONFIG_NAME,
+            directory / WEIGHTS_NAME,
         )
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"load_adapter: {str(p)!r} is missing")
-    return config_path, weights_path
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -396,6 +410,18 @@ def _plan(
             f"load_adapter: the model's LoRA layers {merged} are merged into W0; unmerge first "
             "(unmerge_lora), load, then merge again"
         )
+    for path, found in sorted(by_path.items()):
+        # A module inside a LoRA layer (its base, another adapter's A): LoRA on it would do
+        # nothing until merged and then change the outputs. So would a file nesting its own targets.
+        outer = [p for p in (*layers, *by_path) if path.startswith(p + ".")]
+        if outer:
+            key = next(iter(found.values())).key
+            kind = "LoRA layer" if outer[0] in layers else "module the file adapts too,"
+            raise ValueError(
+                f"load_adapter: tensor {key} targets {path!r}, a module inside the {kind} "
+                f"{outer[0]!r}; an adapter's keys name the adapted module itself "
+                f"('{PREFIX}{outer[0]}.lora_A.weight')"
+            )
     existing = _holders(layers, adapter_name)
     if existing and set(existing) != set(by_path):
         raise ValueError(
@@ -538,6 +564,51 @@ def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:
         )
 
 
+def _dtype_of(param: Any) -> np.dtype | None:
+    """A NumPy or torch parameter's dtype as a NumPy dtype (None for one NumPy lacks: bfloat16)."""
+    dtype = param.dtype
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        try:
+            return np.dtype(str(dtype).removeprefix("torch."))
+        except TypeError:
+            return None
+
+
+def _check_fit(
+    backend: Any, model: Any, plans: list[_LayerPlan], tensors: dict[str, Any], adapter_name: str
+) -> None:
+    """Every value must stay finite once cast to the dtype it will be stored in: the existing
+    adapter's, else the base's W0's (a 4-bit base: its compute dtype). Changes nothing."""
+    existing = _holders(dict(backend.lora_layers(model)), adapter_name)
+    for plan in plans:
+        holder = existing.get(plan.path)
+        if holder is not None:
+            dtype = _dtype_of(getattr(holder, next(iter(plan.keys))))
+        else:
+            module = model.get_submodule(plan.path)
+            base = getattr(module, "base", module)  # a LoRA layer holding other adapters
+            weight = getattr(base, "weight", None)
+            dtype = (
+                _dtype_of(weight)
+                if weight is not None
+                else np.dtype(getattr(base, "compute_dtype", np.float32))
+            )
+        if dtype is None or dtype.kind != "f":
+            continue
+        largest = float(np.finfo(dtype).max)
+        for key in plan.keys.values():
+            value = tensors[key]
+            peak = float(np.abs(value).max()) if value.size else 0.0
+            if peak > largest:
+                raise ValueError(
+                    f"load_adapter: tensor {key} holds a value of magnitude {peak:.4g}, beyond "
+                    f"{dtype.name}'s largest {largest:.4g} (the model's dtype at {plan.path!r}): "
+                    f"cast to {dtype.name} it would become inf"
+                )
+
+
 def load_adapter(
     model: Any, directory: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER
 ) -> Any:
@@ -578,12 +649,13 @@ def load_adapter(
         In every case the model is left exactly as it was.
     """
     backend = backend_for(model, "load_adapter")
-    config_path, weights_path = _paths(directory)
-    config = read_config(config_path)
-    specs = read_header(weights_path)
     check_adapter_name(adapter_name, "load_adapter")
-    plans = _plan(backend, model, config, specs, adapter_name)
-    tensors = read_tensors(weights_path, [s.key for s in specs])
+    with _open_adapter(directory) as (config_file, weights_file, config_path, weights_path):
+        config = read_config(config_file, config_path)
+        specs = read_header(weights_file, weights_path)
+        plans = _plan(backend, model, config, specs, adapter_name)
+        tensors = read_tensors(weights_file, weights_path, specs)
+    _check_fit(backend, model, plans, tensors, adapter_name)
     layers = dict(backend.lora_layers(model))
     existing = _holders(layers, adapter_name)
     adding = bool(layers) and not existing
