@@ -44,6 +44,7 @@ __all__ = [
     "count_parameters",
     "match_target",
     "check_known",
+    "check_called",
     "adapter_names_of",
     "active_names",
 ]
@@ -139,6 +140,7 @@ def select_targets(
         elif not isinstance(module, linear_type):
             if target_modules == ALL_LINEAR:
                 continue  # PEFT's "all-linear": Linear layers only, embeddings skipped
+            check_called(model, name, "inject_lora")
             if not isinstance(module, embedding_type):
                 raise TypeError(
                     f"inject_lora: target {name!r} is a {type(module).__name__}; only Linear and "
@@ -152,6 +154,22 @@ def select_targets(
             f"the Linear modules of this model are {linears}"
         )
     return chosen
+
+
+def check_called(model: Any, path: str, where: str) -> None:
+    """Refuse LoRA on module ``path`` if its owner's forward reads its weight instead of calling it.
+
+    A LoRA layer changes what its forward returns; a table the model indexes directly (the GPT's
+    ``pos_emb.weight[:T]``) would ignore the adapter until merged, and merging would then change
+    the output. A module lists such children in ``lora_refused_targets`` {name: why}.
+    """
+    parent, _, child = path.rpartition(".")
+    reason = getattr(model.get_submodule(parent), "lora_refused_targets", {}).get(child)
+    if reason:
+        raise ValueError(
+            f"{where}: module {path!r} cannot take a LoRA adapter: {reason}, so the adapter would "
+            "do nothing until merged and merging would change the output; target other modules"
+        )
 
 
 def adapter_names_of(layers: list[tuple[str, Any]]) -> list[str]:

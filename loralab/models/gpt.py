@@ -199,6 +199,10 @@ class GPT(Module):
     ['blocks.0.attn.q', 'blocks.1.attn.q']
     """
 
+    lora_refused_targets = {
+        "pos_emb": "GPT.forward reads its table directly (pos_emb.weight[:T]) instead of calling it"
+    }
+
     def __init__(
         self,
         vocab_size: int,
@@ -241,7 +245,7 @@ class GPT(Module):
         return self.config["context_length"]
 
     def forward(self, idx: Any) -> Tensor:
-        """Integer tokens of shape (batch, T), T <= context_length -> logits (batch, T, vocab_size)."""
+        """Integer tokens of shape (batch, T), 1 <= T <= context_length -> logits (batch, T, vocab_size)."""
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"GPT: expected integer token ids, got dtype {idx.dtype}")
@@ -249,6 +253,10 @@ class GPT(Module):
             raise ValueError(f"GPT: expected token ids of shape (batch, T), got shape {idx.shape}")
         if idx.shape[1] > self.context_length:
             raise ValueError(f"GPT: T={idx.shape[1]} exceeds context_length={self.context_length}")
+        if idx.shape[1] == 0:
+            raise ValueError(
+                f"GPT: expected at least one token per row (T >= 1), got shape {idx.shape}"
+            )
         x = self.tok_emb(idx) + self.pos_emb.weight[: idx.shape[1]]
         x = self.ln_f(self.blocks(x))
         if self.config["tied_head"]:

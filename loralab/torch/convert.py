@@ -100,15 +100,33 @@ def _lookup(table: dict[type, Any], cls: type) -> Any:
     return None
 
 
+_TORCH_FLOATS = (torch.float16, torch.float32, torch.float64)  # the ones NumPy has too
+
+
 def _torch_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype == torch.bfloat16:  # NumPy has no bfloat16: the twin could not be checked
+            raise TypeError(
+                "to_torch: dtype torch.bfloat16 is not supported: NumPy has no bfloat16, so the "
+                "twin could not compute or be compared as the NumPy model; use torch.float32, "
+                "torch.float16 or torch.float64"
+            )
+        if dtype not in _TORCH_FLOATS:
+            raise TypeError(
+                f"to_torch: dtype must be a floating dtype (torch.float16, torch.float32 or "
+                f"torch.float64), got {dtype}"
+            )
         return dtype
     try:
         np_dtype = np.dtype(dtype)
     except TypeError as exc:
         raise TypeError(f"to_torch: dtype must be a torch or numpy dtype, got {dtype!r}") from exc
-    if not np.issubdtype(np_dtype, np.floating):
-        raise TypeError(f"to_torch: dtype must be a floating dtype, got {np_dtype}")
+    if not np.issubdtype(np_dtype, np.floating) or np_dtype.itemsize > 8:
+        raise TypeError(
+            f"to_torch: dtype must be a floating dtype (float16, float32 or float64), got {np_dtype}"
+        )
     return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
 
@@ -272,7 +290,8 @@ def to_torch(model: nn.Module, dtype: Any = None, device: Any = None) -> torch.n
     ----------
     model : loralab.nn.Module
     dtype : torch or numpy floating dtype, optional
-        Cast every floating parameter to it; None keeps each array's dtype (float32 stays float32).
+        float16, float32 or float64: cast every floating parameter to it; None keeps each
+        array's dtype (float32 stays float32). bfloat16, complex and integer dtypes are refused.
     device : torch.device or str, optional
         Move the result there ("cuda" for a GPU); None leaves it on the CPU.
 

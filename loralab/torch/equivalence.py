@@ -24,6 +24,7 @@ outputs, which do not depend on them, are compared).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ def relative_difference(a: Any, b: Any) -> float:
     """max|a - b| / max(max|a|, max|b|): the error relative to the larger array's size (0 if both are 0).
 
     Measured against the largest entry rather than entry by entry, so a value that is zero in
-    both (such as dA while B = 0) is not an infinite relative error.
+    both (such as dA while B = 0) is not an infinite relative error. A NaN or inf in either
+    array gives inf: such values cannot be compared, and a check must fail on them.
     """
     a = np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a, dtype=float)
     b = np.asarray(b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else b, dtype=float)
@@ -65,6 +67,8 @@ def relative_difference(a: Any, b: Any) -> float:
         raise ValueError(f"relative_difference: shapes differ, {a.shape} vs {b.shape}")
     if a.size == 0:
         return 0.0
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.inf
     scale = max(np.abs(a).max(), np.abs(b).max())
     return float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
 
@@ -257,6 +261,25 @@ def _check_pairs(np_params: dict, t_params: dict) -> None:
         raise ValueError(f"check_equivalence: shapes differ for {shapes}")
 
 
+def _check_finite(np_params: dict, t_params: dict, batches: list) -> None:
+    """A NaN or inf in a parameter or a batch makes every comparison meaningless: refuse it."""
+    arrays = [(f"parameter {n!r} of the NumPy model", p.data) for n, p in np_params.items()]
+    arrays += [(f"parameter {n!r} of the torch model", p) for n, p in t_params.items()]
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"check_equivalence: batches[{i}] must be a pair (x, y), got {batch!r}")
+        arrays += [(f"batches[{i}] x", batch[0]), (f"batches[{i}] y", batch[1])]
+    for what, value in arrays:
+        array = (
+            value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        )
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise ValueError(
+                f"check_equivalence: {what} holds {int((~np.isfinite(array)).sum())} NaN or inf "
+                "values; nothing could be compared"
+            )
+
+
 def _grad_array(p: torch.Tensor) -> np.ndarray:
     """``p.grad`` as an ndarray, zeros where torch left it None (no gradient reached ``p``)."""
     grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -343,6 +366,7 @@ def check_equivalence(
     np_params = dict(np_model.named_parameters())
     t_params = dict(torch_model.named_parameters())
     _check_pairs(np_params, t_params)
+    _check_finite(np_params, t_params, batches)
     trainable = [n for n, p in np_params.items() if p.requires_grad]
     if not trainable:
         raise ValueError("check_equivalence: no parameter requires a gradient")

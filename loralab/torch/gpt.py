@@ -60,6 +60,10 @@ class TorchGPT(torch.nn.Module):
     Built by :func:`loralab.torch.to_torch` from a :class:`loralab.models.GPT`, not directly.
     """
 
+    lora_refused_targets = {
+        "pos_emb": "GPT.forward reads its table directly (pos_emb.weight[:T]) instead of calling it"
+    }
+
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.config = dict(config)
@@ -67,6 +71,10 @@ class TorchGPT(torch.nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Integer tokens (batch, T) -> logits (batch, T, vocab_size)."""
         idx = torch.as_tensor(idx)
+        if idx.ndim == 2 and idx.shape[1] == 0:  # as the NumPy GPT
+            raise ValueError(
+                f"GPT: expected at least one token per row (T >= 1), got shape {tuple(idx.shape)}"
+            )
         x = self.tok_emb(idx) + self.pos_emb.weight[: idx.shape[1]]
         x = self.ln_f(self.blocks(x))
         if self.config["tied_head"]:
