@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 from loralab import counting
@@ -279,10 +280,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, repeats=args.repeats)
     config = dataclasses.replace(config, seed=args.seed, threads=args.threads, clock=args.clock)
     out = Path(args.out)
-    try:
+    if out.is_dir():
+        raise UsageError(
+            f"loralab bench: error: --out {str(out)!r} is a folder; give a file name such as "
+            f"{str(out / 'results.md')!r}"
+        )
+    try:  # before any work: try a temporary file where the report will go
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out.parent, os.W_OK):
-            raise PermissionError(13, "Permission denied")
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
     except OSError as e:
         raise UsageError(
             f"loralab bench: error: cannot write to --out {str(out)!r}: {e.strerror or e}"

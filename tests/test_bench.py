@@ -4,6 +4,7 @@ The PyTorch side of the benchmarked model is tested in test_bench_torch.py.
 """
 
 import math
+import os
 import re
 
 import numpy as np
@@ -103,3 +104,22 @@ def test_cli_bench_bad_input(tmp_path, capsys, argv):
     assert main(["bench", "--quick", "--out", str(tmp_path / "r.md"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("loralab bench: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file", "unwritable"])
+def test_cli_bench_checks_out_before_any_work(tmp_path, capsys, monkeypatch, where):
+    from loralab import bench
+
+    ran = []
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: ran.append(args))
+    (tmp_path / "a_file").write_text("x")
+    if where == "unwritable":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs a folder nobody can write into, even root: /proc/self")
+        out = "/proc/self/results.md"
+    else:
+        out = str(tmp_path if where == "a folder" else tmp_path / "a_file" / "results.md")
+    assert main(["bench", "--quick", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loralab bench: error:") and "--out" in err and "\n" not in err
+    assert not ran
