@@ -644,6 +644,9 @@ def test_numbers_in_messages_are_plain_and_show_the_difference(capsys):
     assert got != expected and "np." not in out
     assert "test case: x (3, 7)" in out
     assert ex._feedback.describe(s=np.float64(0.5), n=np.int64(3)) == "test case: s=0.5, n=3"
+    assert not ex.check_param_count(lambda d, k, r: np.float64(r * (d + k)))
+    assert "the count is the float 36.0: return an int" in capsys.readouterr().out
+    assert ex._feedback.plain_repr((np.int64(3), [np.float64(0.5)])) == "(3, [0.5])"
 
 
 def test_a_correct_float32_forward_is_told_to_keep_float64(capsys):

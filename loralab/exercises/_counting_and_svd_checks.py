@@ -17,6 +17,7 @@ from loralab.exercises._feedback import (
     difference,
     function_name,
     mistake_note,
+    plain_repr,
     run_check,
 )
 
@@ -69,9 +70,11 @@ def _as_int(got, what: str, case: str) -> int:
     if isinstance(got, (bool, np.bool_)) or not isinstance(got, (int, np.integer)):
         if isinstance(got, (float, np.floating)) and float(got).is_integer():
             raise Failure(
-                f"{what} is the float {got!r}: return an int (e.g. `int(...)`).\n  {case}"
+                f"{what} is the float {float(got)!r}: return an int (e.g. `int(...)`).\n  {case}"
             )
-        raise Failure(f"{what} should be an int, got {type(got).__name__} {got!r}.\n  {case}")
+        raise Failure(
+            f"{what} should be an int, got {type(got).__name__} {plain_repr(got)}.\n  {case}"
+        )
     return int(got)
 
 
@@ -101,7 +104,7 @@ def _param_count(fn, model_fn) -> str:
         got = call_student(model_fn, mname, (shapes, r, targets), ("shapes", "r", "targets"), case)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise Failure(
-                f"`{mname}` should return a pair (trainable, total), got {got!r}.\n  {case}"
+                f"`{mname}` should return a pair (trainable, total), got {plain_repr(got)}.\n  {case}"
             )
         got = tuple(_as_int(v, w, case) for v, w in zip(got, ("trainable", "total"), strict=True))
         expected = ref.lora_model_param_count(shapes, r, targets)

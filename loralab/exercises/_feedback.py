@@ -59,6 +59,26 @@ def number(value, digits: int = 6) -> str:
     return str(value)
 
 
+def plain_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` with NumPy scalars as Python numbers (``3``, not ``np.int64(3)``), in
+    tuples, lists and dicts too; cut to ``limit`` characters."""
+
+    def plain(v):
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, (tuple, list)):
+            return type(v)(plain(x) for x in v)
+        if isinstance(v, dict):
+            return {plain(k): plain(x) for k, x in v.items()}
+        return v
+
+    try:
+        text = repr(plain(value))
+    except Exception:  # an odd object of the student's: its own repr
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def got_and_expected(got, expected) -> tuple[str, str]:
     """Both numbers with as few significant digits (6 to 17) as show that they differ."""
     for digits in (6, 9, 12, 17):

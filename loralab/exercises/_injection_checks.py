@@ -16,6 +16,7 @@ from loralab.exercises._feedback import (
     describe,
     function_name,
     mistake_note,
+    plain_repr,
     run_check,
 )
 from loralab.exercises._mistakes import MISTAKES
@@ -120,7 +121,7 @@ def _unpack_injection(out, name, case):
         isinstance(n, str) for n in trainable
     ):
         raise Failure(
-            f"trainable should be a set (or list) of names, got {trainable!r:.80}.\n  {case}"
+            f"trainable should be a set (or list) of names, got {plain_repr(trainable)}.\n  {case}"
         )
     return new_params, set(trainable)
 

@@ -18,6 +18,7 @@ from loralab.exercises._feedback import (
     function_name,
     match_mistake,
     mistake_note,
+    plain_repr,
     positional_names,
     run_check,
 )
@@ -211,7 +212,9 @@ def _compare_state(state, t, trainable, expected, wrong, case) -> None:
     for n in sorted(trainable):
         pair = state[n]
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise Failure(f"new_state['{n}'] should be a pair (m, v), got {pair!r:.80}.\n  {case}")
+            raise Failure(
+                f"new_state['{n}'] should be a pair (m, v), got {plain_repr(pair)}.\n  {case}"
+            )
         for k, moment in enumerate(("m", "v")):
             variants = [(m, traj[t - 1][1][n][k]) for m, traj in wrong]
             what = f"new_state['{n}'] {moment} after step {t}"
@@ -228,7 +231,7 @@ def _unpack(result, adam, name, params, trainable, case):
         if not isinstance(new_state, dict) or not set(trainable) <= set(new_state):
             raise Failure(
                 f"new_state should be a dict with an (m, v) pair for each trainable name "
-                f"{sorted(trainable)}, got {new_state!r:.80}.\n  {case}"
+                f"{sorted(trainable)}, got {plain_repr(new_state)}.\n  {case}"
             )
     else:
         new_params, new_state = result, None
