@@ -592,6 +592,17 @@ def test_the_backward_is_praised_for_skipping_dW0_only_when_it_did(capsys):
     assert "it formed one, such as dW0 = dy^T x" in out
 
 
+def test_a_right_forward_too_slow_for_the_wide_layer_still_passes_and_claims_nothing(capsys):
+    def lora_forward(x, W0, A, B, scaling):
+        if W0.shape[0] > 100:  # only the memory probe's wide layer
+            time.sleep(5)
+        return S.lora_forward(x, W0, A, B, scaling)
+
+    assert ex.check_lora_forward(lora_forward, time_limit=0.3)
+    out = capsys.readouterr().out
+    assert "ΔW" not in out and "memory" not in out
+
+
 def test_an_in_place_edit_in_a_helper_is_blamed_on_the_helper(capsys):
     def lora_forward(x, W0, A, B, scaling):
         x *= 1.0

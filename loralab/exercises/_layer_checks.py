@@ -113,7 +113,10 @@ def _memory_note(fn, name, *, backward: bool) -> str:
     args = (*arrays.values(), 2.0)
     arg_names = (*arrays, "scaling")
     case = describe(**dict(zip(arg_names, args, strict=True)))
-    _, peak = call_student_traced(fn, name, args, arg_names, case)
+    try:
+        _, peak = call_student_traced(fn, name, args, arg_names, case)
+    except Failure:  # e.g. a loop too slow for the wide layer: the answer was right, claim nothing
+        return ""
     if peak is None:
         return ""
     size = _WIDE_OUT * _WIDE_IN * 8
