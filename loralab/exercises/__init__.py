@@ -1,10 +1,12 @@
 """Classroom exercises: implement a piece of LoRA, call its check, and read what is wrong.
 
-Each ``check_x(student_fn, *, strict=False, time_limit=None)`` runs the student's function on fixed
-float64 inputs (odd shapes, a batch dimension, nonzero B), prints a verdict that names what differs
-and any known mistake it matches, and returns True or False; ``strict=True`` raises
-``AssertionError`` instead. A call that runs longer than ``time_limit`` seconds (default
-`TIME_LIMIT`) is stopped and reported, as is a call of ``sys.exit()``.
+Each ``check_x(student_fn, *, strict=False, time_limit=None, where=None)`` runs the student's
+function on fixed float64 inputs (odd shapes, a batch dimension, nonzero B), prints a verdict that
+names what differs and any known mistake it matches, and returns True or False; ``strict=True``
+raises ``AssertionError`` instead. A call that runs longer than ``time_limit`` seconds (default
+`TIME_LIMIT`) is stopped and reported, as is a call of ``sys.exit()``. ``where``, the file name of
+the calling notebook, lets a passing check's "Next:" line say "further down this notebook", or,
+from a tutorial, "carry on with this notebook".
 The exercise notebooks are in ``tutorials/exercises/``; ``loralab grade NOTEBOOK`` grades one.
 
 >>> import numpy as np
