@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write",
     "atomic_directory",
     "open_together",
+    "settle_directory",
     "ConcurrentSaveError",
     "FILE_MODE",
 ]
@@ -216,8 +217,8 @@ def _restore(path: Path) -> bool:
 def settle_directory(path: str | os.PathLike[str]) -> bool | None:
     """Make ``path`` whole again after a save was killed half-way, if no save is running now.
 
-    Returns None while another process is saving there (try again soon), True if the previous
-    folder was put back, False if there was nothing to do.
+    Returns None while another process is saving there (try again soon), True if ``path`` is
+    there now (put back, or saved since we last looked), False if there is nothing to read.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -225,6 +226,8 @@ def settle_directory(path: str | os.PathLike[str]) -> bool | None:
     with _lock(path.parent, "load", wait=False) as held:
         if not held:
             return None
+        if path.exists():
+            return True
         return _restore(path)
 
 
@@ -280,32 +283,30 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         for stale in _stale_temporaries(path.parent, path.name):
             _remove(stale)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX))
+        old = None
         try:
             yield tmp
             _finish(tmp)
             if not path.exists():
                 os.replace(tmp, path)
-                _fsync(path.parent)
-                return
-        except BaseException:
-            _remove(tmp)
-            raise
-        if _exchange(tmp, path):
-            old = tmp
-        else:
-            old = Path(
-                tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=_OLD_SUFFIX)
-            )
-            os.rmdir(old)
-            try:
+            elif _exchange(tmp, path):
+                old = tmp  # the old folder, now under the temporary name
+            else:
+                old = Path(
+                    tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=_OLD_SUFFIX)
+                )
+                os.rmdir(old)
                 os.replace(path, old)
                 os.replace(tmp, path)
-            except BaseException:
-                if old.exists() and not path.exists():
-                    os.replace(old, path)
+        except BaseException:
+            if old is not None and old != tmp and old.exists() and not path.exists():
+                os.replace(old, path)
+            if old != tmp:
                 _remove(tmp)
-                raise
+            raise
         _fsync(path.parent)
+        if old is None:
+            return
         try:
             shutil.rmtree(old)
         except OSError as exc:

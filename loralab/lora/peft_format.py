@@ -152,11 +152,20 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         The adapters' folder, created if missing. It is replaced as a whole (configs and weights
         together, never a mix of old and new); an existing folder may hold only previous
         adapters (``adapter_config.json``, ``adapter_model.safetensors``, PEFT's ``README.md``,
-        and sub-folders holding only those).
+        and sub-folders holding only those). A symbolic link is followed: the folder it points
+        to is replaced and the link stays.
 
     Returns
     -------
     Path of the directory.
+
+    Notes
+    -----
+    What a save guarantees (`loralab.fileio.atomic_directory`): a process loading the folder at
+    the same moment gets the old adapter or the new one, whole; a save killed at any point
+    leaves the old adapter or the new one (a folder set aside by a killed save is put back by
+    the next save or load); two saves to one folder at once run one after the other. Every file
+    has mode 0644, every folder 0755.
 
     Raises
     ------
@@ -164,6 +173,13 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         The model has no LoRA layers.
     FileExistsError
         ``directory`` is a file, or a folder holding other files (they would be lost).
+    FileNotFoundError
+        ``directory`` is a symbolic link to nothing.
+    loralab.fileio.ConcurrentSaveError
+        Another process kept saving beside ``directory`` for a minute.
+    OSError
+        The new adapter is in place but the old folder could not be removed (the message says
+        where it was left).
     """
     backend = backend_for(model, "save_adapter")
     layers = backend.lora_layers(model)
@@ -645,8 +661,15 @@ def load_adapter(
         A config field of the wrong JSON type (naming the file, the field and the value).
     ValueError
         A corrupt file, a wrong config value, an unsupported feature (naming the config field), a
-        tensor for a module the model lacks, a tensor of the wrong shape or dtype, NaN or inf.
+        tensor for a module the model lacks or for a module inside a LoRA layer, a tensor of the
+        wrong shape or dtype, NaN or inf, a value beyond the range of the model's dtype (naming
+        the key, the value and the dtype's largest), or an ``adapter_name`` that is not one safe
+        path component (`loralab.lora.linear_shared.check_adapter_name`).
         In every case the model is left exactly as it was.
+    loralab.fileio.ConcurrentSaveError
+        Another process kept replacing ``directory`` for 2 seconds. While a save is swapping the
+        folder, a load waits and retries; it never reads the config of one save with the
+        weights of another.
     """
     backend = backend_for(model, "load_adapter")
     check_adapter_name(adapter_name, "load_adapter")
