@@ -133,6 +133,42 @@ def nf4_dequantize(codes, absmax, shape, block_size):
     return (values * absmax[:, None]).reshape(shape)
 
 
+def mixed_forward(x, W0, As, Bs, scalings, adapter_ids):
+    y = x @ W0.T
+    for k in range(len(As)):
+        rows = adapter_ids == k
+        y[rows] += scalings[k] * ((x[rows] @ As[k].T) @ Bs[k].T)
+    return y
+
+
+def cat_combine(As, Bs, scalings, weights):
+    A = np.concatenate([w * s * Ak for w, s, Ak in zip(weights, scalings, As)], axis=0)
+    return A, np.concatenate(Bs, axis=1)
+
+
+def ring_allreduce(grads, send):
+    P = len(grads)
+    chunks = [np.array_split(np.array(g, dtype=float), P) for g in grads]
+    for step in range(P - 1):  # reduce-scatter: worker i ends owning chunk (i + 1) % P
+        sends = [(i, (i - step) % P) for i in range(P)]
+        arrived = [send(i, (i + 1) % P, chunks[i][c]) for i, c in sends]
+        for (i, c), values in zip(sends, arrived):
+            chunks[(i + 1) % P][c] = chunks[(i + 1) % P][c] + values
+    for step in range(P - 1):  # all-gather: the summed chunks travel once around the ring
+        sends = [(i, (i + 1 - step) % P) for i in range(P)]
+        arrived = [send(i, (i + 1) % P, chunks[i][c]) for i, c in sends]
+        for (i, c), values in zip(sends, arrived):
+            chunks[(i + 1) % P][c] = values
+    return [np.concatenate(c) for c in chunks]
+
+
+def allreduce_bytes(layer_shapes, r, P, bytes_per_value):
+    full = sum(out * inp for out, inp in layer_shapes)
+    lora = sum(r * (out + inp) for out, inp in layer_shapes)
+    factor = 2 * (P - 1) / P * bytes_per_value
+    return full * factor, lora * factor
+
+
 def solution_sources() -> dict[str, str]:
     """Function name -> source code, for every solution above."""
     return {

@@ -34,6 +34,8 @@ from loralab.exercises._layer_checks import (
 from loralab.exercises._merge_and_optimizer_checks import check_merge, check_optimizer_step
 from loralab.exercises._mistakes import MISTAKES, Mistake
 from loralab.exercises.quant_checks import check_nf4_quantization
+from loralab.exercises.scaleout_checks import check_allreduce_bytes, check_ring_allreduce
+from loralab.exercises.serving_checks import check_cat_combine, check_mixed_forward
 
 __all__ = [
     "EXERCISES",
@@ -50,6 +52,10 @@ __all__ = [
     "check_low_rank_approx",
     "check_merge",
     "check_nf4_quantization",
+    "check_mixed_forward",
+    "check_cat_combine",
+    "check_ring_allreduce",
+    "check_allreduce_bytes",
     "check_optimizer_step",
     "check_param_count",
     "check_subspace_similarity",

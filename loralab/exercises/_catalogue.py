@@ -183,6 +183,43 @@ _ALL = [
         "block, each value divided by it and rounded to the nearest of the 16 normal-quantile "
         "levels, and multiplied back on the way out.",
     ),
+    Exercise(
+        "mixed_forward",
+        "mixed_forward(x, W0, As, Bs, scalings, adapter_ids)",
+        "15_serving_many_adapters.ipynb",
+        ("mixed_forward",),
+        "check_mixed_forward",
+        "You served one batch through several adapters: the base product once for every row, "
+        "then each adapter's small product pair on its own rows only (what PEFT's "
+        "`adapter_names` forward and `loralab.lora.mixed_batch` compute).",
+    ),
+    Exercise(
+        "cat_combine",
+        "cat_combine(As, Bs, scalings, weights)",
+        "15_serving_many_adapters.ipynb",
+        ("cat_combine",),
+        "check_cat_combine",
+        "You built PEFT's `cat` combination: stacking the A's (times w_k s_k) and the B's gives "
+        "B A = sum_k w_k s_k B_k A_k exactly, at the sum of the ranks.",
+    ),
+    Exercise(
+        "ring_allreduce",
+        "ring_allreduce(grads, send)",
+        "17_ring_allreduce.ipynb",
+        ("ring_allreduce",),
+        "check_ring_allreduce",
+        "You ran the ring all-reduce (reduce-scatter, then all-gather): every worker ends with "
+        "the sum of all gradients after sending 2 (P - 1) / P of one gradient.",
+    ),
+    Exercise(
+        "allreduce_bytes",
+        "allreduce_bytes(layer_shapes, r, P, bytes_per_value)",
+        "17_ring_allreduce.ipynb",
+        ("allreduce_bytes",),
+        "check_allreduce_bytes",
+        "You counted what data parallelism sends per step: 2 (P - 1) / P x the trainable "
+        "numbers x their bytes, so LoRA sends the trainable fraction of full fine-tuning's bytes.",
+    ),
 ]
 
 #: Every exercise by key, in course order.

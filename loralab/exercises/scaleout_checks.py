@@ -145,7 +145,11 @@ def ring_reference(grads, send):
 
 
 def check_ring_allreduce(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``ring_allreduce(grads, send) -> list of P arrays`` (the ring all-reduce).
 
@@ -162,6 +166,7 @@ def check_ring_allreduce(
         lambda: _ring(student_fn, function_name(student_fn, "ring_allreduce")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -230,7 +235,11 @@ def _bytes_mistakes(layer_shapes, r, P, b):
 
 
 def check_allreduce_bytes(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``allreduce_bytes(layer_shapes, r, P, bytes_per_value) -> (full, lora)``.
 
@@ -246,6 +255,7 @@ def check_allreduce_bytes(
         lambda: _bytes(student_fn, function_name(student_fn, "allreduce_bytes")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 

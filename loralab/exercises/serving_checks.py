@@ -157,7 +157,11 @@ def _mixed_mistakes(x, W0, As, Bs, scalings, ids):
 
 
 def check_mixed_forward(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``mixed_forward(x, W0, As, Bs, scalings, adapter_ids) -> y`` (one batch, K adapters).
 
@@ -174,6 +178,7 @@ def check_mixed_forward(
         lambda: _mixed(student_fn, function_name(student_fn, "mixed_forward")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
@@ -228,7 +233,11 @@ def _cat_mistakes(As, Bs, scalings, weights):
 
 
 def check_cat_combine(
-    student_fn: Callable, *, strict: bool = False, time_limit: float | None = None
+    student_fn: Callable,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+    where: str | None = None,
 ) -> bool:
     """Check ``cat_combine(As, Bs, scalings, weights) -> (A, B)`` (PEFT's ``cat`` combination).
 
@@ -243,6 +252,7 @@ def check_cat_combine(
         lambda: _cat(student_fn, function_name(student_fn, "cat_combine")),
         strict=strict,
         time_limit=time_limit,
+        where=where,
     )
 
 
