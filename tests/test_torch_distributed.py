@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_cli_json_while_another_run_trains_at_the_same_time(cli_gpt, mlp_runs):
     assert result["allreduce_bytes_per_step_full"] == 8 * result["total_params"]
 
 
-def test_a_failing_rank_is_named_and_no_rank_survives():
+def test_a_failing_rank_is_named_and_no_rank_survives(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where torch writes its error files
     before = rank_processes()
     with pytest.raises(
         D.RankError, match=r"^rank 1 of 2 failed: RuntimeError: fault injected"
@@ -159,6 +161,7 @@ def test_a_failing_rank_is_named_and_no_rank_survives():
         D.train_ddp([D.RunConfig(steps=1, fault="raise", fault_rank=1)], nproc=2, timeout=120)
     assert e.value.rank == 1 and "Traceback" in str(e.value)
     assert rank_processes() - before == set()
+    assert list(tmp_path.iterdir()) == []  # the failed rank's traceback file is removed too
 
 
 def test_a_hanging_rank_ends_in_a_timeout_with_a_clear_message_and_no_rank_survives():

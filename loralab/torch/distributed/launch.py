@@ -286,6 +286,8 @@ def train_ddp(
         finally:
             _stop(ctx.processes)
             del store
+            for error_file in ctx.error_files:  # torch writes a failed rank's traceback there
+                Path(error_file).unlink(missing_ok=True)  # and never removes it
         return [
             _gather(Path(out), i, run, nproc, backend_for(dev, backend), dev)
             for i, run in enumerate(runs)
