@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loralab import numerical_grad
 from loralab.lora.grouped import group_rows, grouped_lora_backward, grouped_lora_forward
 
 
@@ -19,20 +20,6 @@ def _problem(rng, batch_shape, d_in, d_out, ranks):
 
 def _loss(x, g, As, Bs, scalings, c):
     return float((grouped_lora_forward(x, g, As, Bs, scalings)[0] * c).sum())
-
-
-def _numeric(array, loss, eps=1e-6):
-    """Central differences of ``loss()`` with respect to ``array`` (perturbed in place)."""
-    grad = np.zeros_like(array)
-    for i in np.ndindex(*array.shape):
-        old = array[i]
-        array[i] = old + eps
-        up = loss()
-        array[i] = old - eps
-        down = loss()
-        array[i] = old
-        grad[i] = (up - down) / (2 * eps)
-    return grad
 
 
 @settings(max_examples=25, deadline=None)
@@ -70,7 +57,7 @@ def test_backward_matches_central_differences(batch_shape, d_in, d_out, ranks, s
     dx, dAs, dBs = grouped_lora_backward(c, cache)
 
     def numeric(array):
-        return _numeric(array, lambda: _loss(x, g, As, Bs, s, c))
+        return numerical_grad(lambda: _loss(x, g, As, Bs, s, c), array)
 
     np.testing.assert_allclose(dx, numeric(x), rtol=1e-6, atol=1e-7)
     for k in range(len(ranks)):
@@ -86,7 +73,7 @@ def test_a_wrong_backward_is_caught():
     c = np.ones((6, 3))
     _, cache = grouped_lora_forward(x, g, As, Bs, s)
     _, dAs, _ = grouped_lora_backward(c, cache)
-    numeric = _numeric(As[0], lambda: _loss(x, g, As, Bs, s, c))
+    numeric = numerical_grad(lambda: _loss(x, g, As, Bs, s, c), As[0])
     wrong = dAs[0] / s[0]
     assert np.allclose(dAs[0], numeric, rtol=1e-6, atol=1e-7)
     assert not np.allclose(wrong, numeric, rtol=1e-6, atol=1e-7)

@@ -43,7 +43,7 @@ def test_forward_and_dx_equal_the_numpy_layer():
     np.testing.assert_allclose(y_t.detach().numpy(), y_np.data, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(x_t.grad.numpy(), x_np.grad, rtol=1e-12, atol=1e-12)
     assert all(not p.requires_grad for p in twin.parameters())
-    assert all(b.grad is None for b in twin.buffers())
+    assert not any(b.requires_grad for b in twin.buffers())  # the stored codes are data
 
 
 def test_add_delta_equals_the_numpy_merge():
@@ -95,6 +95,45 @@ def qlora_model(seed=20):
         layer = model.get_submodule(name)
         layer.lora_B.data[...] = rng.uniform(-0.1, 0.1, layer.lora_B.shape)
     return model
+
+
+def assert_a_backward_trains_only_A_and_B(twin, x):
+    """One backward through ``twin``: the 4-bit bases' buffers are data (no gradient, not a
+    Parameter) and unchanged bit for bit; A and B get nonzero gradients, nothing else any."""
+    stored = {name: b.clone() for name, b in twin.named_buffers()}
+    twin(x).square().sum().backward()
+    params = dict(twin.named_parameters())
+    assert not set(stored) & set(params), "a quantized buffer is also a Parameter"
+    for name, b in twin.named_buffers():
+        assert not b.requires_grad and b.grad is None, f"buffer {name} takes a gradient"
+        assert b.dtype == stored[name].dtype and torch.equal(b, stored[name]), f"{name} changed"
+    for name, p in params.items():
+        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            assert p.grad is not None and p.grad.abs().max() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"{name} got a gradient: only A and B train"
+
+
+def test_a_qlora_backward_trains_only_A_and_B_and_leaves_the_codes_as_they_were():
+    twin = to_torch(qlora_model())
+    assert {"0.base.codes", "2.base.codes", "0.base.absmax_stored"} <= dict(
+        twin.named_buffers()
+    ).keys()
+    x = torch.from_numpy(np.random.default_rng(26).standard_normal((5, 64)).astype(np.float32))
+    assert_a_backward_trains_only_A_and_B(twin, x)
+
+
+@pytest.mark.parametrize("planted", ["bias trains", "scale takes a gradient"])
+def test_the_only_A_and_B_check_catches_a_planted_bug(planted):
+    twin = to_torch(qlora_model())
+    base = twin.get_submodule("0.base")
+    if planted == "bias trains":
+        base.bias.requires_grad_(True)
+    else:  # a float buffer that autograd would track
+        base.absmax_scale.requires_grad_(True)
+    x = torch.from_numpy(np.random.default_rng(26).standard_normal((5, 64)).astype(np.float32))
+    with pytest.raises(AssertionError):
+        assert_a_backward_trains_only_A_and_B(twin, x)
 
 
 def test_qlora_training_equals_torch_over_adam_steps():
