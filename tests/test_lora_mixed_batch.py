@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from builders import nonzero_B
 
 from loralab import gradcheck, nn
 from loralab.lora import (
@@ -23,12 +24,7 @@ def model_with_adapters():
     inject_lora(model, ["0", "2"], r=2, alpha=4, seed=1)
     inject_lora(model, ["0", "4"], r=3, alpha=3, seed=2, adapter_name="task")
     inject_lora(model, ["2"], r=1, alpha=2, seed=3, adapter_name="other")
-    rng = np.random.default_rng(4)
-    for _, layer in lora_layers(model):
-        for name in layer.adapter_names:
-            B = layer.adapter(name).lora_B
-            B.data = rng.normal(size=B.shape)
-    return model.eval()
+    return nonzero_B(model, seed=4).eval()
 
 
 ROWS = ["task", "__base__", "default", "other", "task", "default", "__base__", "other"]

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from builders import copy_adapters_into_peft, nonzero_B
 
 from loralab import nn
 from loralab.lora import (
@@ -30,28 +31,17 @@ def numpy_model():
     model = nn.MLP([6, 10, 8, 5], seed=0, dtype=np.float64)
     inject_lora(model, ["0", "2"], r=2, alpha=4, seed=1)
     inject_lora(model, ["0", "4"], r=3, alpha=3, seed=2, adapter_name="task")
-    rng = np.random.default_rng(4)
-    for _, layer in lora_layers(model):
-        for name in layer.adapter_names:
-            B = layer.adapter(name).lora_B
-            B.data = rng.normal(size=B.shape)
-    return model.eval()
+    return nonzero_B(model, seed=4).eval()
 
 
 def torch_model():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import loralab.torch as tl
 
     model = tl.to_torch(nn.MLP([6, 10, 8, 5], seed=0, dtype=np.float64))
     tl.inject_lora(model, ["0", "2"], r=2, alpha=4, seed=1)
     tl.inject_lora(model, ["0", "4"], r=3, alpha=3, seed=2, adapter_name="task")
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for _, layer in tl.lora_layers(model):
-            for name in layer.adapter_names:
-                B = layer.adapter(name).lora_B
-                B.copy_(torch.randn(B.shape, generator=gen, dtype=B.dtype))
-    return model.eval()
+    return nonzero_B(model, seed=4).eval()
 
 
 def run(model, x):
@@ -166,17 +156,12 @@ def test_base_only_rows_match_peft(rows):
         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]),
     )
     pm.add_adapter("task", peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0", "4"]))
-    with torch.no_grad():
-        for path, layer in tl.lora_layers(model):
-            target = pm.base_model.model.get_submodule(path)
-            for name in layer.adapter_names:
-                target.lora_A[name].weight.copy_(layer.adapter(name).lora_A)
-                target.lora_B[name].weight.copy_(layer.adapter(name).lora_B)
+    copy_adapters_into_peft(model, pm)
     x = torch.from_numpy(X)
     with torch.no_grad(), tl.mixed_batch(model, rows):
         y = model(x)
     with torch.no_grad():
-        torch.testing.assert_close(y, pm.eval()(x, adapter_names=rows), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, pm(x, adapter_names=rows), rtol=1e-12, atol=1e-12)
 
 
 # ----- add_weighted_adapter: weights and embeddings -----------------------------------------------------

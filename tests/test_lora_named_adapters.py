@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from builders import nonzero_B
 
 from loralab import nn, optim
 from loralab.lora import (
@@ -26,12 +27,7 @@ def two_adapters(dtype=np.float64, seed=0):
     model = nn.MLP([6, 10, 8, 6], seed=seed, dtype=dtype)
     inject_lora(model, ["0", "2"], r=2, alpha=4, seed=1)
     inject_lora(model, ["0", "4"], r=3, alpha=3, seed=2, adapter_name="task")
-    rng = np.random.default_rng(3)
-    for _, layer in lora_layers(model):
-        for name in layer.adapter_names:
-            B = layer.adapter(name).lora_B
-            B.data = rng.normal(size=B.shape).astype(dtype)
-    return model
+    return nonzero_B(model, seed=3)
 
 
 def by_hand(model, x, names):

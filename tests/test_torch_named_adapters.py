@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
+from builders import copy_adapters_into_peft, nonzero_B  # noqa: E402
+
 import loralab.torch as tl  # noqa: E402
 from loralab import nn  # noqa: E402
 from loralab.torch.grouped import GroupedLoRAFunction, grouped_lora_autograd  # noqa: E402
@@ -25,13 +27,7 @@ def twin_with_adapters():
     model = tl.inject_lora(base(), ["0", "2"], r=2, alpha=4, seed=1)
     tl.inject_lora(model, ["0", "4"], r=3, alpha=3, seed=2, adapter_name="task")
     tl.inject_lora(model, ["0", "2"], r=3, alpha=6, seed=3, adapter_name="other")
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for _, layer in tl.lora_layers(model):
-            for name in layer.adapter_names:
-                B = layer.adapter(name).lora_B
-                B.copy_(torch.randn(B.shape, generator=gen, dtype=B.dtype))
-    return model.eval()
+    return nonzero_B(model, seed=4).eval()
 
 
 def peft_twin(model):
@@ -45,13 +41,7 @@ def peft_twin(model):
     pm = peft.get_peft_model(base(), configs["default"])
     pm.add_adapter("task", configs["task"])
     pm.add_adapter("other", configs["other"])
-    with torch.no_grad():
-        for path, layer in tl.lora_layers(model):
-            target = pm.base_model.model.get_submodule(path)
-            for name in layer.adapter_names:
-                target.lora_A[name].weight.copy_(layer.adapter(name).lora_A)
-                target.lora_B[name].weight.copy_(layer.adapter(name).lora_B)
-    return pm.eval()
+    return copy_adapters_into_peft(model, pm)
 
 
 def x_rows(n=7):

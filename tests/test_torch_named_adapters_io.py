@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
+from builders import nonzero_B  # noqa: E402
+
 import loralab.lora as L  # noqa: E402
 from loralab import nn  # noqa: E402
 from loralab.torch import to_torch  # noqa: E402
@@ -24,12 +26,7 @@ def two_adapters():
     """NumPy: "default" (r=2) on 0, 2 and "task" (r=3, rsLoRA) on 0, 4; every B nonzero."""
     model = L.inject_lora(base(), ["0", "2"], r=2, alpha=4, seed=1)
     L.inject_lora(model, ["0", "4"], r=3, alpha=3, use_rslora=True, seed=2, adapter_name="task")
-    rng = np.random.default_rng(3)
-    for _, layer in L.lora_layers(model):
-        for name in layer.adapter_names:
-            B = layer.adapter(name).lora_B
-            B.data = rng.normal(size=B.shape)
-    return model.eval()
+    return nonzero_B(model, seed=3).eval()
 
 
 def outputs(model, x):
