@@ -10,6 +10,7 @@ is counted for the module that owns the old name (``loralab.nn`` for ``loralab.n
 """
 
 import ast
+import re
 from pathlib import Path
 
 from loralab._deprecated import MOVED_MODULES, MOVED_NAMES
@@ -160,3 +161,11 @@ def test_the_engine_does_not_import_lora():
 
 def test_lora_ops_imports_nothing_of_loralab():
     assert graph()["loralab.lora.ops"] == set()
+
+
+def test_contributings_map_names_every_module_of_the_lora_package():
+    """CONTRIBUTING.md's map of the house has one line per file of loralab/lora/ (renames included)."""
+    text = (ROOT.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    mapped = set(re.findall(r"^    (\w+\.py)\s", text, flags=re.MULTILINE))
+    files = {p.name for p in (ROOT / "lora").glob("*.py")} - {"__init__.py"}
+    assert files <= mapped, f"not in CONTRIBUTING's map: {sorted(files - mapped)}"
