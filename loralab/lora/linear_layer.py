@@ -166,6 +166,8 @@ class LoRALinear(LoRALayerMixin, Module):
     def _mixed_forward(self, x: Tensor, index: np.ndarray, holders: list[Any]) -> Tensor:
         """base(x) + the grouped op: row i through adapter index[i] (-1: none)."""
         check_mixed_rows(self._describe(), len(index), x.shape)
+        if not holders:  # no row uses an adapter of this layer
+            return self.base(x)
         if self.training and any(h.dropout > 0.0 for h in holders):
             raise ValueError(
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "

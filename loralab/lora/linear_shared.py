@@ -435,14 +435,14 @@ class LoRALayerMixin(AdapterMixin):
     def forward_plan(self) -> tuple[str, Any]:
         """What the forward runs: ("base", None), ("one", holder), ("sum", holders) or
         ("mixed", (row_index, holders)), following PEFT: disabled or merged -> the base alone;
-        active adapters this layer lacks are skipped."""
+        active adapters this layer lacks are skipped. A mixed batch none of whose adapters this
+        layer holds (only "__base__" rows, say) gets no holders: the layer checks the rows, then
+        runs its base."""
         if self.disabled or self.merged_adapters:
             return "base", None
         if self.mixed_rows is not None:
             asked = set(self.mixed_rows)
             used = [n for n in self.adapter_names if n in asked]
-            if not used:  # only "__base__" rows, or adapters this layer does not hold
-                return "base", None
             position = {n: k for k, n in enumerate(used)}
             index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
             return "mixed", (index, [self.adapter(n) for n in used])

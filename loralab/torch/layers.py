@@ -311,6 +311,8 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
     def _mixed_forward(self, x: torch.Tensor, index: np.ndarray, holders: list) -> torch.Tensor:
         """base(x) + the grouped op (`loralab.torch.grouped`): row i through adapter index[i]."""
         check_mixed_rows(self._describe(), len(index), tuple(x.shape))
+        if not holders:  # no row uses an adapter of this layer
+            return self.base(x)
         if self.training and any(h.dropout > 0.0 for h in holders):
             raise ValueError(
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
