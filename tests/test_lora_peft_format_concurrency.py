@@ -97,7 +97,7 @@ def _crash_at(position):
 def child(argv):
     """``what directory [options]``: "crash K" saves adapter 2 and is killed at position K;
     "alternate SECONDS" saves adapters 1 and 2 in turn; "race GO" waits for the file GO, then
-    saves 20 times. "fallback" anywhere: behave as a system without an atomic exchange."""
+    saves 10 times. "fallback" anywhere: behave as a system without an atomic exchange."""
     what, directory, *rest = argv
     if "fallback" in rest:
         fileio._exchange = lambda src, dst: False
@@ -115,7 +115,7 @@ def child(argv):
         Path(rest[0] + f".ready{rest[1]}").touch()
         while not os.path.exists(rest[0]):
             time.sleep(0.001)
-        for _ in range(20):
+        for _ in range(10):
             save_adapter(model, directory)
 
 
@@ -144,7 +144,7 @@ def finish(proc, timeout=60):
 def test_a_reader_beside_a_writer_sees_one_whole_save(tmp_path, mode):
     directory = tmp_path / "ad"
     save_adapter(make(1), directory)
-    writer = start("alternate", directory, 1.5, mode)
+    writer = start("alternate", directory, 1.0, mode)
     seen, reads = set(), 0
     try:
         while writer.poll() is None:
@@ -153,7 +153,7 @@ def test_a_reader_beside_a_writer_sees_one_whole_save(tmp_path, mode):
     finally:
         code, err = finish(writer)
     assert code == 0, err
-    assert reads > 10
+    assert reads > 5
     assert seen == {1, 2} or reads < 50, seen  # the reader saw both saves, whole
     assert which(directory) in (1, 2)
     assert sorted(os.listdir(tmp_path)) == ["ad"]
