@@ -492,6 +492,9 @@ def test_keys_naming_a_module_inside_a_lora_layer_are_refused(tmp_path):
         load_adapter(model, directory, adapter_name="other")
     assert_unchanged(model, snap)
     assert [n for n, _ in lora_layers(model)] == ["0"]
+    both = write(tmp_path / "both", good_config(target_modules=["0", "0.base"]),
+                 {**good_tensors({"0": 2}), **nested})  # fmt: skip
+    refused(base(), both, ValueError, r"0\.base.*inside '0', which the file adapts as well")
 
 
 @pytest.mark.parametrize(

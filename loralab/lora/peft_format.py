@@ -432,10 +432,14 @@ def _plan(
         outer = [p for p in (*layers, *by_path) if path.startswith(p + ".")]
         if outer:
             key = next(iter(found.values())).key
-            kind = "LoRA layer" if outer[0] in layers else "module the file adapts too,"
+            inside = (
+                f"the LoRA layer {outer[0]!r}"
+                if outer[0] in layers
+                else f"{outer[0]!r}, which the file adapts as well"
+            )
             raise ValueError(
-                f"load_adapter: tensor {key} targets {path!r}, a module inside the {kind} "
-                f"{outer[0]!r}; an adapter's keys name the adapted module itself "
+                f"load_adapter: tensor {key} targets {path!r}, a module inside {inside}; an "
+                "adapter's keys name the adapted module itself "
                 f"('{PREFIX}{outer[0]}.lora_A.weight')"
             )
     existing = _holders(layers, adapter_name)
