@@ -200,3 +200,21 @@ def test_an_adapter_on_an_embedding_is_refused_by_name_not_attribute_error():
     ):
         add_weighted_adapter(gpt, ["default"], [0.5], "blend")
     assert list_adapters(gpt) == ["default"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_embedding_checks_the_rows_of_a_batch_no_row_of_which_adapts(backend):
+    gpt = GPT(vocab_size=11, context_length=8, d_model=8, n_layers=1, n_heads=2, seed=0)
+    if backend == "torch":
+        pytest.importorskip("torch")
+        import loralab.torch as tl
+
+        gpt = tl.to_torch(gpt)
+    inject_lora(gpt, ["tok_emb"], r=2, seed=1)
+    ids = np.zeros((3, 4), np.int64)
+    if backend == "torch":
+        import torch
+
+        ids = torch.from_numpy(ids)
+    with mixed_batch(gpt, ["__base__"] * 2), pytest.raises(ValueError, match="mixed_batch got 2"):
+        gpt(ids)

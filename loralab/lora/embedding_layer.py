@@ -360,9 +360,8 @@ class LoRAEmbedding(LoRAEmbeddingMixin, Module):
     def forward(self, ids: Any) -> Tensor:
         """Integer ids of any shape (...) -> h of shape (..., embedding_dim)."""
         ids = check_ids(self._describe(), ids, self.num_embeddings)
+        rows = self._rows(ids.shape)  # a mixed batch's row count is checked even if no row adapts
         if not self._adds_adapter():
             return self.base(ids)
         A, B, s = self.lora_embedding_A, self.lora_embedding_B, self.scaling
-        return LoRAEmbeddingFn.apply(
-            ids, self.base.weight, A, B, scaling=s, rows=self._rows(ids.shape)
-        )
+        return LoRAEmbeddingFn.apply(ids, self.base.weight, A, B, scaling=s, rows=rows)

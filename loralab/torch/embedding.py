@@ -149,10 +149,10 @@ class LoRAEmbedding(LoRAEmbeddingMixin, torch.nn.Module):
             raise ValueError(
                 f"{self._describe()}: token id {bad} outside [0, {self.num_embeddings})"
             )
+        rows = self._rows(tuple(ids.shape))  # a mixed batch's row count, even if no row adapts
         if not self._adds_adapter():
             return self.base(ids)
         E, A, B, s = self.base.weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling
-        rows = self._rows(tuple(ids.shape))
         keep = None if rows is None else torch.from_numpy(rows).to(ids.device)
         if self.use_custom_backward:
             return LoRAEmbeddingFunction.apply(ids.long(), E, A, B, s, keep)
