@@ -169,13 +169,49 @@ def allreduce_bytes(layer_shapes, r, P, bytes_per_value):
     return full * factor, lora * factor
 
 
+# The answer to the twin exercise is a class that subclasses torch.autograd.Function. It is kept
+# as text so that this file does not import torch: `solution_sources` hands the text to the
+# notebook (which imports torch), and `LoRAFunction` builds the class only when it is asked for.
+LORA_FUNCTION = """\
+class LoRAFunction(torch.autograd.Function):
+    \"\"\"y = x W0^T + scaling * (x A^T) B^T, with a hand-written backward and no dW0.\"\"\"
+
+    @staticmethod
+    def forward(ctx, x, W0, A, B, scaling):
+        ctx.save_for_backward(x, W0, A, B)
+        ctx.scaling = scaling
+        return x @ W0.T + scaling * ((x @ A.T) @ B.T)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W0, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = dy @ W0 + s * ((dy @ B) @ A)
+        dA = s * (dy2 @ B).T @ x2
+        dB = s * dy2.T @ (x2 @ A.T)
+        return dx, None, dA, dB, None
+"""
+
+
+def __getattr__(name: str):
+    """``LoRAFunction``, built from `LORA_FUNCTION` on first use (this imports torch)."""
+    if name != "LoRAFunction":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    namespace = {"torch": torch}
+    exec(LORA_FUNCTION, namespace)
+    return namespace["LoRAFunction"]
+
+
 def solution_sources() -> dict[str, str]:
     """Function name -> source code, for every solution above."""
     return {
         name: inspect.getsource(obj)
         for name, obj in globals().items()
         if inspect.isfunction(obj) and obj.__module__ == __name__ and name not in _NOT_SOLUTIONS
-    }
+    } | {"LoRAFunction": LORA_FUNCTION}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_NOT_SOLUTIONS = {"solution_sources", "main"}
+_NOT_SOLUTIONS = {"solution_sources", "main", "__getattr__"}
 
 if __name__ == "__main__":
     raise SystemExit(main())

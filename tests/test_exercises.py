@@ -671,7 +671,8 @@ def test_a_correct_float32_forward_is_told_to_keep_float64(capsys):
 # ---------------------------------------------------------------------- kind failure messages
 
 
-@pytest.mark.parametrize("key", list(EXERCISES))
+# the twin's answer is a class, not a function: tests/test_twin_exercise.py checks its stub
+@pytest.mark.parametrize("key", [k for k in EXERCISES if k != "lora_function"])
 def test_stub_gets_not_implemented_message(key, capsys):
     names = EXERCISES[key].functions
     stubs = []

@@ -36,6 +36,7 @@ from loralab.exercises._mistakes import MISTAKES, Mistake
 from loralab.exercises.quant_checks import check_nf4_quantization
 from loralab.exercises.scaleout_checks import check_allreduce_bytes, check_ring_allreduce
 from loralab.exercises.serving_checks import check_cat_combine, check_mixed_forward
+from loralab.exercises.twin_checks import check_lora_function
 
 __all__ = [
     "EXERCISES",
@@ -48,6 +49,7 @@ __all__ = [
     "check_lora_backward",
     "check_lora_dropout_backward",
     "check_lora_forward",
+    "check_lora_function",
     "check_lora_init",
     "check_low_rank_approx",
     "check_merge",

@@ -220,6 +220,16 @@ _ALL = [
         "You counted what data parallelism sends per step: 2 (P - 1) / P x the trainable "
         "numbers x their bytes, so LoRA sends the trainable fraction of full fine-tuning's bytes.",
     ),
+    Exercise(
+        "lora_function",
+        "LoRAFunction.forward(ctx, x, W0, A, B, scaling) and backward(ctx, dy)",
+        "19_lora_autograd_function.ipynb",
+        ("LoRAFunction",),
+        "check_lora_function",
+        "You wrote the LoRA layer as a torch.autograd.Function: forward saves what backward needs "
+        "with ctx.save_for_backward, and backward returns dx, dA and dB, with None for the frozen "
+        "W0 and for the number scaling.",
+    ),
 ]
 
 #: Every exercise by key, in course order.
