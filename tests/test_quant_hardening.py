@@ -214,3 +214,19 @@ def test_quantize_model_refuses_lora_layers_it_cannot_quantize_under_by_name():
 def test_loftq_on_an_all_zero_weight_is_a_named_error():
     with pytest.raises(ValueError, match="loftq: W .* is all zeros"):
         loftq(np.zeros((8, 8), np.float32), r=2)
+
+
+@pytest.mark.torch
+def test_the_torch_twin_checks_loaded_buffers_whole():
+    torch = pytest.importorskip("torch")
+    import loralab.torch as tl
+
+    twin = tl.to_torch(quantize_model(MLP([16, 8, 4], seed=9), dtype="int8", double_quant=False))
+    state = twin.state_dict()
+    twin.load_state_dict(state)  # its own buffers load
+    state["0.codes"] = state["0.codes"].clone()
+    state["0.codes"][0] = 255
+    before = twin.get_submodule("0").codes.clone()
+    with pytest.raises(ValueError, match=r"under '0\.'.*codes must index the 255 levels"):
+        twin.load_state_dict(state)
+    assert torch.equal(twin.get_submodule("0").codes, before)

@@ -86,6 +86,33 @@ class Linear4bit(torch.nn.Module):
             np.float32(self.absmax_offset.item()) if dq else None,
         )
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # loaded buffers are checked whole, as a QuantizedTensor is when built: a code outside the
+        # level table or a NaN or negative constant is a named ValueError, not a wrong W0 later
+        incoming = {
+            name: state_dict.get(prefix + name, getattr(self, name))
+            for name in ("codes", "absmax_stored", "absmax_scale", "absmax_offset")
+        }
+        arrays = {k: v.detach().cpu().numpy() for k, v in incoming.items()}
+        current = {k: getattr(self, k) for k in incoming}
+        if all(arrays[k].shape == tuple(current[k].shape) for k in arrays):  # else torch says so
+            dq = self.double_quant
+            try:
+                QuantizedTensor(
+                    arrays["codes"].astype(current["codes"].cpu().numpy().dtype),
+                    (self.out_features, self.in_features),
+                    self.dtype,
+                    self.block_size,
+                    arrays["absmax_stored"].astype(current["absmax_stored"].cpu().numpy().dtype),
+                    arrays["absmax_scale"].astype(np.float32) if dq else None,
+                    np.float32(arrays["absmax_offset"]) if dq else None,
+                )
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"Linear4bit: loading the buffers under {prefix!r}: {exc}"
+                ) from exc
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _state(self) -> tuple[torch.Tensor, ...]:
         # the stored tensors; add_delta_ replaces them (never writes into them), so a snapshot
         # taken in forward still describes the W0 that forward used
