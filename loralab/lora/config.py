@@ -135,7 +135,6 @@ def pattern_key(keys: Sequence[str], name: str) -> str | None:
 # ----- the config -----------------------------------------------------------------------------------
 _UNSUPPORTED = {  # field: (the only value loralab accepts, the feature it would ask for)
     "bias": ("none", "trained biases"),
-    "fan_in_fan_out": (False, "transposed (Conv1D) weights"),
     "lora_bias": (False, "a bias on lora_B"),
     "modules_to_save": (None, "fully trained extra modules"),
     "layers_to_transform": (None, "layer selection by index"),
@@ -224,7 +223,7 @@ class LoraConfig:
         set_(self, "r", positive_int("r", self.r, where))
         positive_number("lora_alpha", self.lora_alpha, where)
         set_(self, "lora_dropout", probability("lora_dropout", self.lora_dropout, where))
-        for name in ("use_rslora", "use_dora", "inference_mode"):
+        for name in ("use_rslora", "use_dora", "inference_mode", "fan_in_fan_out"):
             set_(self, name, boolean(name, getattr(self, name), where))
         if self.target_modules is not None:
             set_(self, "target_modules", target_names("target_modules", self.target_modules, where))

@@ -43,6 +43,7 @@ __all__ = [
     "lora_layers",
     "count_parameters",
     "match_target",
+    "stored_transposed",
     "check_known",
     "check_called",
     "adapter_names_of",
@@ -57,6 +58,15 @@ _DEFAULTS: dict[str, Any] = {  # inject_lora's option keywords and their default
     "use_rslora": False,
     "use_dora": False,
 }
+
+
+def stored_transposed(layer: Any) -> bool:
+    """Whether the checkpoint stores this linear layer's weight as (in, out) (GPT-2's Conv1D).
+
+    The weight in memory is (out, in) either way; the mark (``fan_in_fan_out = True``, set by
+    `loralab.models.gpt2`'s loader on the base layer) is what PEFT's ``fan_in_fan_out`` records.
+    """
+    return bool(getattr(getattr(layer, "base", layer), "fan_in_fan_out", False))
 
 
 def match_target(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -250,6 +260,12 @@ def wrap_targets(
                 o["use_dora"],
             )
             continue
+        if config.fan_in_fan_out and not stored_transposed(base):
+            raise ValueError(
+                f"inject_lora: fan_in_fan_out=True is for layers whose checkpoint stores the weight "
+                f"transposed (GPT-2's Conv1D, marked fan_in_fan_out=True by its loader); {name!r} "
+                f"({type(base).__name__}) is not one"
+            )
         where = f"LoRALinear(in_features={base.in_features}, out_features={base.out_features})"
         check_rank_fits(config.rank_for(name), base.in_features, base.out_features, where)
         holds_W0 = base.plain_base if is_lora else backend.holds_W0(model, name)

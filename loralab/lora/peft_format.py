@@ -52,7 +52,7 @@ from loralab.fileio import atomic_directory, open_together
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
-from loralab.lora.inject import active_names, adapter_names_of
+from loralab.lora.inject import active_names, adapter_names_of, stored_transposed
 from loralab.lora.linear_shared import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 
@@ -131,6 +131,7 @@ def adapter_config(layers: list[tuple[str, Any]]) -> LoraConfig:
         use_dora=bool(_most_common([layer.use_dora for _, layer in layers])),
         init_lora_weights=INIT_TO_PEFT.get(init, init),
         rank_pattern={name: layer.r for name, layer in layers if layer.r != r},
+        fan_in_fan_out=all(stored_transposed(layer) for _, layer in layers),
         alpha_pattern={name: layer.alpha for name, layer in layers if layer.alpha != alpha},
     )
 
@@ -567,6 +568,11 @@ def _plan_embedding(
 
 def _check_compatible(layer: Any, path: str, config: LoraConfig) -> None:
     """An existing layer must be the kind of layer the file was trained on."""
+    if config.fan_in_fan_out and not stored_transposed(layer):
+        raise ValueError(
+            f"load_adapter: the adapter has fan_in_fan_out=True (trained on weights stored "
+            f"transposed, GPT-2's Conv1D) but the model's layer {path!r} is not one"
+        )
     if bool(getattr(layer, "use_dora", False)) != config.use_dora:
         raise ValueError(
             f"load_adapter: config has use_dora={config.use_dora} but the model's layer {path!r} has "
