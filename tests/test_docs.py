@@ -194,7 +194,22 @@ def _build_and_check(work: Path) -> dict:
         print(msg)
 
     log("executing tutorials/ with nbclient:")
-    results = execute_notebooks.execute_all(log=lambda m: log("  " + m))
+    # The kernels get a temporary folder of their own (TMPDIR), so that anything a tutorial
+    # leaves there is seen; torch's compile cache, which importing peft creates, goes elsewhere.
+    kernel_tmp = work / "kernel-tmp"
+    kernel_tmp.mkdir()
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    os.environ["TMPDIR"] = str(kernel_tmp)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "torchinductor-cache")
+    try:
+        results = execute_notebooks.execute_all(log=lambda m: log("  " + m))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    report["left_in_tmp"] = sorted(p.name for p in kernel_tmp.iterdir())
     report["notebooks"] = [
         {
             "source": r.source.relative_to(ROOT).as_posix(),
@@ -677,6 +692,16 @@ def test_every_tutorial_executes_without_error(site_report):
         pytest.fail(site_report["crash"])
     failed = [f"{n['source']}: {n['error']}" for n in site_report["notebooks"] if n["error"]]
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.notebook
+def test_tutorials_leave_nothing_in_the_temporary_folder(site_report):
+    if "crash" in site_report:
+        pytest.fail(site_report["crash"])
+    left = site_report["left_in_tmp"]
+    assert left == [], (
+        f"the tutorials left {left} in their TMPDIR: use tempfile.TemporaryDirectory()"
+    )
 
 
 def test_site_builds_strictly_with_every_tutorial_in_the_nav(built):
