@@ -3,6 +3,8 @@
 Fusing (one `loralab.tensor.Function` per layer-sized operation instead of a chain of
 primitive ops) keeps the graph short, which is what makes the engine nearly as fast as a training
 step written by hand in NumPy. Every function accepts Tensors or ndarrays (ndarrays are constants).
+The ops of LLaMA-style models (`rms_norm`, `rotary`, `swiglu`, `grouped_query_attention`, ...) are
+written in `loralab.functional_llm` and re-exported here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ import numpy as np
 
 from loralab._deprecated import moved_attribute
 from loralab._validate import boolean, probability
+from loralab.functional_llm import (
+    grouped_query_attention,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    rotary,
+    rotate_half,
+    silu,
+    swiglu,
+)
 from loralab.tensor import Function, Tensor, as_tensor
 
 __all__ = [
@@ -28,6 +40,15 @@ __all__ = [
     "embedding",
     "dropout",
     "dropout_mask",
+    # LLaMA's ops, written in loralab.functional_llm
+    "rms_norm",
+    "rope_inv_freq",
+    "rope_tables",
+    "rotary",
+    "rotate_half",
+    "silu",
+    "swiglu",
+    "grouped_query_attention",
 ]
 
 _GELU_K = math.sqrt(2.0 / math.pi)
