@@ -219,3 +219,12 @@ def test_from_pretrained_says_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 is set"):
         from_pretrained("gpt2-this-id-does-not-exist-here")
+
+
+def test_lora_on_the_position_table_wpe_is_refused_by_name(ours):
+    import copy
+
+    from loralab.lora import inject_lora
+
+    with pytest.raises(ValueError, match="'transformer.wpe' cannot take a LoRA adapter"):
+        inject_lora(copy.deepcopy(ours), ["wpe"], r=2, seed=0)

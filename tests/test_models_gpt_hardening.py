@@ -26,6 +26,29 @@ def test_lora_on_the_position_table_is_refused_by_name(targets):
     assert lora_layers(gpt) == []
 
 
+def test_an_adapter_file_for_the_position_table_is_refused_by_load_adapter(tmp_path):
+    from safetensors.numpy import save_file
+
+    from loralab.lora import load_adapter
+
+    folder = tmp_path / "pos"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["pos_emb"]}'
+    )
+    save_file(
+        {
+            "base_model.model.pos_emb.lora_embedding_A": np.zeros((2, 6)),
+            "base_model.model.pos_emb.lora_embedding_B": np.ones((8, 2)),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    gpt = small_gpt()
+    with pytest.raises(ValueError, match=r"load_adapter: module 'pos_emb' cannot take a LoRA"):
+        load_adapter(gpt, folder)
+    assert lora_layers(gpt) == []
+
+
 def test_lora_on_the_token_table_is_still_accepted():
     gpt = inject_lora(small_gpt(), ["tok_emb"], r=2, seed=0)
     assert [n for n, _ in lora_layers(gpt)] == ["tok_emb"]

@@ -52,7 +52,7 @@ from loralab.fileio import atomic_directory, open_together
 from loralab.lora.backend import backend_for
 from loralab.lora.config import INIT_TO_PEFT, LoraConfig, check_rank_fits, lora_scaling
 from loralab.lora.embedding_layer import LoRAEmbeddingMixin, validate_embedding_options
-from loralab.lora.inject import active_names, adapter_names_of, stored_transposed
+from loralab.lora.inject import active_names, adapter_names_of, check_called, stored_transposed
 from loralab.lora.linear_shared import DEFAULT_ADAPTER, check_adapter_name
 from loralab.lora.variants import INITS
 
@@ -687,6 +687,8 @@ def load_adapter(
         config = read_config(config_file, config_path)
         specs = read_header(weights_file, weights_path)
         plans = _plan(backend, model, config, specs, adapter_name)
+        for plan in plans:  # a table the model reads directly would ignore the adapter
+            check_called(model, plan.path, "load_adapter")
         tensors = read_tensors(weights_file, weights_path, specs)
     _check_fit(backend, model, plans, tensors, adapter_name)
     layers = dict(backend.lora_layers(model))

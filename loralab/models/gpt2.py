@@ -166,6 +166,8 @@ class GPT2Block(Module):
 class GPT2Transformer(Module):
     """HF's ``GPT2Model``: the tables, the blocks ``h`` and the final LayerNorm ``ln_f``."""
 
+    lora_refused_targets = {"wpe": "GPT2.forward reads its table directly (wpe.weight[:T])"}
+
     def __init__(self, config: GPT2Config, dtype: Any):
         super().__init__()
         self.wte = Embedding(config.vocab_size, config.n_embd, dtype=dtype, seed=0)
@@ -181,10 +183,6 @@ class GPT2(Module):
     (differentiable: train LoRA on it); ``model.logits(ids, cache)`` is the no-grad path that
     generation uses, with a key/value cache.
     """
-
-    lora_refused_targets = {
-        "transformer.wpe": "GPT2.forward reads its table directly (wpe.weight[start:start + T])"
-    }
 
     def __init__(self, config: GPT2Config, *, dtype: Any = np.float32):
         super().__init__()
