@@ -7,10 +7,15 @@ from loralab.models.generation import generate
 from loralab.models.gpt import GPT, causal_attention, load_gpt
 from loralab.models.gpt2 import GPT2
 from loralab.models.hf import from_pretrained, save_pretrained
+from loralab.models.kv_cache import KVCache
+from loralab.models.llama import Llama, LlamaConfig
 
 __all__ = [
     "GPT",
     "GPT2",
+    "Llama",
+    "LlamaConfig",
+    "KVCache",
     "from_pretrained",
     "save_pretrained",
     "generate",
