@@ -22,7 +22,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the bitsandbytes cross-check needs torch")
 bnb_functional = pytest.importorskip(
-    "bitsandbytes.functional", reason="bitsandbytes is not installed (pip install loralab[quant])"
+    "bitsandbytes.functional",
+    reason='bitsandbytes is not installed (pip install -e ".[quant]" in the repository)',
 )
 
 from safetensors.numpy import load_file  # noqa: E402

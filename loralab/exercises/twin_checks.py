@@ -137,7 +137,8 @@ def _check(cls, name: str) -> str:
         import torch
     except ImportError:  # pragma: no cover - the exercise notebook imports torch first
         raise Failure(
-            "This exercise needs PyTorch: `pip install 'loralab[torch]'`, then restart the kernel."
+            'This exercise needs PyTorch: run `pip install -e ".[torch]"` in your clone of the '
+            "loralab repository (or install its wheel with `[torch]`), then restart the kernel."
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
         raise Failure(f"You passed {type(cls).__name__} {cls!r}." + mistake_note(NOT_A_FUNCTION))

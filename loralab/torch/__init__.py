@@ -1,6 +1,7 @@
 """The PyTorch twin of loralab: the same LoRA, proven equal to the NumPy reference, PEFT-compatible.
 
-The only part of loralab that imports torch (``pip install 'loralab[torch]'``).
+The only part of loralab that imports torch (``pip install -e ".[torch]"`` in a clone of the
+repository, or a built wheel with ``[torch]``).
 
 - `LoRALinear` and `LoRALinearFunction` (the hand-derived backward, in torch); `LoRAEmbedding`
   and `LoRAEmbeddingFunction` (LoRA on a token table);
@@ -30,7 +31,9 @@ try:
     import torch  # noqa: F401
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
-        "loralab.torch needs PyTorch: pip install 'loralab[torch]' (torch>=2.2,<2.14)"
+        'loralab.torch needs PyTorch (torch>=2.2,<2.14): run pip install -e ".[torch]" in a clone '
+        "of the loralab repository, or install its built wheel with [torch] (loralab is not on a "
+        "package index yet)"
     ) from exc
 
 from loralab.lora import (
@@ -108,5 +111,6 @@ __all__ = [
 # loralab.lora's functions serve torch models through this backend (the core never imports torch).
 register_backend(is_torch_model, TorchBackend())
 
-# The GPT's converters register themselves with the registry on import.
+# The GPT's and LLaMA's converters register themselves with the registry on import.
 from loralab.torch import gpt as _gpt  # noqa: E402, F401
+from loralab.torch import llama as _llama  # noqa: E402, F401
