@@ -351,7 +351,8 @@ def _log_equivalence(
         import torch  # noqa: F401
     except ImportError:
         log(
-            "PyTorch is not installed: the equivalence check is skipped (pip install 'loralab[torch]')."
+            "PyTorch is not installed: the equivalence check is skipped (to run it: "
+            'pip install -e ".[torch]" in the repository, or the built wheel with [torch]).'
         )
         return
     found = _equivalence(model, train, config.seed)
