@@ -1,6 +1,6 @@
 """Count LoRA parameters and estimate training memory from a transformer's shape.
 
-LoRA freezes a pretrained weight W0 of shape (d, k) and trains ΔW = B A with B of shape (d, r)
+LoRA freezes a pretrained weight W0 of shape (d, k) and trains ΔW = (alpha/r) B A with B of shape (d, r)
 and A of shape (r, k), so one adapted matrix trains r (d + k) numbers instead of d k. This module
 applies that count to whole transformers described by their published shapes (the presets in
 ``loralab/data/presets.json``) and turns counts into bytes for full fine-tuning and for LoRA.
@@ -231,7 +231,7 @@ def lora_params_by_target(
     r = positive_int("r", r, "lora_params_by_target")
     if r > shape.d_model:
         raise ValueError(
-            f"r={r} exceeds d_model={shape.d_model}: ΔW = B A of a (out, in) weight has rank at "
+            f"r={r} exceeds d_model={shape.d_model}: ΔW = (alpha/r) B A of a (out, in) weight has rank at "
             "most min(out, in) <= d_model, so a larger r only adds parameters"
         )
     shapes = shape.linear_shapes()

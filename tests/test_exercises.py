@@ -566,7 +566,7 @@ def test_every_check_takes_where_and_refuses_a_non_string():
 def test_the_forward_is_praised_for_not_forming_delta_w_only_when_it_did_not(capsys):
     assert ex.check_lora_forward(S.lora_forward)
     out = capsys.readouterr().out
-    assert "never formed the (out, in) matrix ΔW = B A" in out
+    assert "never formed the (out, in) product B A (ΔW = scaling * B A)" in out
 
     def forms_delta_w(x, W0, A, B, scaling):
         return x @ (W0 + scaling * (B @ A)).T
@@ -574,7 +574,7 @@ def test_the_forward_is_praised_for_not_forming_delta_w_only_when_it_did_not(cap
     assert ex.check_lora_forward(forms_delta_w)  # right, so it passes ...
     out = capsys.readouterr().out
     assert "never formed" not in out and "ΔW" not in out.split("\n")[0]
-    assert "it formed one, such as ΔW = B A" in out  # ... and is told what it did
+    assert "it formed one, such as the product B A" in out  # ... and is told what it did
 
 
 def test_the_backward_is_praised_for_skipping_dW0_only_when_it_did(capsys):
@@ -994,3 +994,9 @@ def test_headers_describe_the_inputs_their_checks_use(name):
     assert "How these exercises work" in header
     assert "batch dimension" not in header  # none of these checks uses a batched x
     assert "in = 7, out = 5" not in header
+
+
+def test_the_instructors_guide_states_how_many_exercises_there_are_once_and_rightly():
+    # It said "fourteen" long after the catalogue had grown to 19.
+    guide = (ROOT / "docs" / "guides" / "instructors.md").read_text(encoding="utf-8")
+    assert re.findall(r"(\S+) classroom exercises", guide) == [str(len(EXERCISES))]

@@ -104,7 +104,7 @@ _WIDE_OUT, _WIDE_IN, _WIDE_R = 1024, 1536, 2
 
 
 def _memory_note(fn, name, *, backward: bool) -> str:
-    """A line saying whether ``fn`` formed an (out, in) matrix (ΔW = B A, dW0 = dy^T x), measured
+    """A line saying whether ``fn`` formed an (out, in) matrix (the product B A, dW0 = dy^T x), measured
     by its peak memory on a wide layer; "" when the peak cannot be measured."""
     inp = ref.lora_inputs((4,), _WIDE_IN, _WIDE_OUT, _WIDE_R, 5)
     arrays = {
@@ -129,7 +129,7 @@ def _memory_note(fn, name, *, backward: bool) -> str:
                 "which is where LoRA saves its memory."
             )
         return (
-            f"And it never formed the (out, in) matrix ΔW = B A: {layer} {measured}; the only "
+            f"And it never formed the (out, in) product B A (ΔW = scaling * B A): {layer} {measured}; the only "
             "thing between the two products is x A^T, r numbers per row."
         )
     if backward:
@@ -139,7 +139,7 @@ def _memory_note(fn, name, *, backward: bool) -> str:
             "saves its memory."
         )
     return (
-        f"Your output is right, but {layer} {measured}: it formed one, such as ΔW = B A or "
+        f"Your output is right, but {layer} {measured}: it formed one, such as the product B A or "
         "W0 + scaling * B A. LoRA's forward never needs it: (x @ A.T) @ B.T keeps the "
         "intermediate at r numbers per row."
     )
@@ -394,7 +394,7 @@ def _init(fn, name) -> str:
     inp = ref.lora_inputs((4,), d_in, d_out, r, 63)
     _, _, dB = ref.lora_backward(inp["dy"], inp["x"], inp["W0"], A, B, 2.0)
     return (
-        f"With your A and B, ΔW = B A is exactly zero, while the first gradient of B, "
+        f"With your A and B, ΔW = scaling * B A is exactly zero, while the first gradient of B, "
         f"scaling * dy^T (x A^T), has norm {np.linalg.norm(dB):.3g} (test inputs, scaling 2)."
     )
 

@@ -79,7 +79,7 @@ _LIST = [
         "shapes",
         "B and A are swapped or transposed",
         "A (r, in) acts first and B (out, r) second: y = x W0^T + scaling * (x A^T) B^T, "
-        "i.e. ΔW = B A of shape (out, in), applied as x ΔW^T.",
+        "i.e. ΔW = scaling * B A of shape (out, in), applied as x ΔW^T.",
     ),
     Mistake(
         "w0_not_transposed",
@@ -253,7 +253,7 @@ _LIST = [
         "merge_transposed",
         "shapes",
         "ΔW is transposed",
-        "ΔW = B A has W0's shape (out, in); A^T B^T is its transpose.",
+        "ΔW = scaling * B A has W0's shape (out, in); A^T B^T is its transpose.",
     ),
     Mistake(
         "merge_sign",
@@ -356,7 +356,7 @@ _LIST = [
         "init_both_random",
         "initialisation",
         "A and B are both random",
-        "Then ΔW = B A is random noise from the first step: the adapted model no longer computes "
+        "Then ΔW = scaling * B A is random noise from the first step: the adapted model no longer computes "
         "what the pretrained one does. With B = 0, ΔW = 0 and training starts exactly from the "
         "pretrained model (LoRA paper, Section 4.1).",
     ),
@@ -459,7 +459,7 @@ _LIST = [
         "injection",
         "the injected B is not zero",
         "Right after injection the model must compute exactly what the base model did, which "
-        "needs ΔW = B A = 0: B starts at zero, A random.",
+        "needs ΔW = scaling * B A = 0: B starts at zero, A random.",
     ),
     # DoRA
     Mistake(

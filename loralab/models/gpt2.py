@@ -16,7 +16,7 @@ adapter written for GPT-2 works unchanged:
 weight is stored transposed, shape (in, out), with y = x W + b. Loading transposes every Conv1D
 weight into PyTorch's (out, in) layout, so each is a plain `loralab.nn.Linear` here (marked
 ``fan_in_fan_out = True``). LoRA's A (r, in) and B (out, r) have the same shapes either way:
-PEFT's ``fan_in_fan_out=True`` only tells it to transpose ΔW = B A before adding it into the
+PEFT's ``fan_in_fan_out=True`` only tells it to transpose ΔW = s B A before adding it into the
 stored (in, out) weight, which is why a PEFT adapter for GPT-2 loads here unchanged.
 
 **c_attn is three matrices.** ``target_modules=["c_attn"]`` adapts Wq, Wk and Wv together with one
