@@ -279,3 +279,15 @@ def test_from_hf_refuses_missing_unexpected_and_misshapen_tensors_by_name():
         from_hf(tied, tensors)
     old_buffer = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)}
     assert isinstance(from_hf(config, old_buffer), Llama)  # a buffer, computed here
+
+
+def test_from_hf_copies_read_only_arrays_so_that_merging_works():
+    """from_pretrained memory-maps the file read-only; merge_lora writes into W0."""
+    hf = hf_model()
+    tensors = state_dict(hf)
+    for value in tensors.values():
+        value.flags.writeable = False
+    model = from_hf(hf.config.to_dict(), tensors, dtype=np.float64)
+    inject_lora(model, LoraConfig(target_modules=["q_proj"], r=4), seed=0)
+    merge_lora(model)
+    assert all(p.data.flags.writeable for p in model.parameters())

@@ -533,8 +533,8 @@ def from_hf(
         raise ValueError(f"from_hf(llama): missing tensors {_listed(missing)}")
     if wrong:
         raise ValueError(f"from_hf(llama): {'; '.join(wrong[:4])}")
-    for key, value in chosen.items():
-        params[key].data = np.ascontiguousarray(value, dtype=dtype)
+    for key, value in chosen.items():  # a copy: a memory-mapped file's arrays are read-only
+        params[key].data = np.array(value, dtype=dtype, order="C", copy=True)
     return model
 
 
