@@ -25,6 +25,9 @@ class BenchConfig:
     fused_shapes: tuple[tuple[int, ...], ...] = ((128, 256), (128, 1024), (16, 128, 1024))
     mixed_batch: int = 256  # section 5: rows of the mixed batch
     mixed_ks: tuple[int, ...] = (1, 4, 16, 64)  # section 5: numbers of adapters
+    # section 7: GPT-2-124M's (n_layer, n_embd, n_head, vocab, n_positions), and (batch, tokens)
+    real_shape: tuple[int, ...] = (12, 768, 12, 50257, 1024)
+    real_tokens: tuple[int, int] = (4, 128)
     repeats: int = 21
     sample_seconds: float = 0.08
     torch_memory: bool = True
@@ -43,6 +46,8 @@ class BenchConfig:
             fused_shapes=((8, 32), (2, 4, 32)),
             mixed_batch=16,
             mixed_ks=(1, 4),
+            real_shape=(2, 32, 4, 97, 16),
+            real_tokens=(2, 8),
             repeats=3,
             sample_seconds=0.005,
             torch_memory=False,
@@ -74,5 +79,6 @@ class Results:
     fused: list[dict[str, Any]] = field(default_factory=list)
     mixed: list[dict[str, Any]] = field(default_factory=list)
     qlora: list[dict[str, Any]] = field(default_factory=list)
+    real_model: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
