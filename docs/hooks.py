@@ -6,8 +6,14 @@
   ``scripts/execute_notebooks.py``'s code, so ``mkdocs build --strict`` on a fresh clone builds the
   whole site; a current copy is reused. A notebook that fails to execute is reported with a
   warning (so a strict build fails) and left out.
+- **Exercises**: ``tutorials/exercises/index.md`` lists every exercise notebook with the numbers
+  and titles of its exercises, from ``loralab/exercises/_catalogue.py``.
+- **Tables of contents** of notebook pages are read from the rendered headings (mkdocs-jupyter's
+  drops inline code from titles, and its anchors then miss the headings' ids).
 - **API reference**: one mkdocstrings page per public module in ``API_MODULES`` that exists.
-- **Home page**: the list of tutorials replaces ``<!-- loralab:tutorial-list -->`` in ``index.md``.
+- **Home page**: the list of tutorials replaces ``<!-- loralab:tutorial-list -->`` in ``index.md``,
+  and the README's "Ten lines of LoRA" (tested by ``tests/test_readme.py``) replaces
+  ``<!-- loralab:readme-example -->``: the two pages show one example.
 - **Benchmarks**: ``docs/benchmarks/results.md`` (written by ``loralab bench``) is inlined into
   ``benchmarks.md`` with its figures; a note says how to produce it when it is missing.
 - A download link on every tutorial page, and links between notebooks and to the guides (written
@@ -22,12 +28,14 @@ import html
 import importlib.util
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File
+from mkdocs.structure.toc import get_toc
 
 log = logging.getLogger("mkdocs.hooks.loralab")
 
@@ -40,10 +48,17 @@ API_MODULES = [
         "loralab.functional",
         "Differentiable functions on Tensors (`import loralab.functional as F`).",
     ),
+    (
+        "loralab.functional_llm",
+        "The ops of LLaMA-style models (re-exported by `loralab.functional`).",
+    ),
     ("loralab.nn", "Modules: `Module`, `Parameter`, `Linear`, `MLP`, ..."),
     ("loralab.optim", "Optimizers with PyTorch's update rules: `SGD`, `Adam`, `AdamW`."),
     ("loralab.lora", "Where LoRA lives: `LoraConfig`, `LoRALinear`, injection, merging, adapters."),
     ("loralab.lora.ops", "The LoRA math in pure NumPy: forwards and hand backwards (LoRA, DoRA)."),
+    ("loralab.lora.embedding_ops", "LoRA on an embedding table, in pure NumPy."),
+    ("loralab.lora.grouped", "One batch, many adapters: the grouped LoRA op."),
+    ("loralab.lora.variants", "LoRA variants as objects: rsLoRA, DoRA, PiSSA, OLoRA; LoRA+."),
     ("loralab.lora.config", "`LoraConfig`: PEFT's field names, validated once."),
     (
         "loralab.lora.linear_shared",
@@ -51,7 +66,17 @@ API_MODULES = [
     ),
     ("loralab.lora.engine_functions", "The engine Functions LoRA runs, and `lora_linear`."),
     ("loralab.lora.linear_layer", "`LoRALinear`, the NumPy layer, and its named-adapter holders."),
-    ("loralab.lora.variants", "LoRA variants as objects: rsLoRA, DoRA, PiSSA, OLoRA; LoRA+."),
+    ("loralab.lora.embedding_layer", "`LoRAEmbedding`: LoRA on a token table."),
+    ("loralab.lora.backend", "How one implementation reaches NumPy and (registered) torch models."),
+    (
+        "loralab.lora.inject",
+        "`inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting.",
+    ),
+    (
+        "loralab.lora.named_adapters",
+        "Named adapters, mixed batches and `add_weighted_adapter`.",
+    ),
+    ("loralab.lora.peft_format", "`save_adapter` / `load_adapter` in HF PEFT's format."),
     ("loralab.counting", "Parameter and memory counting for real model shapes."),
     ("loralab.datasets", "The datasets that ship with loralab and their shifted tasks."),
     ("loralab.training", "The one training loop (`fit`) and classifier training."),
@@ -61,8 +86,60 @@ API_MODULES = [
     ("loralab.torch", "The PyTorch twin (needs the `torch` extra)."),
 ]
 
+# Packages whose page would hold every re-exported object in full (619 KB for loralab.lora): their
+# page documents `lead` in full, in that order (what a student calls first), and lists every other
+# public name in a table, by `groups` then by module, linked to its module's page; each public
+# submodule has a page of its own (those not in API_MODULES are found, summarised by their
+# docstring's first line).
+SPLIT_PACKAGES: dict[str, dict] = {
+    "loralab.lora": {
+        "lead": [
+            "LoraConfig",
+            "inject_lora",
+            "LoRALinear",
+            "merge_lora",
+            "unmerge_lora",
+            "save_adapter",
+            "load_adapter",
+            "count_parameters",
+        ],
+        "groups": [
+            (
+                "Named adapters and mixed batches",
+                [
+                    "set_adapter",
+                    "active_adapters",
+                    "list_adapters",
+                    "delete_adapter",
+                    "disable_adapters",
+                    "mixed_batch",
+                    "add_weighted_adapter",
+                ],
+            ),
+            ("Embedding LoRA", ["LoRAEmbedding"]),
+            (
+                "More for training and inspecting",
+                ["lora_state_dict", "lora_layers", "lora_linear", "loraplus_param_groups"],
+            ),
+            (
+                "Advanced and internal: backends and base layers",
+                ["Backend", "register_backend", "register_linear_type"],
+            ),
+        ],
+    },
+    "loralab.quant": {"lead": [], "groups": []},
+    "loralab.models": {"lead": [], "groups": []},
+    "loralab.exercises": {"lead": [], "groups": []},
+    "loralab.torch": {"lead": [], "groups": []},
+    "loralab.torch.distributed": {"lead": [], "groups": []},
+}
+
 BENCH_MARKER = "<!-- loralab:benchmark-results -->"
 TUTORIAL_LIST_MARKER = "<!-- loralab:tutorial-list -->"
+README_EXAMPLE_MARKER = "<!-- loralab:readme-example -->"
+EXERCISES_INDEX = "tutorials/exercises/index.md"
+# Set to 1 to build with the executed copies as they are (stale ones used, missing ones left out)
+REUSE_STALE = "LORALAB_DOCS_REUSE_STALE"
 FIGURE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".webp")
 
 _state: dict = {}
@@ -112,6 +189,11 @@ def executed_copy(src: Path, dest: Path, ex) -> dict | None:
             recorded = json.load(f).get("metadata", {}).get(ex.METADATA_KEY, {})
     if recorded.get("source_sha256") == ex.source_digest(src):
         return recorded
+    if os.environ.get(REUSE_STALE) == "1":  # a quick look while notebooks are being edited
+        log.info(
+            f"{REUSE_STALE}=1: {shown} not executed; its executed copy {'is used' if recorded else 'is missing: left out'}"
+        )
+        return recorded or None
     why = "is older than the notebook" if dest.is_file() else "is missing"
     log.info(f"the executed copy of {shown} {why}: executing it")
     try:
@@ -152,6 +234,8 @@ def _tutorials(docs_dir: Path, source_dir: Path | None = None) -> list[dict]:
 def _tutorial_nav(tutorials: list[dict]) -> list:
     nav: list = [{"Overview": "tutorials/index.md"}]
     groups: dict[str, list] = {}
+    if any(t["group"] == "exercises" for t in tutorials):
+        groups["Exercises"] = [EXERCISES_INDEX]  # the section's own page (navigation.indexes)
     for t in tutorials:
         entry = {t["title"]: t["uri"]}
         if t["group"] == ".":
@@ -178,15 +262,107 @@ def tutorial_list(tutorials: list[dict], prefix: str = "") -> str:
     return "\n".join(lines) + "\n" if lines else "No executed tutorials were found.\n"
 
 
+def _module_path(name: str) -> Path:
+    path = ROOT.joinpath(*name.split("."))
+    return path / "__init__.py" if (path / "__init__.py").is_file() else path.with_suffix(".py")
+
+
+def _docstrings(name: str) -> tuple[str, dict[str, str]]:
+    """First line of module ``name``'s docstring, and of each of its top-level defs and classes."""
+    tree = ast.parse(_module_path(name).read_text(encoding="utf-8"))
+
+    def first(node) -> str:
+        doc = ast.get_docstring(node) or ""
+        paragraph = " ".join(doc.split("\n\n")[0].split())
+        return re.split(r"(?<=[.:;])\s", paragraph, maxsplit=1)[0]  # its first sentence
+
+    objects = {
+        n.name: first(n)
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    }
+    return first(tree), objects
+
+
+def public_submodules(package: str) -> list[str]:
+    """Public modules and subpackages directly inside ``package``, sorted by name."""
+    folder = ROOT.joinpath(*package.split("."))
+    found = [p.stem for p in folder.glob("*.py") if p.stem != "__init__"]
+    found += [p.name for p in folder.iterdir() if (p / "__init__.py").is_file()]
+    return sorted(f"{package}.{n}" for n in found if not n.startswith("_"))
+
+
+def reexports(package: str) -> dict[str, str]:
+    """``{name: module}`` for the names ``package/__init__.py`` imports from other modules."""
+    tree = ast.parse(_module_path(package).read_text(encoding="utf-8"))
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                if not alias.asname and not alias.name.startswith("_"):
+                    found[alias.name] = node.module
+    return found
+
+
+def defining_module(package: str, name: str) -> str:
+    """The module whose page documents ``package.name``: re-exports are followed to their source."""
+    module = reexports(package).get(name, package)
+    while module in SPLIT_PACKAGES and module != package:
+        package, module = module, reexports(module).get(name, module)
+    return module
+
+
+def _split_parent(name: str) -> str | None:
+    parent = name.rpartition(".")[0]
+    return parent if parent in SPLIT_PACKAGES else None
+
+
+def api_pages() -> list[tuple[str, str]]:
+    """(module, summary) of every API page in reading order: API_MODULES that exist, each split
+    package followed by its submodules (those listed first, in their order, then the others)."""
+    listed = [(name, summary) for name, summary in API_MODULES if module_exists(name)]
+    names = {name for name, _ in listed}
+
+    def with_submodules(name: str, summary: str) -> list[tuple[str, str]]:
+        pages = [(name, summary)]
+        if name in SPLIT_PACKAGES:
+            children = [(n, s) for n, s in listed if _split_parent(n) == name]
+            children += [
+                (sub, _docstrings(sub)[0]) for sub in public_submodules(name) if sub not in names
+            ]
+            for child, text in children:
+                pages += with_submodules(child, text)
+        return pages
+
+    pages = []
+    for name, summary in listed:
+        if _split_parent(name) is None:
+            pages += with_submodules(name, summary)
+    return pages
+
+
+def _api_nav(modules: list[tuple[str, str]]) -> list:
+    """Nav entries for the API pages: a split package is a section holding its submodules."""
+    entries: dict[str, dict] = {}
+    nav: list = [{"Overview": "api/index.md"}]
+    for name, _ in modules:
+        entry = {name: f"api/{name}.md"}
+        if name in SPLIT_PACKAGES:
+            entry = {name: [entry]}
+            entries[name] = entry
+        parent = _split_parent(name)
+        (entries[parent][parent] if parent else nav).append(entry)
+    return nav
+
+
 def on_config(config):
     docs_dir = Path(config["docs_dir"])
     tutorials = _tutorials(docs_dir)
-    modules = [(name, summary) for name, summary in API_MODULES if module_exists(name)]
+    modules = api_pages()
     _state.update(tutorials=tutorials, modules=modules)
     if config["nav"] is not None:
         _replace_nav_section(config["nav"], "Tutorials", _tutorial_nav(tutorials))
-        api_nav = [{"Overview": "api/index.md"}] + [{name: f"api/{name}.md"} for name, _ in modules]
-        _replace_nav_section(config["nav"], "API reference", api_nav)
+        _replace_nav_section(config["nav"], "API reference", _api_nav(modules))
     return config
 
 
@@ -211,6 +387,45 @@ def _tutorials_index(tutorials: list[dict]) -> str:
         link = t["uri"].removeprefix("tutorials/")
         seconds = f"{t['seconds']:.1f} s" if t["seconds"] is not None else "?"
         lines.append(f"| [{t['title']}]({link}) | `{t['source']}` | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_catalogue():
+    """``loralab/exercises/_catalogue.py`` by its path: the list of exercises, in course order."""
+    path = ROOT / "loralab" / "exercises" / "_catalogue.py"
+    spec = importlib.util.spec_from_file_location("loralab_exercise_catalogue", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.EXERCISES
+
+
+def exercises_index(exercises, tutorials: list[dict]) -> str:
+    """The exercises' page: each exercise notebook with the numbers and titles of its exercises.
+
+    ``exercises`` is the catalogue (``{key: Exercise}``, in course order: exercise N is the N-th);
+    ``tutorials`` the executed notebooks, for their titles and pages.
+    """
+    pages = {Path(t["uri"]).name: t for t in tutorials if t["group"] == "exercises"}
+    by_notebook: dict[str, list[str]] = {}
+    for number, exercise in enumerate(exercises.values(), start=1):
+        title = " and ".join(f"`{part}`" for part in exercise.title.split(" and "))
+        by_notebook.setdefault(exercise.notebook, []).append(f"{number}. {title}")
+    lines = [
+        "# Exercises",
+        "",
+        "Each exercise asks for one or two functions, written in an exercise notebook under",
+        "`tutorials/exercises/`; the check that follows them in the notebook says what passed or",
+        "what differs, and what to do next. A notebook's file name starts with the number of its",
+        "first exercise, and each tutorial links to the exercises that practise it.",
+        "",
+        "| Notebook | Exercises |",
+        "| --- | --- |",
+    ]
+    for notebook, items in by_notebook.items():
+        page = pages.get(notebook)
+        name = f"[{page['title']}]({notebook})" if page else f"{notebook} (not built)"
+        lines.append(f"| {name}<br>`{notebook}` | {'<br>'.join(items)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -268,8 +483,91 @@ def shadowed_exports(name: str) -> list[str]:
     ]
 
 
+def _public_names(package: str) -> list[str]:
+    tree = ast.parse(_module_path(package).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            with contextlib.suppress(ValueError):
+                return list(ast.literal_eval(node.value))
+    return sorted(reexports(package))
+
+
+def split_package_page(name: str, summary: str) -> str:
+    """A split package's page: its docstring, ``lead`` in full, then every other public name by
+    group and by module, in tables linked to the module pages that document them."""
+    spec = SPLIT_PACKAGES[name]
+    blocks = [f"{summary}\n\n::: {name}\n    options:\n      members: false\n"]
+    if spec["lead"]:
+        blocks.append("## What you call first\n")
+        blocks += [  # their source is on their module's page
+            f"::: {name}.{obj}\n    options:\n      heading_level: 3\n      show_source: false\n"
+            for obj in spec["lead"]
+        ]
+    rest = [n for n in _public_names(name) if n not in spec["lead"]]
+    # names from private modules (or defined here) have no page elsewhere: documented here in full
+    here = [n for n in rest if _private(defining_module(name, n), name)]
+    rest = [n for n in rest if n not in here]
+    grouped = {n for _, names in spec["groups"] for n in names}
+    groups = [(title, [n for n in names if n in rest]) for title, names in spec["groups"]]
+    by_module: dict[str, list[str]] = {}
+    for n in rest:
+        if n not in grouped:
+            by_module.setdefault(defining_module(name, n), []).append(n)
+    groups += [(f"From `{module}`", names) for module, names in by_module.items()]
+    for title, names in groups:
+        if not names:
+            continue
+        rows = []
+        for n in names:
+            module = defining_module(name, n)
+            doc = _docstrings(module)[1].get(n, "") if module_exists(module) else ""
+            link = f"{module}.md#{module}.{n}"
+            rows.append(f"| [`{n}`]({link}) | {doc.replace('|', '/')} | `{module}` |")
+        blocks.append(
+            f"## {title}\n\n| Name | What it is | Documented in |\n| --- | --- | --- |\n"
+            + "\n".join(rows)
+            + "\n"
+        )
+    if here:
+        blocks.append("## Also in this package\n")
+        blocks += [f"::: {name}.{obj}\n    options:\n      heading_level: 3\n" for obj in here]
+    return "\n".join(blocks)
+
+
+def _private(module: str, package: str) -> bool:
+    return module == package or any(part.startswith("_") for part in module.split("."))
+
+
+def documented_at(name: str, member: str, pages: list[str]) -> str:
+    """The module whose API page documents ``name.member``: a re-export from a module with a
+    page of its own is documented there, once."""
+    if name in SPLIT_PACKAGES:
+        return defining_module(name, member)
+    source = reexports(name).get(member) if _module_path(name).is_file() else None
+    return source if source in pages and source != name else name
+
+
 def _api_page(name: str, summary: str) -> str:
-    blocks = [f"::: {name}\n    options:\n      show_submodules: false\n"]
+    if name in SPLIT_PACKAGES:
+        return split_package_page(name, summary)
+    pages = [n for n, _ in _state.get("modules", [])]
+    elsewhere = {n: m for n in reexports(name) if (m := documented_at(name, n, pages)) != name}
+    filters = ["!^_"] + [f"!^{n}$" for n in elsewhere]
+    blocks = [
+        f"::: {name}\n    options:\n      show_submodules: false\n"
+        f"      filters: {json.dumps(filters)}\n"
+    ]
+    if elsewhere:
+        rows = [
+            f"| [`{n}`]({m}.md#{m}.{n}) | {_docstrings(m)[1].get(n, '')} | `{m}` |"
+            for n, m in elsewhere.items()
+        ]
+        blocks.append(
+            "## Also importable from here\n\n| Name | What it is | Documented in |\n"
+            "| --- | --- | --- |\n" + "\n".join(rows) + "\n"
+        )
     blocks += [
         f"::: {sub}\n    options:\n      heading_level: 2\n" for sub in lazy_submodules(name)
     ]
@@ -287,6 +585,9 @@ def on_files(files, config):
             if f.src_uri not in keep:  # deleted upstream or not executed: never render it
                 files.remove(f)
     files.append(File.generated(config, "tutorials/index.md", content=_tutorials_index(tutorials)))
+    if any(t["group"] == "exercises" for t in tutorials):
+        text = exercises_index(_load_catalogue(), tutorials)
+        files.append(File.generated(config, EXERCISES_INDEX, content=text))
     modules = _state.get("modules", [])
     files.append(File.generated(config, "api/index.md", content=_api_index(modules)))
     for name, summary in modules:
@@ -326,8 +627,18 @@ def benchmark_results(docs_dir: Path) -> str:
     return text
 
 
+def readme_example(readme: Path = ROOT / "README.md") -> str:
+    """The README's "Ten lines of LoRA" code block, fenced, as the README writes it."""
+    text = readme.read_text(encoding="utf-8")
+    match = re.search(r"^## Ten lines of LoRA\n\n(```python\n.*?^```)\n", text, re.S | re.M)
+    if match is None:
+        raise ValueError(f"{readme}: no python block right under '## Ten lines of LoRA'")
+    return match.group(1) + "\n"
+
+
 def on_page_markdown(markdown, page, config, files):
-    if page.file.src_uri == "index.md" and TUTORIAL_LIST_MARKER in markdown:
+    if page.file.src_uri == "index.md":
+        markdown = markdown.replace(README_EXAMPLE_MARKER, readme_example())
         return markdown.replace(TUTORIAL_LIST_MARKER, tutorial_list(_state.get("tutorials", [])))
     if page.file.src_uri == "benchmarks.md" and BENCH_MARKER in markdown:
         return markdown.replace(BENCH_MARKER, benchmark_results(Path(config["docs_dir"])))
@@ -368,9 +679,31 @@ def _relink_notebook_page(content: str, page, files) -> str:
     return re.sub(r'href="([^"]+)"', fix, content)
 
 
+HEADING = re.compile(r'<h([1-6]) id="([^"]+)"[^>]*>(.*?)</h\1>', flags=re.S)
+
+
+def headings_toc(content: str) -> list[dict]:
+    """Table-of-contents tokens (mkdocs' ``get_toc`` input) for the headings of rendered HTML.
+
+    A title is its heading's text with inline code kept as text, without the ``¶`` anchor link.
+    """
+    root: list[dict] = []
+    stack: list[dict] = []
+    for level, anchor, inner in HEADING.findall(content):
+        inner = re.sub(r'<a class="anchor-link"[^>]*>.*?</a>', "", inner, flags=re.S)
+        name = " ".join(re.sub(r"<[^>]+>", "", inner).split())
+        token = {"level": int(level), "id": anchor, "name": name, "children": []}
+        while stack and stack[-1]["level"] >= token["level"]:
+            stack.pop()
+        (stack[-1]["children"] if stack else root).append(token)
+        stack.append(token)
+    return root
+
+
 def on_page_content(content, page, config, files):
     if not page.file.src_uri.endswith(".ipynb"):
         return content
+    page.toc = get_toc(headings_toc(content))
     content = _relink_notebook_page(content, page, files)
     name = Path(page.file.src_uri).name
     source = next(
@@ -378,7 +711,10 @@ def on_page_content(content, page, config, files):
     )
     bar = (
         '<p class="loralab-notebook-links">'
-        f'<a class="md-button" href="{html.escape(name)}" download>Download the notebook</a> '
-        f"executed when this site was built; its source is <code>{html.escape(source)}</code>.</p>"
+        f'<a class="md-button" href="{html.escape(name)}" download>Download the notebook</a></p>\n'
+        f'<p class="loralab-notebook-source">This page is <code>{html.escape(source)}</code>, with '
+        "the outputs of a run made when this site was built.</p>\n"
     )
-    return bar + content
+    # under the notebook's title, on lines of their own
+    head, h1, rest = content.partition("</h1>")
+    return head + h1 + bar + rest if h1 else bar + content

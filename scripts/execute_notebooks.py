@@ -32,6 +32,15 @@ SOURCE_DIR = ROOT / "tutorials"
 OUTPUT_DIR = ROOT / "docs" / "tutorials"
 DEFAULT_TIMEOUT = 300  # seconds per cell: generous, for a busy CI machine; a hang still fails
 METADATA_KEY = "loralab"
+# Figures are drawn at FIGURE_DPI with FONT_SIZE-point text (the tick labels' size): the site shows
+# a figure wider than its column (about 800 px at a 1200 px window) scaled down, so 12 points keep
+# the tick labels of a 13-inch-wide figure at 10 px or more on screen (matplotlib's 10 would not).
+FIGURE_DPI = 100
+FONT_SIZE = 12
+FIGURE_DEFAULTS = [
+    "--IPKernelApp.exec_lines=import matplotlib as _mpl; "
+    f"_mpl.rcParams.update({{'figure.dpi': {FIGURE_DPI}, 'font.size': {FONT_SIZE}}}); del _mpl"
+]
 
 
 @dataclass
@@ -109,7 +118,7 @@ def execute_notebook(nb_path: Path, dest: Path, *, timeout: int = DEFAULT_TIMEOU
         resources={"metadata": {"path": str(nb_path.parent.resolve())}},
         # figures inline even when MPLBACKEND=Agg is set (as for the tests): otherwise plt.show()
         # draws nothing and the site's tutorials lose their figures
-        extra_arguments=["--matplotlib=inline"],
+        extra_arguments=["--matplotlib=inline", *FIGURE_DEFAULTS],
     )
     start = time.perf_counter()
     client.execute()

@@ -120,7 +120,7 @@ def chromium_available() -> bool:
     return Path(CHROMIUM).exists()
 
 
-def open_page(url: str, *, screenshot: Path | None = None) -> dict:
+def open_page(url: str, *, screenshot: Path | None = None, width: int = 1280) -> dict:
     """Load ``url`` in headless Chromium; return the DOM after scripts ran and the console lines."""
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
@@ -134,13 +134,100 @@ def open_page(url: str, *, screenshot: Path | None = None) -> dict:
         else:
             cmd += [
                 f"--screenshot={screenshot}",
-                "--window-size=1280,1000",
+                f"--window-size={width},1000",
                 "--hide-scrollbars",
                 url,
             ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     console = [m.group(1) for line in proc.stderr.splitlines() if (m := CONSOLE_LINE.search(line))]
     return {"dom": proc.stdout, "console": console, "returncode": proc.returncode}
+
+
+PROBE_SCRIPT = ROOT / "tests" / "docs_layout_probe.js"
+# Window widths of the layout checks: a phone, a half-screen window beside a notebook, a laptop.
+NARROW_WIDTHS = (400, 700)
+WIDE_WIDTH = 1200
+# Reverts the display-math fix in docs/stylesheets/extra.css: a page that must fail the checks.
+PLANTED_MATH_PAGE = "guides/math/index.html#planted"
+PLANTED_MATH_BUG = (
+    "<style>.md-typeset mjx-container[jax=SVG] > svg { max-width: 100% !important; }</style>"
+)
+
+
+def has_display_math(document: str) -> bool:
+    """Whether a built page holds display math: a Markdown ``$$`` block or one in a notebook."""
+    return '<div class="arithmatex">' in document or bool(re.search(r"\$\$|\\\[", prose(document)))
+
+
+def probe_layout(
+    site: Path, base: str, frames: list[tuple[str, int]], name: str = "loralab-layout"
+) -> dict:
+    """Measure built pages at given window widths, in one Chromium run; ``{"page@width": ...}``.
+
+    ``--dump-dom`` cannot measure layout and headless windows are at least 500 px wide, so each
+    page is copied next to itself with ``tests/docs_layout_probe.js`` inlined, and the copies are
+    opened in iframes of the wanted widths (an iframe is its page's viewport: media queries and
+    Material's mobile layout follow its width) on one page whose script gathers what every probe
+    measured into the DOM that ``--dump-dom`` returns.
+    """
+    script = "<script>" + PROBE_SCRIPT.read_text(encoding="utf-8") + "</script>"
+    copies: dict[str, str] = {}
+    for page, _ in frames:
+        if page in copies:
+            continue
+        planted = page.endswith("#planted")
+        source = site / page.removesuffix("#planted")
+        copy = "loralab-probe-planted.html" if planted else "loralab-probe.html"
+        text = source.read_text(encoding="utf-8")
+        extra = PLANTED_MATH_BUG if planted else ""
+        (source.parent / copy).write_text(
+            text.replace("</body>", extra + script + "</body>"), encoding="utf-8"
+        )
+        copies[page] = (source.parent / copy).relative_to(site).as_posix()
+    iframes = "\n".join(
+        f'<iframe data-key="{html.escape(page)}@{width}" src="/{copies[page]}" '
+        f'style="width:{width}px;height:900px;border:0"></iframe>'
+        for page, width in frames
+    )
+    (site / f"{name}.html").write_text(
+        f"""<!doctype html><html><body>{iframes}<script>
+const frames = [...document.querySelectorAll("iframe")];
+const found = {{}};
+let polls = 0;
+const el = document.createElement("script");
+el.type = "application/json"; el.id = "loralab-layout";
+document.body.appendChild(el);
+const poll = () => {{  // what was found so far is in the DOM whenever Chromium dumps it
+  for (const f of frames) {{
+    const out = f.contentDocument && f.contentDocument.getElementById("loralab-probe");
+    if (out) found[f.dataset.key] = JSON.parse(out.textContent);
+  }}
+  el.textContent = JSON.stringify(found).replaceAll("<", "\\\\u003c");
+  if (Object.keys(found).length < frames.length && ++polls < 250) setTimeout(poll, 200);
+}};
+poll();
+</script></body></html>""",
+        encoding="utf-8",
+    )
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=60000",
+            "--window-size=1400,1000",
+            "--dump-dom",
+            f"{base}/{name}.html",
+        ]
+        try:
+            dom = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+        except subprocess.TimeoutExpired:
+            dom = ""  # every frame is then reported missing
+    match = re.search(
+        r'<script type="application/json" id="loralab-layout">(.*?)</script>', dom, re.S
+    )
+    found = json.loads(match.group(1)) if match else {}
+    return {f"{page}@{width}": found.get(f"{page}@{width}") for page, width in frames}
 
 
 @contextlib.contextmanager
@@ -296,6 +383,33 @@ def _build_and_check(work: Path) -> dict:
             shots["tutorial.png"] = f"{base}/{tutorials[0][: -len('index.html')]}"
         for name, url in shots.items():
             open_page(url, screenshot=ARTIFACTS / name)
+        # Chromium's headless windows are 500 px wide at the least: the narrowest screenshot
+        open_page(f"{base}/guides/math/", screenshot=ARTIFACTS / "math-500px.png", width=500)
+        shots["math-500px.png"] = f"{base}/guides/math/"
+
+        layout_start = time.perf_counter()
+        # at narrow widths: every Markdown page with display math (Material's mobile layout of
+        # `div.arithmatex` hid them) and the first two notebooks with display math; at 1200 px
+        # every tutorial (figures and printed outputs), exercise notebooks left out for time
+        with_math = [
+            p
+            for p in pages
+            if not p.startswith("api/") and has_display_math((site / p).read_text("utf-8"))
+        ]
+        notebooks = [p for p in with_math if any((site / p).parent.glob("*.ipynb"))]
+        with_math = [p for p in with_math if p not in notebooks] + notebooks[:2]
+        narrow = [(p, w) for p in with_math + [PLANTED_MATH_PAGE] for w in NARROW_WIDTHS]
+        wide = [(p, WIDE_WIDTH) for p in tutorials if not p.startswith("tutorials/exercises/")]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            probes = pool.map(
+                lambda job: probe_layout(site, base, job[0], name=job[1]),
+                [(narrow, "loralab-layout-narrow"), (wide, "loralab-layout-wide")],
+            )
+            report["layout"] = {k: v for found in probes for k, v in found.items()}
+        log(
+            f"layout probes: {len(narrow)} narrow and {len(wide)} wide frames in "
+            f"{time.perf_counter() - layout_start:.1f} s"
+        )
     for page, result in visited:
         dom_file = dom_dir / (page.replace("/", "__") + ".dom.html")
         dom_file.write_text(result["dom"], encoding="utf-8")
@@ -581,14 +695,13 @@ def test_notebook_title_is_the_first_heading(tmp_path):
     assert hooks.notebook_title(tmp_path / "03_count.ipynb") == "03 count"
 
 
-def test_home_page_example_runs():
+def test_home_page_example_is_the_readmes():
+    """The home page shows the README's example (run by tests/test_readme.py), not a copy."""
     text = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
-    assert len(code.strip().splitlines()) <= 20
-    namespace: dict = {}
-    exec(compile(code, "docs/index.md", "exec"), namespace)
-    trainable, total = namespace["count_parameters"](namespace["model"])
-    assert 0 < trainable < total
+    assert "```python" not in text and hooks.README_EXAMPLE_MARKER in text
+    example = hooks.readme_example()
+    assert example.startswith("```python\n") and "inject_lora" in example
+    assert example in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_qlora_guide_numbers_are_the_ones_loralab_computes():
@@ -764,10 +877,12 @@ def test_site_loads_nothing_from_other_hosts(built):
 def test_api_reference_covers_every_public_name(built):
     site = Path(built["build"]["site"])
     missing = []
-    for name, _ in hooks.API_MODULES:
-        if not hooks.module_exists(name):
-            continue
-        page = (site / "api" / name / "index.html").read_text(encoding="utf-8")
+    modules = [n for n, _ in hooks.api_pages()]
+    for name in modules:
+        # a re-exported name is documented once, on its module's page
+        pages = [site / "api" / name / "index.html"]
+        pages += sorted((site / "api").glob(f"{name}.*/index.html"))
+        page = "".join(p.read_text(encoding="utf-8") for p in pages)
         module = importlib.import_module(name)
         public = getattr(module, "__all__", None)
         if public is None:
@@ -779,7 +894,12 @@ def test_api_reference_covers_every_public_name(built):
         for member in public:
             if member.startswith("_") or inspect.ismodule(getattr(module, member, None)):
                 continue  # submodules have their own pages
-            if not re.search(rf'id="{re.escape(name)}(\.\w+)*\.{re.escape(member)}"', page):
+            where = hooks.documented_at(name, member, modules)
+            if where != name and not where.startswith(f"{name}."):
+                page += (site / "api" / where / "index.html").read_text(encoding="utf-8")
+            if not re.search(
+                rf'id="({re.escape(name)}|{re.escape(where)})(\.\w+)*\.{member}"', page
+            ):
                 missing.append(f"{name}.{member}")
     assert not missing, f"not in the API reference: {missing}"
 
@@ -831,3 +951,177 @@ def test_screenshots_saved(browsed):
     assert (ARTIFACTS / "home.png").stat().st_size > 10_000
     if any(p.startswith("tutorials/") and p != "tutorials/index.html" for p in browsed["pages"]):
         assert (ARTIFACTS / "tutorial.png").stat().st_size > 10_000
+
+
+def _layout(report: dict, widths) -> dict[str, dict]:
+    """The layout probes at ``widths`` (page@width -> measures), the planted page left out."""
+    found = {}
+    for key, measured in report["layout"].items():
+        page, _, width = key.rpartition("@")
+        if page != PLANTED_MATH_PAGE and int(width) in widths:
+            found[key] = measured
+    return found
+
+
+def _hidden_equations(measured: dict) -> list[int]:
+    return [
+        i
+        for i, m in enumerate(measured["math"])
+        if not (m["visible"] and m["svg"] and m["svg"]["visible"] and m["svg"]["width"] > 4)
+    ]
+
+
+def test_display_math_is_typeset_and_visible_at_narrow_widths(browsed):
+    """At 400 and 700 px (a phone, a half-screen window) every display equation is typeset and
+    drawn wider than zero: Material's mobile layout once shrank their SVGs to 1 px."""
+    problems, checked = [], set()
+    for key, measured in _layout(browsed, NARROW_WIDTHS).items():
+        if measured is None:
+            problems.append(f"{key}: the layout probe did not report")
+            continue
+        page, _, width = key.rpartition("@")
+        assert measured["viewport"] == int(width), key
+        checked.add(page)
+        if measured["untypeset"]:
+            problems.append(f"{key}: {measured['untypeset']} display equations not typeset")
+        if not measured["math"]:
+            problems.append(f"{key}: no typeset display equation found")
+        if hidden := _hidden_equations(measured):
+            problems.append(f"{key}: display equations {hidden} are invisible or 0 px wide")
+    assert {"index.html", "guides/math/index.html"} <= checked
+    assert not problems, "\n".join(problems)
+
+
+def test_layout_probe_sees_vanishing_math_on_a_planted_page(browsed):
+    """The math guide with the display-math fix reverted: every equation must be reported."""
+    for width in NARROW_WIDTHS:
+        measured = browsed["layout"][f"{PLANTED_MATH_PAGE}@{width}"]
+        assert measured and measured["math"], width
+        assert len(_hidden_equations(measured)) == len(measured["math"]), width
+
+
+def test_printed_outputs_are_not_wrapped(browsed):
+    """A printed line stays one line (it scrolls sideways): never broken inside a number."""
+    wrapped = {
+        key: [o["text"][:80] for o in measured["outputs"]]
+        for key, measured in _layout(browsed, (*NARROW_WIDTHS, WIDE_WIDTH)).items()
+        if measured and measured["outputs"]
+    }
+    assert not wrapped, wrapped
+
+
+def test_notebook_figures_use_the_width_of_the_page(browsed):
+    """At a 1200 px window a figure drawn 600 px wide or more is shown at least 600 px wide, and
+    a smaller one at its own size."""
+    problems = []
+    for key, measured in _layout(browsed, (WIDE_WIDTH,)).items():
+        assert measured is not None, f"{key}: the layout probe did not report"
+        for i, fig in enumerate(measured["figures"]):
+            least = min(600, fig["natural"]) - 1
+            if not fig["visible"] or fig["width"] < least:
+                problems.append(
+                    f"{key}: figure {i} drawn {fig['natural']} px wide, shown {fig['width']:.0f}"
+                )
+    assert not problems, "\n".join(problems)
+
+
+def test_notebook_tables_of_contents_keep_code_in_headings(built):
+    """Each entry of a notebook page's table of contents reads as its heading, inline code
+    included, and points at the heading's id (mkdocs-jupyter's dropped the code)."""
+    site = Path(built["build"]["site"])
+    problems = []
+    for page in built["build"]["pages"]:
+        if not any((site / page).parent.glob("*.ipynb")):
+            continue  # not a notebook's page
+        text = (site / page).read_text(encoding="utf-8")
+        article = text[text.index('<article class="md-content__inner') :]
+        headings = {
+            anchor: " ".join(
+                re.sub(r"<[^>]+>", "", inner.split('<a class="anchor-link"')[0]).split()
+            )
+            for anchor, inner in re.findall(
+                r'<h[1-6] id="([^"]+)"[^>]*>(.*?)</h[1-6]>', article, re.S
+            )
+        }
+        toc = text[text.index('<nav class="md-nav md-nav--secondary"') : text.index("<article")]
+        entries = re.findall(
+            r'<a href="#([^"]+)" class="md-nav__link">\s*<span class="md-ellipsis">\s*(.*?)\s*</span>',
+            toc,
+            re.S,
+        )
+        assert entries or not headings, f"{page}: no table of contents"
+        for anchor, title in entries:
+            title = " ".join(title.split())
+            if anchor not in headings:
+                problems.append(f"{page}: TOC entry {title!r} points at #{anchor}, no such heading")
+            elif title != headings[anchor]:
+                problems.append(f"{page}: TOC reads {title!r}, the heading {headings[anchor]!r}")
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_home_page_shows_the_readme_example_and_a_headed_table(built):
+    site = Path(built["build"]["site"])
+    page = (site / "index.html").read_text(encoding="utf-8")
+    code = html.unescape(re.sub(r"<[^>]+>", "", page))
+    for line in hooks.readme_example().splitlines()[1:-1]:
+        assert line.strip() in code, line
+    headers = re.findall(r"<thead>(.*?)</thead>", page, re.S)
+    assert headers and all(re.sub(r"<[^>]+>|\s", "", h) for h in headers), "a table has no header"
+
+
+def test_exercises_index_lists_every_exercise_by_number(built):
+    """`tutorials/exercises/` has a page: every exercise of the catalogue, numbered, linked."""
+    from loralab.exercises._catalogue import EXERCISES
+
+    site = Path(built["build"]["site"])
+    page = (site / "tutorials" / "exercises" / "index.html").read_text(encoding="utf-8")
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", page)).split())
+    for number, exercise in enumerate(EXERCISES.values(), start=1):
+        first = exercise.title.split(" and ")[0]
+        assert f"{number}. {first}" in text, (number, exercise.title)
+        link = f'href="../../tutorials/exercises/{Path(exercise.notebook).stem}/"'
+        assert link in page or f'href="{Path(exercise.notebook).stem}/"' in page, exercise.notebook
+
+
+def test_lora_api_page_leads_with_what_a_student_calls(built):
+    site = Path(built["build"]["site"])
+    page = (site / "api" / "loralab.lora" / "index.html").read_text(encoding="utf-8")
+    documented = re.findall(r'<h[1-6] id="(loralab\.lora\.\w+)"', page)
+    assert documented[0] in ("loralab.lora.LoraConfig", "loralab.lora.inject_lora"), documented[:3]
+    assert documented.index("loralab.lora.inject_lora") < 3
+
+
+def test_no_api_page_is_too_big(built):
+    site = Path(built["build"]["site"])
+    sizes = {p.parent.name: p.stat().st_size for p in (site / "api").glob("*/index.html")}
+    assert len(sizes) > 20
+    big = {name: size for name, size in sizes.items() if size > 300_000}
+    assert not big, f"API pages over 300 KB (split them in docs/hooks.py): {big}"
+
+
+def test_notebook_figure_text_is_readable_on_the_page(browsed):
+    """At a 1200 px window, a figure's tick labels (drawn at FONT_SIZE points and FIGURE_DPI by
+    scripts/execute_notebooks.py, then scaled to the shown width) are 9 px high or more."""
+    scale = execute_notebooks.FONT_SIZE * execute_notebooks.FIGURE_DPI / 72
+    small = [
+        f"{key}: figure {i}, {fig['natural']} px drawn, {fig['width']:.0f} shown: tick labels "
+        f"{scale * fig['width'] / fig['natural']:.1f} px (draw it narrower, or in two rows)"
+        for key, measured in _layout(browsed, (WIDE_WIDTH,)).items()
+        for i, fig in enumerate(measured["figures"])
+        if fig["natural"] and scale * fig["width"] / fig["natural"] < 9
+    ]
+    assert not small, "\n".join(small)
+
+
+@pytest.mark.notebook
+def test_executed_notebooks_draw_figures_with_the_site_defaults(tmp_path):
+    src, out = tmp_path / "tutorials", tmp_path / "out"
+    _write_notebook(
+        src / "rc.ipynb",
+        "import matplotlib as mpl\nprint(mpl.rcParams['font.size'], mpl.rcParams['figure.dpi'])",
+    )
+    results = execute_notebooks.execute_all(source_dir=src, output_dir=out, log=lambda m: None)
+    assert [r.error for r in results] == [None]
+    printed = json.loads((out / "rc.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    expected = f"{float(execute_notebooks.FONT_SIZE)} {float(execute_notebooks.FIGURE_DPI)}"
+    assert "".join(printed).strip() == expected
