@@ -291,3 +291,28 @@ def test_from_hf_copies_read_only_arrays_so_that_merging_works():
     inject_lora(model, LoraConfig(target_modules=["q_proj"], r=4), seed=0)
     merge_lora(model)
     assert all(p.data.flags.writeable for p in model.parameters())
+
+
+def test_peft_adapters_for_llama_run_here_and_ours_run_in_peft(float64_hf, tmp_path):
+    """target_modules=["q_proj", "v_proj"] written by PEFT loads unchanged, and the other way."""
+    peft = pytest.importorskip("peft")
+    from loralab.lora import load_adapter, save_adapter
+
+    hf = hf_model(rope_theta=500.0)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(hf), config).double().eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    model = load(hf)
+    load_adapter(model, tmp_path / "peft")
+    assert np.abs(model(IDS).data - hf_logits(theirs, IDS)).max() < 1e-9
+
+    ours = load(hf)
+    inject_lora(ours, LoraConfig(target_modules=["q_proj", "v_proj"], r=4), seed=0)
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(ours):
+        layer.lora_B.data = 0.1 * rng.standard_normal(layer.lora_B.shape)
+    save_adapter(ours, tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").double().eval()
+    assert np.abs(ours(IDS).data - hf_logits(in_peft, IDS)).max() < 1e-9
