@@ -58,6 +58,34 @@ MOVED_NAMES = {
             )
         },
     },
+    "loralab.tensor": {
+        old: f"loralab.tensor.{old}Fn"
+        for old in (
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Neg",
+            "Pow",
+            "MatMul",
+            "Sum",
+            "Mean",
+            "Reshape",
+            "Transpose",
+            "GetItem",
+            "Exp",
+            "Log",
+            "Tanh",
+            "ReLU",
+        )
+    },
+    "loralab.models": {"load_pretrained": "loralab.models.load_gpt"},
+    "loralab.demo": {  # the digits checkpoint moved to loralab.models.digits
+        "load_pretrained": "loralab.models.digits.load_digits_mlp",
+        "pretrain": "loralab.models.digits.pretrain_digits_mlp",
+        "CHECKPOINT": "loralab.models.digits.DIGITS_CHECKPOINT",
+        "SIZES": "loralab.models.digits.DIGITS_SIZES",
+    },
 }
 
 _IMPORTLIB = "<frozen importlib._bootstrap"  # `warnings` steps over these frames itself
@@ -75,6 +103,10 @@ def _warn(old: str, new: str) -> None:
             level += 1
         elif not code.co_filename.startswith(_IMPORTLIB):
             break
+        elif code.co_name == "_handle_fromlist":
+            # `from package import old` first probes the name with hasattr, then fetches it:
+            # the fetch warns, the probe would say it twice.
+            return
         frame = frame.f_back
     warnings.warn(
         f"{old} is deprecated since loralab 0.2 and will be removed in 0.3: use {new}",
@@ -87,7 +119,7 @@ def moved_attribute(module: str, name: str) -> Any:
     """The object `module`.`name` moved to, with a warning; AttributeError if it never existed.
 
     Called by the ``__getattr__`` of a module that lost public names (``loralab.nn``,
-    ``loralab.functional``).
+    ``loralab.functional``, ``loralab.tensor``, ``loralab.models``, ``loralab.demo``).
     """
     target = MOVED_NAMES.get(module, {}).get(name)
     if target is None:

@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loralab import functional as F
 from loralab import optim
+from loralab._deprecated import moved_attribute
 from loralab._validate import boolean, non_negative_int, one_of, positive_int
 from loralab.bench.memory import traced_peak
 from loralab.datasets import SHIFTS, Dataset, load_digits, shift_digits
@@ -474,6 +476,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m loralab.demo: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if not TYPE_CHECKING:  # mypy would otherwise accept any attribute of loralab.demo
+
+    def __getattr__(name: str) -> Any:
+        """0.1's ``load_pretrained``, ``pretrain``, ``CHECKPOINT`` and ``SIZES`` (now in
+        `loralab.models.digits`), with a DeprecationWarning; removed in 0.3."""
+        return moved_attribute(__name__, name)
 
 
 if __name__ == "__main__":

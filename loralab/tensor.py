@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loralab._deprecated import moved_attribute
 from loralab._validate import boolean
 
 __all__ = [
@@ -666,3 +667,10 @@ class ReLUFn(Function):
     def backward(ctx, grad):
         (mask,) = ctx.saved
         return (grad * mask,)
+
+
+if not TYPE_CHECKING:  # mypy would otherwise accept any attribute of loralab.tensor
+
+    def __getattr__(name: str) -> Any:
+        """0.1's ``Add``, ``MatMul``, ... (now ``AddFn``, ...), with a DeprecationWarning."""
+        return moved_attribute(__name__, name)

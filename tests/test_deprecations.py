@@ -25,6 +25,12 @@ RENAMED_IN_0_2 = {  # commit 451aeac: the file names of loralab.lora say what is
 }
 
 
+# loralab.tensor's Functions as 0.1 named them (7270cc2 added the Fn suffix to every one)
+TENSOR_OPS_OF_0_1 = (
+    "Add Sub Mul Div Neg Pow MatMul Sum Mean Reshape Transpose GetItem Exp Log Tanh ReLU".split()
+)
+
+
 def forget(monkeypatch, old):
     """Make the next import of `old` a first import (a cached module does not warn again)."""
     monkeypatch.delitem(sys.modules, old, raising=False)
@@ -37,6 +43,10 @@ def test_every_renamed_module_and_the_changelogs_moves_have_a_shim():
     assert MOVED_MODULES["loralab.lora.functional"] == "loralab.lora.ops"
     assert MOVED_NAMES["loralab.nn"]["LoRALinear"] == "loralab.lora.LoRALinear"
     assert MOVED_NAMES["loralab.functional"]["lora_linear"] == "loralab.lora.lora_linear"
+    # commits c52206a, 9a9258e and 7270cc2 (0.1.0 -> 0.2.0): renamed loaders and engine Functions
+    assert MOVED_NAMES["loralab.models"]["load_pretrained"] == "loralab.models.load_gpt"
+    assert MOVED_NAMES["loralab.demo"]["load_pretrained"] == "loralab.models.digits.load_digits_mlp"
+    assert set(MOVED_NAMES["loralab.tensor"]) == set(TENSOR_OPS_OF_0_1)
 
 
 @pytest.mark.parametrize("old, new", sorted(MOVED_MODULES.items()))
@@ -96,11 +106,40 @@ def test_the_changelogs_examples_as_a_student_writes_them():
         assert F.lora_linear is loralab.lora.lora_linear
 
 
+def test_last_terms_loaders_and_engine_ops_still_run():
+    namespace: dict = {}
+    with pytest.warns(DeprecationWarning) as record:
+        exec(  # noqa: S102 - the statements a student wrote, as written
+            "from loralab.models import load_pretrained\n"
+            "from loralab.demo import load_pretrained as load_digits\n"
+            "from loralab.tensor import Add, Tensor\n"
+            "gpt = load_pretrained()\n"
+            "mlp, from_checkpoint = load_digits()\n"
+            "total = Add.apply(Tensor([1.0, 2.0]), Tensor([3.0, 4.0]))\n",
+            namespace,
+        )
+    assert [str(w.message).split(" is deprecated")[0] for w in record] == [
+        "loralab.models.load_pretrained",
+        "loralab.demo.load_pretrained",
+        "loralab.tensor.Add",
+    ]
+    from loralab.models import GPT
+    from loralab.nn import MLP
+
+    assert isinstance(namespace["gpt"], GPT) and isinstance(namespace["mlp"], MLP)
+    assert namespace["from_checkpoint"] is True
+    assert namespace["total"].data.tolist() == [4.0, 6.0]
+
+
 def test_unknown_names_still_fail_as_before():
     with pytest.raises(AttributeError, match="'loralab.nn' has no attribute 'LoRALinearr'"):
         loralab.nn.LoRALinearr  # noqa: B018
     with pytest.raises(AttributeError, match="'loralab.functional' has no attribute 'nope'"):
         loralab.functional.nope  # noqa: B018
+    with pytest.raises(AttributeError, match="'loralab.tensor' has no attribute 'AddFnn'"):
+        importlib.import_module("loralab.tensor").AddFnn  # noqa: B018
+    with pytest.raises(AttributeError, match="'loralab.models' has no attribute 'load_gptt'"):
+        importlib.import_module("loralab.models").load_gptt  # noqa: B018
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("loralab.lora.no_such_module")
 
