@@ -241,6 +241,11 @@ BASE = dict(model_type="llama", **SIZES)
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "RoPE scaling 'yarn'"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "'low_freq_factor'"),
         (dict(rope_theta=500.0, rope_parameters={"rope_theta": 1e4}), "rope_theta=500.0 disagrees"),
+        (
+            dict(rope_parameters={"rope_type": "default"}, rope_scaling={"type": "linear"}),
+            "rope_scaling={'type': 'linear'} disagrees",
+        ),
+        (dict(rope_theta=float("inf")), "rope_theta=inf must be a positive number"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(model_type="mistral", sliding_window=16), "sliding_window=16"),
         (dict(model_type="mistral", max_position_embeddings=8192), "sliding_window=4096"),

@@ -69,8 +69,11 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             raise _refuse("rope_parameters", params, "must be a dict")
         if "rope_theta" in config and params.get("rope_theta", theta) != theta:
             raise _refuse("rope_theta", theta, f"disagrees with rope_parameters {params}")
+        old = config.get("rope_scaling") or {}
+        if any(params.get("rope_type" if k == "type" else k) != v for k, v in old.items()):
+            raise _refuse("rope_scaling", old, f"disagrees with rope_parameters {params}")
         theta = params.get("rope_theta", theta)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
         raise _refuse("rope_theta", theta, "must be a positive number")
     if scaling is not None and not isinstance(scaling, dict):
         raise _refuse("rope_scaling", scaling, "must be null or a dict")
