@@ -169,10 +169,19 @@ def _add_grade_parser(subparsers) -> argparse.ArgumentParser:
         help="run students' exercise notebooks and print a score per exercise",
         description="Execute exercise notebooks and score each exercise (exit 1 when any fails).",
     )
-    parser.add_argument("notebooks", nargs="+", help="student notebook(s) (.ipynb)")
+    parser.add_argument(
+        "notebooks", nargs="+", help="student notebook(s) (.ipynb) or folders of notebooks"
+    )
     parser.add_argument("--timeout", default="120", help="seconds per cell (default 120)")
     parser.add_argument(
         "--time-limit", help="seconds per call of a student's function (default: the checks' 5)"
+    )
+    parser.add_argument("-j", "--jobs", help="notebooks graded at once (default 1)")
+    parser.add_argument("--csv", metavar="FILE", help="write the gradebook: one row per notebook")
+    parser.add_argument("--feedback", metavar="DIR", help="write one Markdown file per notebook")
+    parser.add_argument("--seed", help="draw the checks' test cases from this seed")
+    parser.add_argument(
+        "--memory-limit", metavar="MB", help="MiB of memory per student kernel (POSIX; 0: none)"
     )
     return parser
 
@@ -180,8 +189,12 @@ def _add_grade_parser(subparsers) -> argparse.ArgumentParser:
 def _run_grade(args: argparse.Namespace) -> int:
     from loralab.exercises.grade import main as grade_main  # nbclient only when grading
 
-    limit = [] if args.time_limit is None else [f"--time-limit={args.time_limit}"]
-    return grade_main([*args.notebooks, f"--timeout={args.timeout}", *limit])
+    options = [f"--timeout={args.timeout}"]
+    for flag in ("time_limit", "jobs", "csv", "feedback", "seed", "memory_limit"):
+        value = getattr(args, flag)
+        if value is not None:
+            options.append(f"--{flag.replace('_', '-')}={value}")
+    return grade_main([*args.notebooks, *options])
 
 
 # ---------------------------------------------------------------------------------------------

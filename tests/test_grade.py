@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loralab.cli import main as cli_main
-from loralab.exercises import EXERCISES, MISTAKES
+from loralab.exercises import EXERCISES, MISTAKES, grade
 from loralab.exercises.grade import exercise_cells, fill_notebook, grade_notebook, main
 
 pytest.importorskip("nbclient")
@@ -19,6 +19,25 @@ pytestmark = pytest.mark.notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "tutorials" / "exercises").glob("*.ipynb"))
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_package(tmp_path_factory, monkeypatch):
+    """The grader hashes the installed loralab before and after each notebook; others may be
+    editing loralab's files while these tests run, so hash a small stand-in here (the guard itself
+    is tested in tests/test_grade_isolation.py)."""
+    package = tmp_path_factory.mktemp("package")
+    (package / "module.py").write_text("x = 1\n")
+    monkeypatch.setattr(grade, "_package_dir", lambda: package)
+
+
+def test_the_installed_package_is_hashed_file_by_file():
+    files = grade._package_files(Path(grade.__file__).resolve().parent.parent)
+    assert "exercises/grade.py" in files and "__init__.py" in files
+    assert grade._package_changes(files, files) == []
+    changed = dict(files, **{"exercises/grade.py": "0" * 64, "new.py": "1" * 64})
+    changed["lora/__pycache__/ops.cpython-311.pyc"] = "2" * 64  # Python's own: allowed
+    assert grade._package_changes(files, changed) == ["exercises/grade.py", "new.py"]
 
 
 def _solution_sources() -> dict[str, str]:
