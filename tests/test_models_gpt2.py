@@ -178,6 +178,9 @@ def test_from_pretrained_reads_a_saved_folder_and_save_pretrained_writes_one(hf_
 
     hf_gpt2.save_pretrained(tmp_path / "hf", safe_serialization=True)
     model = from_pretrained(tmp_path / "hf", dtype=np.float64)
+    assert all(p.data.flags.writeable for p in model.parameters())  # copies, not the file's map
+    model32 = from_pretrained(tmp_path / "hf", dtype=np.float32)
+    assert all(p.data.flags.writeable and p.data.flags.owndata for p in model32.parameters())
     header = safetensors_header(tmp_path / "hf" / "model.safetensors")
     assert header["transformer.h.0.attn.c_attn.weight"]["shape"] == [32, 96]  # Conv1D: (in, out)
     ids = np.arange(12)[None] % CONFIG["vocab_size"]

@@ -288,7 +288,9 @@ def from_hf(
                 f"from_hf(gpt2): tensor {raw_key!r} has shape {value.shape} (after any Conv1D "
                 f"transpose), expected {params[key].data.shape}"
             )
-        params[key].data = np.ascontiguousarray(value, dtype=dtype)
+        params[key].data = np.array(
+            value, dtype=dtype, order="C"
+        )  # a copy: never the read-only file map
         seen.add(key)
     missing = sorted(set(params) - seen)
     if missing:
