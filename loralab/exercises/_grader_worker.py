@@ -158,11 +158,15 @@ class StudentKernel:
             self._client.kc.execute(code, silent=True, store_history=False)
             deadline = time.monotonic() + 60
             while True:
-                listener.settimeout(max(0.1, deadline - time.monotonic()))
+                listener.settimeout(0.2)
                 try:
                     sock, _ = listener.accept()
                 except TimeoutError:
-                    raise WorkerGone("the notebook's kernel did not start the grading") from None
+                    if self._process is not None and self._process.poll() is not None:
+                        raise WorkerGone(self._exit_reason()) from None
+                    if time.monotonic() > deadline:
+                        raise WorkerGone("did not start the grading within 60 s") from None
+                    continue
                 sock.settimeout(10)
                 try:
                     hello = wire.recv_message(sock)
