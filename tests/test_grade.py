@@ -65,6 +65,10 @@ def test_notebook_with_solutions_swapped_in_passes_every_check(notebook, tmp_pat
     assert len(printed) == len(report.results)
     assert all(text.startswith("Correct:") for text in printed)
     assert not any("NotImplementedError" in c.source for c in exercise_cells(nb))
+    # An exercise whose functions cannot cross to the grader as plain data says where it was checked.
+    for result in report.results:
+        inside = "Checked inside your notebook's kernel" in result.message
+        assert inside == (result.key in grade.NOT_ISOLATED), result.message
 
 
 def test_stubbed_notebooks_run_to_the_end_and_score_zero(capsys):
