@@ -248,7 +248,11 @@ class StudentKernel:
                 return wire.recv_message(self._sock)
             except TimeoutError:
                 continue
-            except (EOFError, OSError, ValueError):
+            except ValueError as exc:  # too large, or not what the server sends
+                self.kill()
+                self.dead = WorkerGone(f"sent back something the grader cannot read ({exc})")
+                raise self.dead from None
+            except (EOFError, OSError):
                 why = self._exit_reason()
                 self.kill()
                 self.dead = WorkerGone(why)
