@@ -8,6 +8,8 @@ raises ``AssertionError`` instead. A call that runs longer than ``time_limit`` s
 the calling notebook, lets a passing check's "Next:" line say "further down this notebook", or,
 from a tutorial, "carry on with this notebook".
 The exercise notebooks are in ``tutorials/exercises/``; ``loralab grade NOTEBOOK`` grades one.
+The type-along tutorials check their steps with the same machinery (`loralab.exercises.engine_checks`
+for tutorial 4b's engine; the layer checks with ``where=`` for 5b).
 
 >>> import numpy as np
 >>> from loralab.exercises import check_merge
