@@ -483,7 +483,8 @@ def shadowed_exports(name: str) -> list[str]:
     ]
 
 
-def _public_names(package: str) -> list[str]:
+def _public_names(package: str, default: list[str] | None = None) -> list[str]:
+    """The literal ``__all__`` of ``package``; without one, ``default`` (or its re-exports)."""
     tree = ast.parse(_module_path(package).read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
@@ -491,7 +492,7 @@ def _public_names(package: str) -> list[str]:
         ):
             with contextlib.suppress(ValueError):
                 return list(ast.literal_eval(node.value))
-    return sorted(reexports(package))
+    return sorted(reexports(package)) if default is None else default
 
 
 def split_package_page(name: str, summary: str) -> str:
@@ -553,7 +554,12 @@ def _api_page(name: str, summary: str) -> str:
     if name in SPLIT_PACKAGES:
         return split_package_page(name, summary)
     pages = [n for n, _ in _state.get("modules", [])]
-    elsewhere = {n: m for n in reexports(name) if (m := documented_at(name, n, pages)) != name}
+    exported = set(_public_names(name, default=[]))  # names only imported for use are no exports
+    elsewhere = {
+        n: m
+        for n in reexports(name)
+        if n in exported and (m := documented_at(name, n, pages)) != name
+    }
     filters = ["!^_"] + [f"!^{n}$" for n in elsewhere]
     blocks = [
         f"::: {name}\n    options:\n      show_submodules: false\n"
