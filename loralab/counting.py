@@ -90,6 +90,9 @@ class TransformerShape:
         The preset's name and where its shape was published.
     published_params : int or None
         The size its source states, to compare with `num_params`.
+    hf_id : str or None
+        The Hugging Face hub id of the checkpoint with this shape (what
+        `loralab.models.from_pretrained` takes), when one is published.
     """
 
     d_model: int
@@ -107,6 +110,7 @@ class TransformerShape:
     name: str = "custom"
     source: str = field(default="", compare=False)
     published_params: int | None = field(default=None, compare=False)
+    hf_id: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         where = "TransformerShape"

@@ -36,7 +36,18 @@ def format_presets(*, as_json: bool = False) -> str:
         rows = {n: {**asdict(s), "num_params": s.num_params()} for n, s in presets.items()}
         return json.dumps(rows, indent=2)
     lines: list[str] = []
-    header = ("preset", "d_model", "layers", "d_ff", "heads", "kv", "vocab", "mlp", "params")
+    header = (
+        "preset",
+        "d_model",
+        "layers",
+        "d_ff",
+        "heads",
+        "kv",
+        "vocab",
+        "mlp",
+        "params",
+        "checkpoint (hub id)",
+    )
     rows = [
         (
             name,
@@ -48,6 +59,7 @@ def format_presets(*, as_json: bool = False) -> str:
             f"{s.vocab_size:,}",
             "gated" if s.gated_mlp else "plain",
             f"{s.num_params():,}",
+            s.hf_id or "-",
         )
         for name, s in presets.items()
     ]
@@ -55,9 +67,9 @@ def format_presets(*, as_json: bool = False) -> str:
     for row in [header, *rows]:
         lines.append(
             "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
+                c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+            ).rstrip()
         )
     lines.append("\nsources:")
     for name, s in presets.items():

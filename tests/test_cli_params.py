@@ -117,11 +117,21 @@ def test_list_presets(capsys):
     assert "Brown et al. 2020" in out
 
 
+def test_list_presets_names_the_hub_checkpoint_of_each_real_model(capsys):
+    assert main(["params", "--list-presets"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert rows["gpt2"].endswith("openai-community/gpt2")
+    assert rows["llama3-8b"].endswith("meta-llama/Meta-Llama-3-8B")
+    assert rows["gpt3-175b"].endswith("-")  # never released
+    assert counting.get_preset("llama2-7b").hf_id == "meta-llama/Llama-2-7b-hf"
+
+
 def test_list_presets_json(capsys):
     assert main(["params", "--list-presets", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out) == list(counting.load_presets())
     assert out["gpt2"]["num_params"] == counting.get_preset("gpt2").num_params()
+    assert out["gpt2"]["hf_id"] == "openai-community/gpt2"
 
 
 @pytest.mark.parametrize(
