@@ -36,6 +36,7 @@ from loralab.lora.linear_layer import LoRALinear
 from loralab.lora.linear_shared import register_linear_type
 from loralab.lora.named_adapters import (
     active_adapters,
+    adapter_order,
     add_weighted_adapter,
     delete_adapter,
     disable_adapters,
@@ -66,6 +67,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "mixed_batch",
+    "adapter_order",
     "add_weighted_adapter",
     "register_linear_type",
     "register_backend",

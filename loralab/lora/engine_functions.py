@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from loralab.lora.grouped import grouped_lora_backward, grouped_lora_forward
+from loralab.lora.grouped import (
+    grouped_lora_backward,
+    grouped_lora_forward,
+    grouped_lora_linear_forward,
+)
 from loralab.lora.ops import (
     branch_backward,
     branch_forward,
@@ -95,7 +99,9 @@ class LoRABranchFn(Function):
 class GroupedLoRAFn(Function):
     """The low-rank part of a mixed batch over (x, A_1..A_K, B_1..B_K): row i gets
     ``s_k B_k A_k x_i`` for its adapter k = index[i] (nothing for -1), with the hand backward of
-    `loralab.lora.grouped.grouped_lora_backward` (so one batch trains several adapters at once)."""
+    `loralab.lora.grouped.grouped_lora_backward` (so one batch trains several adapters at once).
+    ``index`` is an int array of shape x.shape[:-1], or the batch's rows already sorted by
+    adapter (a `loralab.lora.grouped.RowGroups`, shared by every layer of a mixed batch)."""
 
     @staticmethod
     def forward(ctx, x, *AB, index, scalings):
@@ -113,7 +119,9 @@ class GroupedLoRAFn(Function):
 
 class GroupedLoRALinearFn(Function):
     """A mixed batch through a plain Linear base, fused: ``y = x W0^T + b`` plus, in place, each
-    row's ``s_k B_k A_k x_i`` (`GroupedLoRAFn`'s part), over (x, W0, b, A_1..A_K, B_1..B_K).
+    row's ``s_k B_k A_k x_i`` (`GroupedLoRAFn`'s part, the same ``index``), over
+    (x, W0, b, A_1..A_K, B_1..B_K), all on the batch sorted by adapter
+    (`loralab.lora.grouped.grouped_lora_linear_forward`).
 
     Backward: dx = dy W0 + the grouped part's dx; db = sum dy; dW0 = dy^T x only if W0 asks.
     """
@@ -121,10 +129,7 @@ class GroupedLoRALinearFn(Function):
     @staticmethod
     def forward(ctx, x, W0, b, *AB, index, scalings):
         k = len(scalings)
-        y = x @ W0.T
-        if b is not None:
-            y += b
-        y, cache = grouped_lora_forward(x, index, AB[:k], AB[k:], scalings, out=y)
+        y, cache = grouped_lora_linear_forward(x, W0, b, index, AB[:k], AB[k:], scalings)
         ctx.save_for_backward(cache, x, W0)
         return y
 
@@ -132,9 +137,7 @@ class GroupedLoRALinearFn(Function):
     def backward(ctx, grad):
         cache, x, W0 = ctx.saved
         need = ctx.needs_input_grad
-        dx, dAs, dBs = grouped_lora_backward(grad, cache, need_dx=need[0])
-        if dx is not None:
-            dx += grad @ W0
+        dx, dAs, dBs = grouped_lora_backward(grad, cache, need_dx=need[0], W0=W0)
         g2 = grad.reshape(-1, grad.shape[-1])
         dW0 = g2.T @ x.reshape(-1, x.shape[-1]) if need[1] else None
         db = g2.sum(axis=0) if need[2] else None

@@ -6,22 +6,30 @@ adapters. Row i of the batch uses adapter g_i (or none, g_i = -1):
 $$h_i = W_0 x_i + b + s_{g_i} B_{g_i} A_{g_i} x_i$$
 
 The base product ``x W0^T`` is shared by every row and computed once for the whole batch: it is
-by far the largest matmul (out x in per row). Only the low-rank part differs. This op groups the
-rows by adapter (one stable ``argsort`` of g), and for each adapter k does one small product pair
-on its rows X_k (n_k, in):
+by far the largest matmul (out x in per row). Only the low-rank part differs. The rows are sorted
+by adapter ONCE per batch (`group_batch`: one stable ``argsort`` of g, giving the order, the
+segment bounds and the inverse permutation, a `RowGroups`), and every layer reuses that order:
+it gathers the batch into sorted order once (``xs = x[order]``; nothing at all when the rows
+already come sorted), runs one small product pair per adapter on its contiguous segment
+X_k = xs[lo_k:hi_k] (n_k, in),
 
-    U_k = X_k A_k^T   (n_k, r_k)        Y_k = s_k U_k B_k^T   (n_k, out)
+    U_k = s_k X_k A_k^T   (n_k, r_k)        Z_k = U_k B_k^T   (n_k, out)
 
-then scatters Y_k back to the rows it came from. That is the idea behind Punica's SGMV and
-S-LoRA's batched kernels: the cost of the adapters is sum_k n_k r_k (in + out), the same as if
-every row had its own adapter applied alone, and the base product is never repeated.
+written straight into one sorted buffer Z (no per-adapter mask, gather or scatter), and adds
+``Z[inverse]`` to the base's output in place. That is the idea behind Punica's SGMV and S-LoRA's
+batched kernels: the adapters cost sum_k n_k r_k (in + out) multiply-adds, the same as if every
+row had its own adapter applied alone, and the base product is never repeated. (What is left
+above that bound: one gather of x, one gather-add of Z, and K pairs of small BLAS calls, each of
+which reads its A_k and B_k from memory: at one row per adapter that read, not the arithmetic,
+is the floor.)
 
-Backward, with dY_k the rows of dy that adapter k produced and G_k = dY_k B_k (n_k, r_k):
+Backward, with dY_k the sorted rows of dy that adapter k produced and G_k = s_k dY_k B_k:
 
-    dX_k = s_k G_k A_k        dA_k = s_k G_k^T X_k        dB_k = s_k dY_k^T U_k
+    dX_k = G_k A_k        dA_k = G_k^T X_k        dB_k = dY_k^T U_k
 
-(the frozen base's share of dx, dy W0, is added by the caller once for the whole batch). Rows of
-an adapter that no row uses get zero gradients. Pure NumPy; imports nothing of loralab.
+(U_k already carries s_k; the frozen base's share of dx, dy W0, is added by the caller once for
+the whole batch). Base-only rows and adapters that no row uses get zero gradients. Pure NumPy;
+imports nothing of loralab.
 """
 
 from __future__ import annotations
@@ -31,19 +39,73 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GroupedCache", "group_rows", "grouped_lora_forward", "grouped_lora_backward"]
+__all__ = [
+    "RowGroups",
+    "GroupedCache",
+    "group_batch",
+    "group_rows",
+    "grouped_lora_shrink",
+    "grouped_lora_expand",
+    "grouped_lora_forward",
+    "grouped_lora_linear_forward",
+    "grouped_lora_backward",
+]
 
 
-class GroupedCache(NamedTuple):
-    """What `grouped_lora_backward` needs: the rows of each group and their products."""
+class RowGroups(NamedTuple):
+    """The rows of a batch sorted by adapter, computed once (`group_batch`) and reused by every layer.
 
-    groups: list[np.ndarray]  # groups[k]: indices (into the flattened batch) of adapter k's rows
-    xs: list[np.ndarray]  # xs[k]: X_k, shape (n_k, in)
-    us: list[np.ndarray]  # us[k]: U_k = X_k A_k^T, shape (n_k, r_k)
-    As: Sequence[np.ndarray]
-    Bs: Sequence[np.ndarray]
-    scalings: Sequence[float]
-    x_shape: tuple[int, ...]
+    order : int ndarray of shape (N,)
+        Row indices, grouped: base-only rows first, then adapter 0's, 1's ..., each group in
+        increasing row order (a stable sort).
+    segments : list of (lo, hi)
+        Adapter k's rows are ``order[lo:hi]`` (positions in the sorted batch); one pair per
+        adapter the op runs, in the order of its As and Bs (see `select`).
+    inverse : int ndarray of shape (N,)
+        Where each row went: ``order[inverse[i]] == i``.
+    identity : bool
+        The rows already come sorted (``order`` is 0..N-1): no gather is needed at all.
+    """
+
+    order: np.ndarray
+    segments: list[tuple[int, int]]
+    inverse: np.ndarray
+    identity: bool
+
+    def select(self, which: Sequence[int]) -> RowGroups:
+        """The same sorted batch with the segments of adapters ``which`` only (a layer that holds
+        some of the batch's adapters); the other rows get no low-rank part."""
+        return self._replace(segments=[self.segments[k] for k in which])
+
+
+def group_batch(adapter_index: np.ndarray, n_adapters: int) -> RowGroups:
+    """Sort the rows of a batch by adapter once: a `RowGroups` every layer reuses.
+
+    Parameters
+    ----------
+    adapter_index : ndarray of int, shape (N,)
+        g_i in {-1, 0, ..., K-1}; -1 means "base only".
+    n_adapters : int
+        K.
+
+    Returns
+    -------
+    RowGroups with K segments.
+
+    Examples
+    --------
+    >>> groups = group_batch(np.array([1, -1, 0, 1]), 2)
+    >>> groups.order.tolist(), groups.segments, groups.identity
+    ([1, 2, 0, 3], [(1, 2), (2, 4)], False)
+    """
+    g = np.asarray(adapter_index).reshape(-1)
+    order = np.argsort(g, kind="stable")
+    bounds = np.searchsorted(g[order], np.arange(n_adapters + 1)).tolist()
+    segments = list(zip(bounds[:-1], bounds[1:], strict=True))
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    identity = bool((order == np.arange(order.size)).all())
+    return RowGroups(order, segments, inverse, identity)
 
 
 def group_rows(adapter_index: np.ndarray, n_adapters: int) -> list[np.ndarray]:
@@ -60,14 +122,129 @@ def group_rows(adapter_index: np.ndarray, n_adapters: int) -> list[np.ndarray]:
     -------
     list of K int arrays; entry k holds the rows whose g_i == k, in increasing order.
     """
-    order = np.argsort(adapter_index, kind="stable")
-    bounds = np.searchsorted(adapter_index[order], np.arange(n_adapters + 1))
-    return [order[bounds[k] : bounds[k + 1]] for k in range(n_adapters)]
+    groups = group_batch(adapter_index, n_adapters)
+    return [groups.order[lo:hi] for lo, hi in groups.segments]
+
+
+class GroupedCache(NamedTuple):
+    """What `grouped_lora_backward` needs: the sorted batch and each adapter's products."""
+
+    groups: RowGroups
+    tokens: int  # rows of the flattened x per row of the batch (the op's unit of sorting)
+    xs: np.ndarray  # the flattened x in sorted order, shape (N tokens, in)
+    us: list[np.ndarray]  # us[k]: U_k = s_k X_k A_k^T, shape (n_k, r_k)
+    As: Sequence[np.ndarray]
+    Bs: Sequence[np.ndarray]
+    scalings: Sequence[float]
+    x_shape: tuple[int, ...]
+
+
+def _sorted(a2: np.ndarray, groups: RowGroups) -> np.ndarray:
+    """a2 (N * tokens, f) with its batch rows in ``groups.order``: a view when already sorted."""
+    if groups.identity:
+        return a2
+    n = groups.order.size
+    return a2.reshape(n, -1)[groups.order].reshape(a2.shape)
+
+
+def _unsorted(zs: np.ndarray, groups: RowGroups) -> np.ndarray:
+    """The inverse of `_sorted`: rows back where they came from."""
+    if groups.identity:
+        return zs
+    n = groups.order.size
+    return zs.reshape(n, -1)[groups.inverse].reshape(zs.shape)
+
+
+def _zero_gaps(zs: np.ndarray, segments: list[tuple[int, int]], tokens: int) -> None:
+    """Zero the rows of ``zs`` no segment writes (base-only rows, adapters this op lacks)."""
+    at = 0
+    for lo, hi in sorted(segments):
+        if lo > at:
+            zs[at * tokens : lo * tokens] = 0
+        at = max(at, hi)
+    if at * tokens < zs.shape[0]:
+        zs[at * tokens :] = 0
+
+
+def _as_groups(x_shape: tuple[int, ...], adapter_index, n_adapters: int) -> RowGroups:
+    if isinstance(adapter_index, RowGroups):
+        return adapter_index
+    return group_batch(np.broadcast_to(adapter_index, x_shape[:-1]), n_adapters)
+
+
+def grouped_lora_shrink(
+    x: np.ndarray,
+    adapter_index: np.ndarray | RowGroups,
+    As: Sequence[np.ndarray],
+    scalings: Sequence[float],
+) -> GroupedCache:
+    """The first half of `grouped_lora_forward` (Punica's "shrink"): the sorted batch and
+    U_k = s_k X_k A_k^T for every adapter, in a cache for `grouped_lora_expand` and the backward.
+
+    Run it before the base's big product when you can: x is then still in the CPU's cache.
+    Parameters as `grouped_lora_forward`.
+    """
+    groups = _as_groups(x.shape, adapter_index, len(As))
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0] // max(groups.order.size, 1)
+    xs = _sorted(x2, groups)
+    spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
+    ranks = {A.shape[0] for A in As}
+    if len(ranks) == 1 and len(set(scalings)) == 1:
+        # the common case: one (rows, r) buffer, and s applied once to all of it
+        dtype = np.result_type(xs, As[0])
+        U = np.zeros((xs.shape[0], ranks.pop()), dtype=dtype)
+        for (lo, hi), A in zip(spans, As, strict=True):
+            np.matmul(xs[lo:hi], A.T, out=U[lo:hi])
+        U *= scalings[0]
+        us = [U[lo:hi] for lo, hi in spans]
+    else:
+        us = []
+        for (lo, hi), A, s in zip(spans, As, scalings, strict=True):
+            uk = xs[lo:hi] @ A.T
+            uk *= s  # on the (n_k, r_k) product: the cheapest place for s_k
+            us.append(uk)
+    return GroupedCache(groups, tokens, xs, us, As, (), scalings, x.shape)
+
+
+def grouped_lora_expand(
+    cache: GroupedCache, Bs: Sequence[np.ndarray], out: np.ndarray | None = None
+) -> tuple[np.ndarray, GroupedCache]:
+    """The second half of `grouped_lora_forward` (Punica's "expand"): Z_k = U_k B_k^T written
+    into one sorted buffer, put back in row order and added to ``out`` (or returned).
+
+    Parameters
+    ----------
+    cache : from `grouped_lora_shrink`
+    Bs : K arrays, B_k of shape (out, r_k)
+    out : ndarray of shape (..., out), optional
+
+    Returns
+    -------
+    y : ndarray of shape (..., out); cache : the same cache, with Bs, for the backward
+    """
+    groups, tokens, us = cache.groups, cache.tokens, cache.us
+    out_features = Bs[0].shape[0] if len(Bs) else 0
+    n = cache.xs.shape[0]
+    dtype = np.result_type(*us[:1], *Bs[:1]) if us else cache.xs.dtype
+    zs = np.empty((n, out_features), dtype=dtype)
+    _zero_gaps(zs, groups.segments, tokens)
+    for (lo, hi), uk, B in zip(groups.segments, us, Bs, strict=True):
+        np.matmul(uk, B.T, out=zs[lo * tokens : hi * tokens])
+    shape = cache.x_shape[:-1] + (out_features,)
+    cache = cache._replace(Bs=Bs)
+    if out is None:
+        if not groups.identity:
+            zs = _unsorted(zs, groups)
+        return zs.reshape(shape), cache
+    y = out.reshape(-1, out_features)
+    y += _unsorted(zs, groups)
+    return y.reshape(shape), cache
 
 
 def grouped_lora_forward(
     x: np.ndarray,
-    adapter_index: np.ndarray,
+    adapter_index: np.ndarray | RowGroups,
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
     scalings: Sequence[float],
@@ -75,11 +252,15 @@ def grouped_lora_forward(
 ) -> tuple[np.ndarray, GroupedCache]:
     """The low-rank part of a mixed batch: row i gets s_{g_i} B_{g_i} A_{g_i} x_i (or 0).
 
+    `grouped_lora_shrink` then `grouped_lora_expand`.
+
     Parameters
     ----------
     x : ndarray of shape (..., in)
-    adapter_index : int ndarray of shape x.shape[:-1]
-        Which adapter each row uses; -1 for none.
+    adapter_index : int ndarray of shape x.shape[:-1], or RowGroups
+        Which adapter each row uses (-1 for none); or the batch already sorted by `group_batch`
+        over the first axis of x (its rows: every token of a row shares the row's adapter),
+        with one segment per adapter of As.
     As : K arrays, A_k of shape (r_k, in)
     Bs : K arrays, B_k of shape (out, r_k)
     scalings : K floats, s_k
@@ -92,55 +273,121 @@ def grouped_lora_forward(
     y : ndarray of shape (..., out), zero on base-only rows (``out`` plus the part, if given)
     cache : GroupedCache for the backward
     """
-    in_features = x.shape[-1]
-    out_features = Bs[0].shape[0] if len(Bs) else 0
-    x2 = x.reshape(-1, in_features)
-    g = np.asarray(adapter_index).reshape(-1)
-    groups = group_rows(g, len(As))
-    if out is None:
-        y = np.zeros((x2.shape[0], out_features), dtype=x.dtype)
-    else:
-        y = out.reshape(-1, out_features)
-    xs, us = [], []
-    for rows, A, B, s in zip(groups, As, Bs, scalings, strict=True):
-        xk = x2[rows]
-        uk = xk @ A.T
-        y[rows] += s * (uk @ B.T)
-        xs.append(xk)
-        us.append(uk)
-    cache = GroupedCache(groups, xs, us, As, Bs, scalings, x.shape)
-    return y.reshape(x.shape[:-1] + (out_features,)), cache
+    return grouped_lora_expand(grouped_lora_shrink(x, adapter_index, As, scalings), Bs, out)
+
+
+CHUNK_ROWS = 64
+SHORT_SEGMENT = 8
+"""Below this many rows per adapter on average, `_add_expand` writes every product into one
+buffer and adds it once (one call per adapter instead of two)."""
+"""Rows per up-projection product in `grouped_lora_linear_forward`: its (rows, out) result is
+added while it is still in the CPU's cache, instead of going to memory and back."""
+
+
+def _add_expand(ys: np.ndarray, cache: GroupedCache, Bs: Sequence[np.ndarray]) -> None:
+    """ys[segment k] += U_k B_k^T for every adapter, in place.
+
+    Few adapters (segments of SHORT_SEGMENT rows or more on average): each product is added
+    CHUNK_ROWS rows at a time, while it is in the CPU's cache. Many adapters (short segments):
+    every product goes into one buffer, added once, so each adapter costs one call, not two.
+    """
+    tokens, segments = cache.tokens, cache.groups.segments
+    spans = [(lo * tokens, hi * tokens) for lo, hi in segments]
+    rows = sum(hi - lo for lo, hi in spans)
+    if rows >= SHORT_SEGMENT * len(spans):
+        for (lo, hi), uk, B in zip(spans, cache.us, Bs, strict=True):
+            for at in range(lo, hi, CHUNK_ROWS):
+                end = min(at + CHUNK_ROWS, hi)
+                ys[at:end] += uk[at - lo : end - lo] @ B.T
+        return
+    zs = np.empty(ys.shape, dtype=np.result_type(*cache.us[:1], *Bs[:1]))
+    _zero_gaps(zs, segments, tokens)
+    for (lo, hi), uk, B in zip(spans, cache.us, Bs, strict=True):
+        np.matmul(uk, B.T, out=zs[lo:hi])
+    ys += zs
+
+
+def grouped_lora_linear_forward(
+    x: np.ndarray,
+    W0: np.ndarray,
+    b: np.ndarray | None,
+    adapter_index: np.ndarray | RowGroups,
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    scalings: Sequence[float],
+) -> tuple[np.ndarray, GroupedCache]:
+    """A mixed batch through a Linear base, fused: h_i = W0 x_i + b + s_{g_i} B_{g_i} A_{g_i} x_i.
+
+    The whole layer runs on the sorted batch: ``xs = x[order]`` once, the low-rank products
+    U_k on it (`grouped_lora_shrink`, while xs is in the CPU's cache), the base's
+    ``ys = xs W0^T + b`` (the same rows, permuted: the same work), then ``ys[segment k] +=
+    U_k B_k^T`` in place on contiguous slices, and one gather puts the rows back. When the rows
+    already come grouped by adapter there is no gather at all.
+
+    Parameters
+    ----------
+    x : ndarray of shape (..., in)
+    W0 : ndarray of shape (out, in)
+    b : ndarray of shape (out,) or None
+    adapter_index, As, Bs, scalings : as `grouped_lora_forward`
+
+    Returns
+    -------
+    h : ndarray of shape (..., out)
+    cache : GroupedCache for `grouped_lora_backward` (its dx adds dy W0 when given W0)
+    """
+    cache = grouped_lora_shrink(x, adapter_index, As, scalings)
+    ys = cache.xs @ W0.T
+    if b is not None:
+        ys += b
+    _add_expand(ys, cache, Bs)
+    h = _unsorted(ys, cache.groups)
+    return h.reshape(x.shape[:-1] + (W0.shape[0],)), cache._replace(Bs=Bs)
 
 
 def grouped_lora_backward(
-    dy: np.ndarray, cache: GroupedCache, need_dx: bool = True
+    dy: np.ndarray, cache: GroupedCache, need_dx: bool = True, W0: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, list[np.ndarray], list[np.ndarray]]:
     """Backward of `grouped_lora_forward`: (dx of the low-rank part or None, [dA_k], [dB_k]).
 
     Parameters
     ----------
     dy : ndarray of shape (..., out)
-    cache : from `grouped_lora_forward`
+    cache : from `grouped_lora_forward` (or `grouped_lora_linear_forward`)
     need_dx : bool
         Skip dx when the input needs no gradient.
+    W0 : ndarray of shape (out, in), optional
+        Add the frozen base's share dy W0 to dx (computed on the sorted rows, like the forward
+        of `grouped_lora_linear_forward`).
 
     Returns
     -------
-    dx : ndarray of shape (..., in) or None (the frozen path's dy W0 is not included)
+    dx : ndarray of shape (..., in) or None (dy W0 included only if W0 is given)
     dAs : K arrays of shape (r_k, in)
     dBs : K arrays of shape (out, r_k)
     """
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    in_features = cache.x_shape[-1]
-    dx = np.zeros((dy2.shape[0], in_features), dtype=dy.dtype) if need_dx else None
+    groups, tokens, xs = cache.groups, cache.tokens, cache.xs
+    dys = _sorted(dy.reshape(-1, dy.shape[-1]), groups)
+    dxs = None
+    if need_dx and W0 is not None:
+        dxs = dys @ W0
+    elif need_dx:
+        dxs = np.empty((dys.shape[0], xs.shape[1]), dtype=np.result_type(dys, xs))
+        _zero_gaps(dxs, groups.segments, tokens)
     dAs, dBs = [], []
-    for rows, xk, uk, A, B, s in zip(
-        cache.groups, cache.xs, cache.us, cache.As, cache.Bs, cache.scalings, strict=True
+    for (lo, hi), uk, A, B, s in zip(
+        groups.segments, cache.us, cache.As, cache.Bs, cache.scalings, strict=True
     ):
-        dyk = dy2[rows]
+        lo, hi = lo * tokens, hi * tokens
+        dyk = dys[lo:hi]
         gk = dyk @ B  # (n_k, r_k)
-        dAs.append(s * (gk.T @ xk))
-        dBs.append(s * (dyk.T @ uk))
-        if dx is not None:
-            dx[rows] = s * (gk @ A)
-    return (None if dx is None else dx.reshape(cache.x_shape)), dAs, dBs
+        gk *= s
+        dAs.append(gk.T @ xs[lo:hi])
+        dBs.append(dyk.T @ uk)
+        if dxs is not None and W0 is not None:
+            dxs[lo:hi] += gk @ A
+        elif dxs is not None:
+            np.matmul(gk, A, out=dxs[lo:hi])
+    if dxs is None:
+        return None, dAs, dBs
+    return _unsorted(dxs, groups).reshape(cache.x_shape), dAs, dBs

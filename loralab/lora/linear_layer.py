@@ -30,6 +30,7 @@ from loralab.lora.engine_functions import (
     LoRABranchFn,
     LoRALinearFn,
 )
+from loralab.lora.grouped import RowGroups
 from loralab.lora.linear_shared import (
     DEFAULT_ADAPTER,
     LINEAR_TYPES,
@@ -163,9 +164,10 @@ class LoRALinear(LoRALayerMixin, Module):
             return F.dropout_mask(x.shape, holder.dropout, self.rng, x.dtype)
         return None
 
-    def _mixed_forward(self, x: Tensor, index: np.ndarray, holders: list[Any]) -> Tensor:
-        """base(x) + the grouped op: row i through adapter index[i] (-1: none)."""
-        check_mixed_rows(self._describe(), len(index), x.shape)
+    def _mixed_forward(self, x: Tensor, groups: RowGroups, holders: list[Any]) -> Tensor:
+        """base(x) + the grouped op: the batch's rows, sorted by adapter once for every layer
+        (``groups``, one segment per holder), each through its own adapter."""
+        check_mixed_rows(self._describe(), groups.order.size, x.shape)
         if not holders:  # no row uses an adapter of this layer
             return self.base(x)
         if self.training and any(h.dropout > 0.0 for h in holders):
@@ -173,14 +175,13 @@ class LoRALinear(LoRALayerMixin, Module):
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
                 "adapters with dropout=0"
             )
-        rows = np.broadcast_to(index.reshape((-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
         As = [h.lora_A for h in holders]
         Bs = [h.lora_B for h in holders]
         scalings = [h.scaling for h in holders]
         if self.plain_base:
             W0, b = self.base.weight, self.base.bias
-            return GroupedLoRALinearFn.apply(x, W0, b, *As, *Bs, index=rows, scalings=scalings)
-        return self.base(x) + GroupedLoRAFn.apply(x, *As, *Bs, index=rows, scalings=scalings)
+            return GroupedLoRALinearFn.apply(x, W0, b, *As, *Bs, index=groups, scalings=scalings)
+        return self.base(x) + GroupedLoRAFn.apply(x, *As, *Bs, index=groups, scalings=scalings)
 
 
 class LoRAAdapter(AdapterMixin, Module):

@@ -41,7 +41,7 @@ keeps its names; see docs/guides/many_adapters.md.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from loralab.lora.config import (
     lora_scaling,
     positive_number,
 )
+from loralab.lora.grouped import RowGroups, group_batch
 from loralab.lora.variants import INITS, KINDS
 from loralab.nn.layers import Linear
 from loralab.nn.module import Module
@@ -64,6 +65,8 @@ __all__ = [
     "check_adapter_name",
     "check_mixed_rows",
     "check_not_in_mixed_batch",
+    "MixedRouting",
+    "route_rows",
     "LINEAR_TYPES",
     "register_linear_type",
     "validate_lora_options",
@@ -120,6 +123,38 @@ DEFAULT_ADAPTER = "default"
 
 BASE_ROWS = "__base__"
 """In a mixed batch, the rows named so use no adapter (PEFT's ``adapter_names`` value)."""
+
+
+class MixedRouting(NamedTuple):
+    """A mixed batch's rows sorted by adapter once (`route_rows`), reused by every layer.
+
+    rows : list of str
+        The adapter name of each row (``mixed_rows``), as given.
+    position : dict
+        Adapter name -> its segment in ``groups`` (the batch's adapters, sorted by name).
+    groups : RowGroups
+        The sorted batch (`loralab.lora.grouped.group_batch`), one segment per adapter.
+    """
+
+    rows: list[str]
+    position: dict[str, int]
+    groups: RowGroups
+
+
+def route_rows(rows: list[str]) -> MixedRouting:
+    """Sort a mixed batch whose row i asks for adapter ``rows[i]`` (`BASE_ROWS`: none), once.
+
+    Examples
+    --------
+    >>> routing = route_rows(["b", "__base__", "a", "b"])
+    >>> routing.position, routing.groups.order.tolist(), routing.groups.segments
+    ({'a': 0, 'b': 1}, [1, 2, 0, 3], [(1, 2), (2, 4)])
+    """
+    used = sorted({n for n in rows if n != BASE_ROWS})
+    position = {n: k for k, n in enumerate(used)}
+    index = np.array([position.get(n, -1) for n in rows], dtype=np.int64)
+    return MixedRouting(rows, position, group_batch(index, len(used)))
+
 
 ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
 ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -241,7 +276,8 @@ class LoRALayerMixin(AdapterMixin):
     called ``<path>.lora_adapters.<name>.lora_A``. ``active_adapter_names`` (the same list on
     every layer of a model) says which adapters the forward adds, their updates summed;
     ``merged_adapters`` which are in W0; ``disabled`` runs the base alone; ``mixed_rows`` (a name
-    per batch row, set by `loralab.lora.named_adapters.mixed_batch`) routes each row through its own.
+    per batch row, set by `loralab.lora.named_adapters.mixed_batch`, with ``mixed_routing``: the
+    rows sorted by adapter once per batch, `route_rows`) routes each row through its own.
     """
 
     base: Any
@@ -253,6 +289,7 @@ class LoRALayerMixin(AdapterMixin):
     merged_adapters: list[str]
     disabled: bool
     mixed_rows: list[str] | None
+    mixed_routing: MixedRouting | None
     lora_adapters: Any
 
     def _weight_array(self, base: Any) -> np.ndarray | None:
@@ -303,6 +340,7 @@ class LoRALayerMixin(AdapterMixin):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.adapter_names, self.active_adapter_names = [], [adapter_name]
         self.merged_adapters, self.disabled, self.mixed_rows = [], False, None
+        self.mixed_routing = None
         self._fill_adapter(self, rng, r, alpha, dropout, init, use_rslora, use_dora)
         self.adapter_names.append(adapter_name)
 
@@ -434,18 +472,19 @@ class LoRALayerMixin(AdapterMixin):
 
     def forward_plan(self) -> tuple[str, Any]:
         """What the forward runs: ("base", None), ("one", holder), ("sum", holders) or
-        ("mixed", (row_index, holders)), following PEFT: disabled or merged -> the base alone;
+        ("mixed", (row_groups, holders)), following PEFT: disabled or merged -> the base alone;
         active adapters this layer lacks are skipped. A mixed batch none of whose adapters this
         layer holds (only "__base__" rows, say) gets no holders: the layer checks the rows, then
         runs its base."""
         if self.disabled or self.merged_adapters:
             return "base", None
         if self.mixed_rows is not None:
-            asked = set(self.mixed_rows)
-            used = [n for n in self.adapter_names if n in asked]
-            position = {n: k for k, n in enumerate(used)}
-            index = np.array([position.get(n, -1) for n in self.mixed_rows], dtype=np.int64)
-            return "mixed", (index, [self.adapter(n) for n in used])
+            routing = getattr(self, "mixed_routing", None)
+            if routing is None or routing.rows is not self.mixed_rows:  # rows set by hand
+                routing = route_rows(self.mixed_rows)
+            used = [n for n in self.adapter_names if n in routing.position]
+            groups = routing.groups.select([routing.position[n] for n in used])
+            return "mixed", (groups, [self.adapter(n) for n in used])
         holders = [self.adapter(n) for n in self.active_adapter_names if n in self.adapter_names]
         if not holders:
             return "base", None

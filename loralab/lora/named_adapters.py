@@ -9,7 +9,8 @@ functions act on every LoRA layer of a model at once, NumPy or torch alike (writ
 - `disable_adapters`, a context manager: the base alone inside it;
 - `mixed_batch`, a context manager: row i of the batch through adapter ``adapter_names[i]``
   (``"__base__"``: none), PEFT's ``adapter_names`` forward argument, run by the grouped op
-  (`loralab.lora.grouped`);
+  (`loralab.lora.grouped`); `adapter_order` groups a batch's rows by adapter once, before the
+  model, as a serving scheduler does;
 - `add_weighted_adapter`: a new adapter from a weighted combination of others ("linear",
   "cat", "svd", with PEFT's definitions).
 
@@ -29,7 +30,12 @@ import numpy as np
 from loralab._validate import positive_int
 from loralab.lora.backend import backend_for
 from loralab.lora.inject import active_names, adapter_names_of, check_known
-from loralab.lora.linear_shared import BASE_ROWS, check_adapter_name, check_not_in_mixed_batch
+from loralab.lora.linear_shared import (
+    BASE_ROWS,
+    check_adapter_name,
+    check_not_in_mixed_batch,
+    route_rows,
+)
 
 __all__ = [
     "set_adapter",
@@ -38,6 +44,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "mixed_batch",
+    "adapter_order",
     "add_weighted_adapter",
     "COMBINATIONS",
 ]
@@ -170,14 +177,15 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         raise TypeError(
             f"mixed_batch: adapter_names must be a non-empty list of str, got {adapter_names!r}"
         )
-    used = sorted({n for n in rows if n != BASE_ROWS})
+    routing = route_rows(rows)  # sorted by adapter once, for every layer and every call
+    used = list(routing.position)
     layers = _named_layers(model, "mixed_batch")
-    known = adapter_names_of(layers)
-    unknown = [n for n in used if n not in known]
+    held = [set(layer.adapter_names) for _, layer in layers]  # sets: K x layers, not K^2
+    unknown = [n for n in used if not any(n in names for names in held)]
     if unknown:
         raise ValueError(
-            f"mixed_batch: unknown adapters {unknown}; the model's adapters are {known} "
-            f"(and {BASE_ROWS!r} for the base alone)"
+            f"mixed_batch: unknown adapters {unknown}; the model's adapters are "
+            f"{adapter_names_of(layers)} (and {BASE_ROWS!r} for the base alone)"
         )
     merged = [n for n, layer in layers if layer.merged]
     if merged:
@@ -185,23 +193,66 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     dora = sorted(
         {
             n
-            for _, layer in layers
+            for (_, layer), names in zip(layers, held, strict=True)
             for n in used
-            if n in layer.adapter_names and layer.adapter(n).use_dora
+            if n in names and layer.adapter(n).use_dora
         }
     )
     if dora:
         raise ValueError(
             f"mixed_batch: adapters {dora} use DoRA, which a mixed batch does not support"
         )
-    outer = [layer.mixed_rows for _, layer in layers]  # an enclosing block's rows come back
+    # an enclosing block's rows come back
+    outer = [(layer.mixed_rows, getattr(layer, "mixed_routing", None)) for _, layer in layers]
     for _, layer in layers:
-        layer.mixed_rows = rows
+        layer.mixed_rows, layer.mixed_routing = rows, routing
     try:
         yield model
     finally:
-        for (_, layer), was in zip(layers, outer, strict=True):
-            layer.mixed_rows = was
+        for (_, layer), (was, was_routing) in zip(layers, outer, strict=True):
+            layer.mixed_rows, layer.mixed_routing = was, was_routing
+
+
+def adapter_order(adapter_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The permutation that groups a batch's rows by adapter, and its inverse.
+
+    `mixed_batch` sorts the rows once per batch, but each layer still gathers its input into
+    that order and puts its output back (two passes over the activations per layer). A serving
+    system (Punica, S-LoRA) instead forms the batch already grouped by adapter, so that no layer
+    has to: do the same with ``order`` before the model and ``inverse`` after it.
+
+    Parameters
+    ----------
+    adapter_names : list of str, one per row (``"__base__"``: none)
+
+    Returns
+    -------
+    order : int ndarray of shape (N,)
+        ``x[order]`` has base-only rows first, then each adapter's rows (adapters by name),
+        each group in arrival order.
+    inverse : int ndarray of shape (N,)
+        ``y[inverse]`` puts the rows of an output computed on ``x[order]`` back in arrival order.
+
+    Examples
+    --------
+    >>> order, inverse = adapter_order(["b", "a", "b", "__base__"])
+    >>> order.tolist(), inverse.tolist()
+    ([3, 1, 0, 2], [2, 1, 3, 0])
+
+    With a model: ``with mixed_batch(model, [names[i] for i in order]): y = model(x[order])``,
+    then ``y.data[inverse]`` is what ``mixed_batch(model, names)`` gives on ``x``.
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            f"adapter_order: adapter_names must be a list of str (one per row), got {adapter_names!r}"
+        )
+    rows = list(adapter_names)
+    if not all(isinstance(n, str) for n in rows):
+        raise TypeError(
+            f"adapter_order: adapter_names must be a list of str, got {adapter_names!r}"
+        )
+    groups = route_rows(rows).groups
+    return groups.order.copy(), groups.inverse.copy()
 
 
 # ----- adapter arithmetic ------------------------------------------------------------------------

@@ -4,10 +4,12 @@ Row i of the batch goes through adapter g_i (or none, g_i = -1)::
 
     y_i = s_{g_i} B_{g_i} A_{g_i} x_i
 
-computed as one small product pair per adapter on its rows X_k (U_k = X_k A_k^T,
-Y_k = s_k U_k B_k^T, scattered back), with the same hand backward as the NumPy op::
+computed as the NumPy op does: the rows sorted by adapter once per batch (a
+`loralab.lora.grouped.RowGroups`), one small product pair per adapter on its contiguous segment
+X_k of the sorted batch (U_k = s_k X_k A_k^T, Z_k = U_k B_k^T, written into one sorted buffer),
+and the rows put back by one gather; with the same hand backward as the NumPy op::
 
-    G_k = dY_k B_k     dX_k = s_k G_k A_k     dA_k = s_k G_k^T X_k     dB_k = s_k dY_k^T U_k
+    G_k = s_k dY_k B_k     dX_k = G_k A_k     dA_k = G_k^T X_k     dB_k = dY_k^T U_k
 
 `GroupedLoRAFunction` is checked against plain torch autograd on the same computation.
 """
@@ -15,26 +17,56 @@ Y_k = s_k U_k B_k^T, scattered back), with the same hand backward as the NumPy o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from loralab.lora.grouped import RowGroups, group_batch
 
 __all__ = ["GroupedLoRAFunction", "grouped_lora", "grouped_lora_autograd"]
 
 
-def _groups(index: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
-    """Row indices (into the flattened batch) of each adapter, from one stable sort."""
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    bounds = torch.searchsorted(flat[order], torch.arange(n_adapters + 1, device=flat.device))
-    return [order[bounds[k] : bounds[k + 1]] for k in range(n_adapters)]
+class _Sorted(NamedTuple):
+    """`loralab.lora.grouped.RowGroups` as torch index tensors on x's device."""
+
+    order: torch.Tensor
+    segments: list[tuple[int, int]]
+    inverse: torch.Tensor
+    identity: bool
+
+
+def _sorted_rows(index: Any, x: torch.Tensor, n_adapters: int) -> _Sorted:
+    """The batch's rows sorted by adapter: from a RowGroups (sorted once per batch, by
+    `loralab.lora.mixed_batch`) or, for an index tensor of shape x.shape[:-1], sorted here."""
+    if not isinstance(index, RowGroups):
+        index = group_batch(index.reshape(-1).cpu().numpy(), n_adapters)
+    order = torch.from_numpy(index.order).to(x.device)
+    inverse = torch.from_numpy(index.inverse).to(x.device)
+    return _Sorted(order, index.segments, inverse, index.identity)
+
+
+def _permute(a2: torch.Tensor, rows: torch.Tensor, identity: bool) -> torch.Tensor:
+    """a2 (N * tokens, f) with its N batch rows taken in the order ``rows``."""
+    if identity:
+        return a2
+    return a2.reshape(rows.numel(), -1).index_select(0, rows).reshape(a2.shape)
+
+
+def _zero_gaps(z: torch.Tensor, segments: list[tuple[int, int]], tokens: int) -> None:
+    at = 0
+    for lo, hi in sorted(segments):
+        if lo > at:
+            z[at * tokens : lo * tokens] = 0
+        at = max(at, hi)
+    z[at * tokens :] = 0
 
 
 class GroupedLoRAFunction(torch.autograd.Function):
     """``apply(x, index, scalings, A_1..A_K, B_1..B_K)`` -> the low-rank part, shape (..., out).
 
-    x : (..., in); index : int tensor of shape x.shape[:-1] (-1: no adapter); A_k : (r_k, in);
-    B_k : (out, r_k); scalings : K floats.
+    x : (..., in); index : int tensor of shape x.shape[:-1] (-1: no adapter), or the batch's rows
+    sorted by adapter over x's first axis (a `loralab.lora.grouped.RowGroups`, one segment per
+    adapter); A_k : (r_k, in); B_k : (out, r_k); scalings : K floats.
     """
 
     @staticmethod
@@ -42,42 +74,53 @@ class GroupedLoRAFunction(torch.autograd.Function):
         k = len(scalings)
         As, Bs = AB[:k], AB[k:]
         x2 = x.reshape(-1, x.shape[-1])
-        groups = _groups(index, k)
+        rows = _sorted_rows(index, x, k)
+        tokens = x2.shape[0] // max(rows.order.numel(), 1)
+        xs = _permute(x2, rows.order, rows.identity)
         out_features = Bs[0].shape[0]
-        y = x2.new_zeros((x2.shape[0], out_features))
+        zs = x2.new_empty((x2.shape[0], out_features))
+        _zero_gaps(zs, rows.segments, tokens)
         us = []
-        for rows, A, B, s in zip(groups, As, Bs, scalings, strict=True):
-            u = x2[rows] @ A.T
-            y[rows] = s * (u @ B.T)
+        for (lo, hi), A, B, s in zip(rows.segments, As, Bs, scalings, strict=True):
+            lo, hi = lo * tokens, hi * tokens
+            u = (xs[lo:hi] @ A.T).mul_(s)
+            torch.matmul(u, B.T, out=zs[lo:hi])
             us.append(u)
-        ctx.save_for_backward(x2, *As, *Bs, *us)
-        ctx.groups, ctx.scalings, ctx.x_shape = groups, scalings, x.shape
+        ctx.save_for_backward(xs, *As, *Bs, *us)
+        ctx.rows, ctx.tokens, ctx.scalings, ctx.x_shape = rows, tokens, scalings, x.shape
+        y = _permute(zs, rows.inverse, rows.identity)
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
         k = len(ctx.scalings)
         saved = ctx.saved_tensors
-        x2, As, Bs, us = saved[0], saved[1 : 1 + k], saved[1 + k : 1 + 2 * k], saved[1 + 2 * k :]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
+        xs, As, Bs, us = saved[0], saved[1 : 1 + k], saved[1 + k : 1 + 2 * k], saved[1 + 2 * k :]
+        rows, tokens = ctx.rows, ctx.tokens
+        dys = _permute(dy.reshape(-1, dy.shape[-1]), rows.order, rows.identity)
+        dxs = None
+        if ctx.needs_input_grad[0]:
+            dxs = xs.new_empty(xs.shape)
+            _zero_gaps(dxs, rows.segments, tokens)
         dAs, dBs = [], []
-        for rows, A, B, u, s in zip(ctx.groups, As, Bs, us, ctx.scalings, strict=True):
-            dyk = dy2[rows]
-            g = dyk @ B  # (n_k, r_k)
-            dAs.append(s * (g.T @ x2[rows]))
-            dBs.append(s * (dyk.T @ u))
-            if dx is not None:
-                dx[rows] = s * (g @ A)
-        dx = None if dx is None else dx.reshape(ctx.x_shape)
-        return (dx, None, None, *dAs, *dBs)
+        for (lo, hi), A, B, u, s in zip(rows.segments, As, Bs, us, ctx.scalings, strict=True):
+            lo, hi = lo * tokens, hi * tokens
+            dyk = dys[lo:hi]
+            g = (dyk @ B).mul_(s)  # (n_k, r_k)
+            dAs.append(g.T @ xs[lo:hi])
+            dBs.append(dyk.T @ u)
+            if dxs is not None:
+                torch.matmul(g, A, out=dxs[lo:hi])
+        dx = None if dxs is None else _permute(dxs, rows.inverse, rows.identity)
+        return (None if dx is None else dx.reshape(ctx.x_shape), None, None, *dAs, *dBs)
 
 
-def grouped_lora(x: torch.Tensor, index: torch.Tensor, holders: Sequence[Any]) -> torch.Tensor:
+def grouped_lora(x: torch.Tensor, index: Any, holders: Sequence[Any]) -> torch.Tensor:
     """`GroupedLoRAFunction` over the adapters ``holders`` (each with lora_A, lora_B, scaling).
 
-    x : (..., in); index : int tensor of shape x.shape[:-1] (-1: no adapter); holder k's A_k is
-    (r_k, in) and B_k (out, r_k). Returns the low-rank part only, shape (..., out).
+    x : (..., in); index : int tensor of shape x.shape[:-1] (-1: no adapter) or a RowGroups (as
+    `GroupedLoRAFunction`); holder k's A_k is (r_k, in) and B_k (out, r_k). Returns the low-rank
+    part only, shape (..., out).
     """
     As = [h.lora_A for h in holders]
     Bs = [h.lora_B for h in holders]

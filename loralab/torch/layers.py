@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from loralab._validate import boolean
 from loralab.functional import dropout_mask
+from loralab.lora.grouped import RowGroups
 from loralab.lora.linear_shared import (
     DEFAULT_ADAPTER,
     AdapterMixin,
@@ -308,9 +309,10 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
         autograd = {"lora": self._lora_autograd, "dora": self._dora_autograd}[h.kind.name]
         return autograd(h, x, W0, b, *extra, mask)
 
-    def _mixed_forward(self, x: torch.Tensor, index: np.ndarray, holders: list) -> torch.Tensor:
-        """base(x) + the grouped op (`loralab.torch.grouped`): row i through adapter index[i]."""
-        check_mixed_rows(self._describe(), len(index), tuple(x.shape))
+    def _mixed_forward(self, x: torch.Tensor, groups: RowGroups, holders: list) -> torch.Tensor:
+        """base(x) + the grouped op (`loralab.torch.grouped`): the batch's rows, sorted by adapter
+        once for every layer (``groups``, one segment per holder), each through its own adapter."""
+        check_mixed_rows(self._describe(), groups.order.size, tuple(x.shape))
         if not holders:  # no row uses an adapter of this layer
             return self.base(x)
         if self.training and any(h.dropout > 0.0 for h in holders):
@@ -318,9 +320,7 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
                 "adapters with dropout=0"
             )
-        rows = torch.from_numpy(index).to(x.device)
-        rows = rows.reshape((-1,) + (1,) * (x.ndim - 2)).expand(x.shape[:-1])
-        return self.base(x) + grouped_lora(x, rows, holders)
+        return self.base(x) + grouped_lora(x, groups, holders)
 
     def _branch(self, h: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """One adapter's s ((x * mask) A^T) B^T, by the hand backward or by plain autograd."""
