@@ -24,7 +24,7 @@ class BenchConfig:
     core_width: int = 1024
     fused_shapes: tuple[tuple[int, ...], ...] = ((128, 256), (128, 1024), (16, 128, 1024))
     mixed_batch: int = 256  # section 5: rows of the mixed batch
-    mixed_ks: tuple[int, ...] = (1, 4, 16, 64)  # section 5: numbers of adapters
+    mixed_ks: tuple[int, ...] = (1, 4, 16, 64, 256)  # section 5: numbers of adapters
     # section 7: GPT-2-124M's (n_layer, n_embd, n_head, vocab, n_positions), and (batch, tokens)
     real_shape: tuple[int, ...] = (12, 768, 12, 50257, 1024)
     real_tokens: tuple[int, int] = (4, 128)
@@ -78,6 +78,8 @@ class Results:
     inference: list[dict[str, Any]] = field(default_factory=list)
     fused: list[dict[str, Any]] = field(default_factory=list)
     mixed: list[dict[str, Any]] = field(default_factory=list)
+    mixed_ranks: list[dict[str, Any]] = field(default_factory=list)  # section 5, ranks differ
+    mixed_profile: list[dict[str, Any]] = field(default_factory=list)  # section 5, per part
     qlora: list[dict[str, Any]] = field(default_factory=list)
     real_model: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
