@@ -93,9 +93,7 @@ def set_adapter(model: Any, adapter_name: str | Sequence[str]) -> None:
     names = check_known(model, adapter_name, "set_adapter")
     layers = _named_layers(model, "set_adapter")
     check_not_in_mixed_batch(layers, "set_adapter")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"set_adapter: layers {merged} are merged; call unmerge_lora first")
+    _refuse_merged(layers, "set_adapter")
     backend = backend_for(model, "set_adapter")
     for _, layer in layers:
         layer.active_adapter_names = list(names)
@@ -132,6 +130,32 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
         setattr(model.get_submodule(parent), child, layer.base)
 
 
+def _refuse_merged(layers: list[tuple[str, Any]], where: str) -> None:
+    """ValueError naming the merged layers: their W0 holds ΔW, so they are unmerged first."""
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"{where}: layers {merged} are merged; call unmerge_lora first")
+
+
+@contextmanager
+def _set_inside(layers: list[tuple[str, Any]], **values: Any) -> Iterator[None]:
+    """Every layer's attributes set to ``values`` inside the block; the old values come back after.
+
+    So blocks nest: when an inner block ends, the enclosing block's values are in force again (an
+    attribute a layer did not have yet comes back as None).
+    """
+    outer = [{k: getattr(layer, k, None) for k in values} for _, layer in layers]
+    for _, layer in layers:
+        for k, v in values.items():
+            setattr(layer, k, v)
+    try:
+        yield
+    finally:
+        for (_, layer), was in zip(layers, outer, strict=True):
+            for k, v in was.items():
+                setattr(layer, k, v)
+
+
 @contextmanager
 def disable_adapters(model: Any) -> Iterator[Any]:
     """Inside the block the model computes with its base weights alone (PEFT's ``disable_adapter``).
@@ -140,17 +164,9 @@ def disable_adapters(model: Any) -> Iterator[Any]:
     model computes as the enclosing block (if any) said.
     """
     layers = _named_layers(model, "disable_adapters")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"disable_adapters: layers {merged} are merged; call unmerge_lora first")
-    outer = [layer.disabled for _, layer in layers]  # an enclosing block's state comes back
-    for _, layer in layers:
-        layer.disabled = True
-    try:
+    _refuse_merged(layers, "disable_adapters")
+    with _set_inside(layers, disabled=True):
         yield model
-    finally:
-        for (_, layer), was in zip(layers, outer, strict=True):
-            layer.disabled = was
 
 
 @contextmanager
@@ -187,9 +203,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
             f"mixed_batch: unknown adapters {unknown}; the model's adapters are "
             f"{adapter_names_of(layers)} (and {BASE_ROWS!r} for the base alone)"
         )
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"mixed_batch: layers {merged} are merged; call unmerge_lora first")
+    _refuse_merged(layers, "mixed_batch")
     dora = sorted(
         {
             n
@@ -202,15 +216,8 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         raise ValueError(
             f"mixed_batch: adapters {dora} use DoRA, which a mixed batch does not support"
         )
-    # an enclosing block's rows come back
-    outer = [(layer.mixed_rows, getattr(layer, "mixed_routing", None)) for _, layer in layers]
-    for _, layer in layers:
-        layer.mixed_rows, layer.mixed_routing = rows, routing
-    try:
+    with _set_inside(layers, mixed_rows=rows, mixed_routing=routing):
         yield model
-    finally:
-        for (_, layer), (was, was_routing) in zip(layers, outer, strict=True):
-            layer.mixed_rows, layer.mixed_routing = was, was_routing
 
 
 def adapter_order(adapter_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -363,11 +370,7 @@ def add_weighted_adapter(
         combination_type = "linear"  # as PEFT: one adapter is scaled, whatever was asked
     layers = _named_layers(model, "add_weighted_adapter")
     check_not_in_mixed_batch(layers, "add_weighted_adapter")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(
-            f"add_weighted_adapter: layers {merged} are merged; call unmerge_lora first"
-        )
+    _refuse_merged(layers, "add_weighted_adapter")
     single = [
         n
         for n, layer in layers
