@@ -66,6 +66,7 @@ def write_figures(res: Results, directory: Path) -> list[str]:
         for side, style in [
             ("base", "k--"),
             ("mixed", "o-"),
+            ("grouped_once", "o--"),
             ("naive", "s-"),
             ("merge_swap", "^-"),
             ("peft", "d:"),
@@ -74,7 +75,10 @@ def write_figures(res: Results, directory: Path) -> list[str]:
                 (r["K"], r[f"{side}_us_per_row"]) for r in res.mixed if f"{side}_us_per_row" in r
             ]
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=side.replace("_", "-"))
+                ax.plot(*zip(*pts, strict=True), style, label=side.replace("_", " "))
+        if all("bound" in r for r in res.mixed):  # the FLOP bound: the base times 1 + r(d+k)/(dk)
+            bound = [r["base_us_per_row"] * r["bound"] for r in res.mixed]
+            ax.plot(ks, bound, color="tab:green", lw=2.5, alpha=0.5, label="FLOP bound")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])

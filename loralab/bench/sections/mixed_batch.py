@@ -1,11 +1,15 @@
 """Section 5, one base serving many adapters: a mixed batch against the other ways to serve it.
 
 A batch of ``mixed_batch`` requests spread round-robin over K adapters (r = 8 on each of the
-four Linear layers) is served four ways, alternating, with no gradient:
+four Linear layers) is served these ways, alternating, with no gradient:
 
 - **base**: the base model alone (the floor: what serving costs without adapters);
-- **mixed**: `loralab.lora.mixed_batch`, the base once on the whole batch and the grouped op
-  (`loralab.lora.grouped`) for the K low-rank parts;
+- **mixed**: `loralab.lora.mixed_batch` on the rows as they arrive: the rows sorted by adapter
+  once per batch, the base once on the whole batch and the grouped op (`loralab.lora.grouped`)
+  for the K low-rank parts, each layer gathering its input into the sorted order and back;
+- **grouped once**: the same, with the batch grouped by adapter once before the model
+  (`loralab.lora.adapter_order`, as Punica and S-LoRA form their batches) and put back in
+  arrival order after it: no layer gathers anything;
 - **naive**: a loop over the adapters, each on its own rows (K smaller batches through the
   whole model; the active adapter switched by setting the layers' active list, as inference
   needs no requires_grad change);
@@ -13,34 +17,68 @@ four Linear layers) is served four ways, alternating, with no gradient:
   per batch; only for K <= 16, it grows too slow to repeat beyond);
 
 and, when torch and PEFT are installed, loralab's NumPy mixed batch against PEFT's mixed-batch
-forward (``model(x, adapter_names=...)``) on the torch twin, same threads.
+forward (``model(x, adapter_names=...)``) on the torch twin, same threads. Next to each ratio:
+the FLOP bound 1 + r (d + k) / (d k), and the floor measured alone: the K pairs of small
+products of every layer, nothing else. One more row mixes adapters of different ranks.
+
+`profile_layer` times the parts of one layer's mixed forward alone, the way it was (a sort in
+every layer, a gather ``x[rows]`` and a scatter ``y[rows] +=`` per adapter) and the way it is
+now; tutorial 12 draws the same profile.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from loralab.bench.config import ALPHA, RANK, Check, Results
+from loralab.bench.config import ALPHA, N_LAYERS, RANK, Check, Results
 from loralab.bench.machine import optional_torch
 from loralab.bench.mlp import LINEAR_NAMES, MLPArrays, engine_model
 from loralab.bench.sections._table import table
 from loralab.bench.timing import CLOCKS, paired_ratio, time_alternating
-from loralab.lora import inject_lora, lora_layers, merge_lora, mixed_batch, unmerge_lora
+from loralab.lora import (
+    adapter_order,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    mixed_batch,
+    unmerge_lora,
+)
+from loralab.lora import grouped as G
+from loralab.lora.linear_shared import route_rows
 from loralab.tensor import no_grad
 
-TARGET_K = 16  # the K at which the targets apply
+TARGET_K = 16  # the K at which the naive, merge-swap and PEFT comparisons are checked
 MERGE_SWAP_MAX_K = 16
+TARGETS = {1: 1.08, 16: 1.10, 64: 1.20, 256: 1.35}  # mixed / base forward, by K (issue 21)
+PEFT_TARGET = 0.8  # loralab NumPy / PEFT's mixed batch at TARGET_K
+MIXED_RANKS = (4, 8, 16, 32)  # the row whose adapters differ in rank: adapter i has r = [i % 4]
+PROFILE_KS = (1, 16, 64, 256)
+PARTS = ("sort rows", "gathers and scatters", "down products x A^T", "up products U B^T + add")
+"""The parts of a layer's low-rank work that `profile_layer` times (besides the base product)."""
 
 
-def adapters_model(arrays: MLPArrays, k: int, rng: np.random.Generator) -> Any:
-    """The base MLP with K adapters ``t0 .. t{K-1}`` (r = RANK) on every Linear, B nonzero."""
+def flop_bound(ranks: Sequence[int], width: int) -> float:
+    """1 + r (d + k) / (d k) for a Linear(width, width), r the mean rank over the batch's rows."""
+    return 1.0 + float(np.mean(ranks)) * 2 * width / (width * width)
+
+
+def adapters_model(
+    arrays: MLPArrays, k: int, rng: np.random.Generator, ranks: Sequence[int] | None = None
+) -> Any:
+    """The base MLP with K adapters ``t0 .. t{K-1}`` on every Linear, B nonzero.
+
+    Adapter i has rank ``ranks[i % len(ranks)]`` (default: RANK for all) and alpha = ALPHA.
+    """
     model = engine_model(arrays, lora=False)
+    ranks = list(ranks or [RANK])
     for i in range(k):
-        inject_lora(model, LINEAR_NAMES, r=RANK, alpha=ALPHA, seed=i, adapter_name=f"t{i}")
+        r = ranks[i % len(ranks)]
+        inject_lora(model, LINEAR_NAMES, r=r, alpha=ALPHA, seed=i, adapter_name=f"t{i}")
     for _, layer in lora_layers(model):
         for name in layer.adapter_names:
             B = layer.adapter(name).lora_B
@@ -93,8 +131,54 @@ def sides(model: Any, base: Any, x: np.ndarray, names: list[str], k: int) -> dic
     return out
 
 
-def peft_side(base: Any, k: int, x: np.ndarray, names: list[str]) -> Callable | None:
-    """PEFT's mixed-batch forward on the torch twin with K adapters; None without torch or PEFT."""
+def grouped_once_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], np.ndarray]:
+    """The mixed batch with its rows grouped by adapter once before the model (`adapter_order`)
+    and put back in arrival order after it; returns the same rows as `sides`' ``mixed``."""
+    order, inverse = adapter_order(names)
+    grouped = [names[i] for i in order]
+
+    def run() -> np.ndarray:
+        with no_grad(), mixed_batch(model, grouped):
+            return model(x[order]).data[inverse]
+
+    return run
+
+
+def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], None]:
+    """The floor: each layer's K pairs of small products (U_k = s_k X_k A_k^T, then
+    U_k B_k^T added in place) on the grouped rows, and nothing else: no base product, no
+    gather, no Tensor or Function."""
+    order, _ = adapter_order(names)
+    grouped = [names[i] for i in order]
+    routing = route_rows(grouped)
+    xs = np.ascontiguousarray(x[order])
+    ys = np.zeros_like(xs)
+    layers = []
+    for _, layer in lora_layers(model):
+        used = [n for n in layer.adapter_names if n in routing.position]
+        holders = [layer.adapter(n) for n in used]
+        layers.append(
+            (
+                routing.groups.select([routing.position[n] for n in used]),
+                [h.lora_A.data for h in holders],
+                [h.lora_B.data for h in holders],
+                [h.scaling for h in holders],
+            )
+        )
+
+    def run() -> None:
+        for groups, As, Bs, scalings in layers:
+            cache = G.grouped_lora_shrink(xs, groups, As, scalings)
+            G._add_expand(ys, cache, Bs)
+
+    return run
+
+
+def peft_side(
+    base: Any, k: int, x: np.ndarray, names: list[str], ranks: Sequence[int] | None = None
+) -> Callable | None:
+    """PEFT's mixed-batch forward on the torch twin with K adapters (adapter i of rank
+    ``ranks[i % len(ranks)]``, default RANK); None without torch or PEFT."""
     torch = optional_torch()
     try:
         import peft
@@ -104,10 +188,15 @@ def peft_side(base: Any, k: int, x: np.ndarray, names: list[str]) -> Callable | 
         return None
     from loralab.torch import to_torch
 
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LINEAR_NAMES))
-    pm = peft.get_peft_model(to_torch(base), config, adapter_name="t0")
+    ranks = list(ranks or [RANK])
+
+    def config(i: int) -> Any:
+        r = ranks[i % len(ranks)]
+        return peft.LoraConfig(r=r, lora_alpha=ALPHA, target_modules=list(LINEAR_NAMES))
+
+    pm = peft.get_peft_model(to_torch(base), config(0), adapter_name="t0")
     for i in range(1, k):
-        pm.add_adapter(f"t{i}", config)
+        pm.add_adapter(f"t{i}", config(i))
     pm.eval()
     xt = torch.from_numpy(x)
 
@@ -118,8 +207,146 @@ def peft_side(base: Any, k: int, x: np.ndarray, names: list[str]) -> Callable | 
     return run
 
 
+# ----- the profile of one layer ------------------------------------------------------------------
+def _parts_before(x, W0, b, As, Bs, scalings, index) -> dict[str, Callable[[], Any]]:
+    """The per-layer way this op ran before issue 21, one closure per part: a stable argsort in
+    every layer, then per adapter a gather x[rows], two products and a scatter y[rows] +=."""
+    k = len(As)
+    groups = G.group_rows(index, k)
+    xks = [x[rows] for rows in groups]
+    uks = [xk @ A.T for xk, A in zip(xks, As, strict=True)]
+    zks = [s * (uk @ B.T) for uk, B, s in zip(uks, Bs, scalings, strict=True)]
+    y = x @ W0.T + b
+
+    def gathers_and_scatters() -> None:
+        for rows, zk in zip(groups, zks, strict=True):
+            x[rows]
+            y[rows] += zk
+
+    return {
+        "sort rows": lambda: G.group_rows(index, k),
+        "gathers and scatters": gathers_and_scatters,
+        "down products x A^T": lambda: [xk @ A.T for xk, A in zip(xks, As, strict=True)],
+        "up products U B^T + add": lambda: [
+            s * (uk @ B.T) for uk, B, s in zip(uks, Bs, scalings, strict=True)
+        ],
+    }
+
+
+def _parts_now(x, W0, b, As, Bs, scalings, names) -> dict[str, Callable[[], Any]]:
+    """The way it runs now (`grouped_lora_linear_forward`), one closure per part: the sort (once
+    per batch), a gather into sorted order and one back, the down products on contiguous
+    segments, the up products added in place."""
+    groups = route_rows(names).groups
+    n = x.shape[0]
+    in_order = G.RowGroups(np.arange(n), groups.segments, np.arange(n), True)  # xs is sorted
+    xs = G._sorted(x, groups)
+    cache = G.grouped_lora_shrink(xs, in_order, As, scalings)
+    ys = xs @ W0.T + b
+
+    def gathers_and_scatters() -> None:
+        if not groups.identity:
+            G._sorted(x, groups)
+            G._unsorted(ys, groups)
+
+    return {
+        "sort rows": lambda: route_rows(names),
+        "gathers and scatters": gathers_and_scatters,
+        "down products x A^T": lambda: G.grouped_lora_shrink(xs, in_order, As, scalings),
+        "up products U B^T + add": lambda: G._add_expand(ys, cache, Bs),
+    }
+
+
+def profile_layer(
+    width: int,
+    batch: int,
+    k: int,
+    *,
+    rank: int = RANK,
+    repeats: int = 7,
+    sample_seconds: float = 0.02,
+    clock: Callable[[], float] = time.process_time,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time the parts of one mixed Linear(width, width) layer alone, before and now.
+
+    Rows spread round-robin over ``k`` adapters of rank ``rank`` (float32). Each part runs on
+    its own, repeatedly (`loralab.bench.timing.time_alternating`, median of ``repeats``).
+
+    Returns
+    -------
+    dict with ``base`` (seconds of x W0^T + b) and ``before`` / ``now``: {part: seconds}, the
+    parts of `PARTS` ("sort rows", now, is the once-per-batch sort divided by the N_LAYERS
+    layers that share it).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, width)).astype(np.float32)
+    W0 = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    b = np.zeros(width, dtype=np.float32)
+    As = [rng.standard_normal((rank, width)).astype(np.float32) for _ in range(k)]
+    Bs = [rng.standard_normal((width, rank)).astype(np.float32) for _ in range(k)]
+    scalings = [ALPHA / rank] * k
+    names = [f"t{i % k}" for i in range(batch)]
+    index = np.array([int(n[1:]) for n in names])
+    before = _parts_before(x, W0, b, As, Bs, scalings, index)
+    now = _parts_now(x, W0, b, As, Bs, scalings, names)
+    timed = {"base": lambda: x @ W0.T + b}
+    timed.update({f"before: {p}": f for p, f in before.items()})
+    timed.update({f"now: {p}": f for p, f in now.items()})
+    times = time_alternating(timed, repeats, sample_seconds, clock)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    out_now = {p: med[f"now: {p}"] for p in now}
+    out_now["sort rows"] /= N_LAYERS  # one sort per batch, shared by every layer
+    return {"base": med["base"], "before": {p: med[f"before: {p}"] for p in before}, "now": out_now}
+
+
+# ----- the section -------------------------------------------------------------------------------
+def _measure(
+    res: Results,
+    arrays: MLPArrays,
+    base: Any,
+    x: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    ranks: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    cfg = res.config
+    batch, width = x.shape
+    names = [f"t{i % k}" for i in range(batch)]
+    model = adapters_model(arrays, k, rng, ranks)
+    timed = sides(model, base, x, names, k)
+    if ranks is not None:  # the ranks row: the two loralab ways, the base and PEFT only
+        timed = {s: timed[s] for s in ("base", "mixed")}
+    timed["grouped_once"] = grouped_once_side(model, x, names)
+    timed["alone"] = products_alone_side(model, x, names)
+    peft_run = peft_side(base, k, x, names, ranks)
+    if peft_run is not None:
+        timed["peft"] = peft_run
+    times = time_alternating(timed, cfg.repeats, cfg.sample_seconds, CLOCKS[cfg.clock])
+    rank_cycle = list(ranks or [RANK])
+    adapter_ranks = [rank_cycle[i % len(rank_cycle)] for i in range(k)]
+    row: dict[str, Any] = {
+        "K": k,
+        "batch": batch,
+        "ranks": sorted(set(adapter_ranks)),
+        "bound": flop_bound([adapter_ranks[i % k] for i in range(batch)], width),
+    }
+    for side, t in times.items():
+        row[f"{side}_us_per_row"] = 1e6 * statistics.median(t) / batch
+    for side in ("mixed", "grouped_once", "alone"):
+        row[f"{side}_over_base"] = paired_ratio(times[side], times["base"])
+    row["alone_over_base"] += 1.0  # the base plus the products alone: the floor of mixed / base
+    if "naive" in times:
+        row["naive_over_mixed"] = paired_ratio(times["naive"], times["mixed"])
+    if "merge_swap" in times:
+        row["merge_swap_over_mixed"] = paired_ratio(times["merge_swap"], times["mixed"])
+    if "peft" in times:
+        row["numpy_over_peft"] = paired_ratio(times["mixed"], times["peft"])
+    return row
+
+
 def run(res: Results, log: Callable[[str], None]) -> None:
-    """Time the ways of serving a mixed batch for each K, alternating."""
+    """Time the ways of serving a mixed batch for each K, alternating; then the per-part profile."""
     cfg = res.config
     width, batch = cfg.core_width, cfg.mixed_batch
     rng = np.random.default_rng(cfg.seed + 5)
@@ -128,38 +355,56 @@ def run(res: Results, log: Callable[[str], None]) -> None:
     base = engine_model(arrays, lora=False).eval()
     log(f"[5] serving K adapters in one batch of {batch}: K = {list(cfg.mixed_ks)}")
     for k in cfg.mixed_ks:
-        names = [f"t{i % k}" for i in range(batch)]
-        model = adapters_model(arrays, k, rng)
-        timed = sides(model, base, x, names, k)
-        peft_run = peft_side(base, k, x, names)
-        if peft_run is not None:
-            timed["peft"] = peft_run
-        times = time_alternating(timed, cfg.repeats, cfg.sample_seconds, CLOCKS[cfg.clock])
-        row: dict[str, Any] = {"K": k, "batch": batch}
-        for side, t in times.items():
-            row[f"{side}_us_per_row"] = 1e6 * statistics.median(t) / batch
-        row["mixed_over_base"] = paired_ratio(times["mixed"], times["base"])
-        row["naive_over_mixed"] = paired_ratio(times["naive"], times["mixed"])
-        if "merge_swap" in times:
-            row["merge_swap_over_mixed"] = paired_ratio(times["merge_swap"], times["mixed"])
-        if "peft" in times:
-            row["numpy_over_peft"] = paired_ratio(times["mixed"], times["peft"])
-        res.mixed.append(row)
+        res.mixed.append(_measure(res, arrays, base, x, k, rng))
+    k_ranks = min(TARGET_K, max(cfg.mixed_ks))
+    log(f"[5] ... and K = {k_ranks} adapters of ranks {list(MIXED_RANKS)} in one batch")
+    res.mixed_ranks.append(_measure(res, arrays, base, x, k_ranks, rng, MIXED_RANKS))
+    profile_ks = [k for k in PROFILE_KS if k in cfg.mixed_ks] or list(cfg.mixed_ks)
+    log(f"[5] ... and the profile of one layer, K = {profile_ks}")
+    for k in profile_ks:
+        prof = profile_layer(
+            width,
+            batch,
+            k,
+            repeats=cfg.repeats,
+            sample_seconds=cfg.sample_seconds / 4,
+            clock=CLOCKS[cfg.clock],
+            seed=cfg.seed,
+        )
+        res.mixed_profile.append({"K": k, **prof})
     _checks(res)
 
 
 def _checks(res: Results) -> None:
+    for row in res.mixed:
+        k = row["K"]
+        target = TARGETS.get(k)
+        for side, how in (("mixed", "rows as they arrive"), ("grouped_once", "grouped once")):
+            value = row[f"{side}_over_base"]
+            name = (
+                "mixed batch / base forward" if side == "mixed" else f"mixed batch ({how}) / base"
+            )
+            res.checks.append(
+                Check(
+                    "5",
+                    f"{name}, K = {k}",
+                    value,
+                    f"<= {target:.2f}" if target else "report",
+                    value <= target if target else None,
+                )
+            )
+        if target and min(row["mixed_over_base"], row["grouped_once_over_base"]) > target:
+            res.checks.append(
+                Check(
+                    "5",
+                    f"floor: base + the K small products alone / base, K = {k}",
+                    row["alone_over_base"],
+                    "report",
+                    note="what stops the target",
+                )
+            )
     target_k = TARGET_K if any(r["K"] == TARGET_K for r in res.mixed) else res.mixed[-1]["K"]
     row = next(r for r in res.mixed if r["K"] == target_k)
-    res.checks.append(
-        Check(
-            "5",
-            f"mixed batch / base forward, K = {target_k}",
-            row["mixed_over_base"],
-            "<= 1.25",
-            row["mixed_over_base"] <= 1.25,
-        )
-    )
     res.checks.append(
         Check("5", f"naive loop / mixed batch, K = {target_k}", row["naive_over_mixed"], "report")
     )
@@ -178,8 +423,17 @@ def _checks(res: Results) -> None:
                 "5",
                 f"loralab NumPy / PEFT mixed batch, K = {target_k}",
                 row["numpy_over_peft"],
-                "<= 1.0",
-                row["numpy_over_peft"] <= 1.0,
+                f"<= {PEFT_TARGET}",
+                row["numpy_over_peft"] <= PEFT_TARGET,
+            )
+        )
+    for row in res.mixed_ranks:
+        res.checks.append(
+            Check(
+                "5",
+                f"mixed batch / base forward, K = {row['K']}, ranks {row['ranks']}",
+                row["mixed_over_base"],
+                "report",
             )
         )
 
@@ -188,38 +442,107 @@ def _fmt(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}" if key in row else "-"
 
 
+def _profile_markdown(res: Results) -> list[str]:
+    if not res.mixed_profile:
+        return []
+    header = ["part (% of the base product)"]
+    for p in res.mixed_profile:
+        header += [f"K = {p['K']} before", f"K = {p['K']} now"]
+    rows = []
+    for part in PARTS:
+        cells = [part]
+        for p in res.mixed_profile:
+            for when in ("before", "now"):
+                cells.append(f"{100 * p[when][part] / p['base']:.1f}%")
+        rows.append(cells)
+    total = ["total"]
+    for p in res.mixed_profile:
+        for when in ("before", "now"):
+            total.append(f"**{100 * sum(p[when].values()) / p['base']:.1f}%**")
+    rows.append(total)
+    cfg = res.config
+    return [
+        f"Where the time of one layer goes (Linear({cfg.core_width}, {cfg.core_width}), batch "
+        f"{cfg.mixed_batch}, r = {RANK}; each part timed alone, as a share of the layer's base product x W0^T + b). Before: a sort in every "
+        "layer, then per adapter a gather x[rows], x_k A_k^T, s (u_k B_k^T) and a scatter "
+        "y[rows] +=. Now: one sort per batch shared by the 4 layers, one gather into sorted "
+        "order and one back (none when the rows come grouped), products on contiguous slices, "
+        "U_k B_k^T added in place. The parts do not add up to a whole layer: run alone, each "
+        "finds its data in the CPU's cache.",
+        "",
+        table(header, rows),
+        "",
+    ]
+
+
+def _floor_markdown(res: Results) -> list[str]:
+    """Sentences, computed, for each target that the measured ratios miss."""
+    out = []
+    for row in res.mixed:
+        target = TARGETS.get(row["K"])
+        best = min(row["mixed_over_base"], row["grouped_once_over_base"])
+        if target is None or best <= target:
+            continue
+        k = row["K"]
+        rows_each = max(1, row["batch"] // k)
+        pairs = f"{k} pairs" if k > 1 else "1 pair"
+        rows = f"{rows_each} rows" if rows_each > 1 else "1 row"
+        out.append(
+            f"- K = {k}: target {target:.2f} missed ({best:.3f} at best). The {pairs} of small "
+            f"products of every layer alone, on {rows} per adapter, take "
+            f"{row['alone_over_base'] - 1:.3f} of the base forward (floor {row['alone_over_base']:.3f}, "
+            f"against the FLOP bound {row['bound']:.3f}): each product reads its A_k and B_k "
+            f"({2 * RANK * res.config.core_width * 4 // 1024} KiB) to do {rows} of work, and each "
+            "is one more BLAS call."
+        )
+    if not out:
+        return []
+    return ["Where a target is missed, the measured floor:", "", *out, ""]
+
+
 def markdown(res: Results) -> list[str]:
-    """The section's heading, what each side is, and the table."""
+    """The section's heading, what each side is, the table and the profile."""
     if not res.mixed:
         return []
     cfg = res.config
     rows = [
         [
-            str(r["K"]),
+            str(r["K"])
+            + ("" if r["ranks"] == [RANK] else f" (r = {', '.join(map(str, r['ranks']))})"),
+            f"{r['bound']:.3f}",
             f"{r['base_us_per_row']:.1f} us",
             f"{r['mixed_us_per_row']:.1f} us",
             _fmt(r, "mixed_over_base"),
+            _fmt(r, "grouped_once_over_base"),
+            _fmt(r, "alone_over_base"),
             _fmt(r, "naive_over_mixed"),
             _fmt(r, "merge_swap_over_mixed"),
             _fmt(r, "numpy_over_peft"),
         ]
-        for r in res.mixed
+        for r in res.mixed + res.mixed_ranks
     ]
     return [
         f"### 5. One base, K adapters in one batch (4 x Linear({cfg.core_width}, "
         f"{cfg.core_width}), batch {cfg.mixed_batch}, r = {RANK}, no gradient)",
         "",
-        "Rows spread round-robin over K adapters. mixed: the base once for the whole batch plus the "
-        "grouped op (one small product pair per adapter); naive: a loop over adapters, each on its "
-        f"rows; merge-swap: merge, run the adapter's rows, unmerge (K <= {MERGE_SWAP_MAX_K}); PEFT: "
-        "its mixed-batch forward on the torch twin.",
+        "Rows spread round-robin over K adapters. bound: 1 + r (d + k) / (d k), the adapters' "
+        "share of the multiply-adds. mixed: `mixed_batch` on the rows as they arrive (sorted by "
+        "adapter once per batch; each layer gathers into that order and back); grouped once: "
+        "the batch grouped by adapter before the model (`adapter_order`) and put back after it; "
+        "floor: the base plus each layer's K pairs of small products alone; naive: a loop over "
+        f"adapters, each on its rows; merge-swap: merge, run the adapter's rows, unmerge (K <= "
+        f"{MERGE_SWAP_MAX_K}); PEFT: its mixed-batch forward on the torch twin. The last row "
+        "mixes adapters of different ranks in one batch.",
         "",
         table(
             [
                 "K",
+                "bound",
                 "base per row",
                 "mixed per row",
                 "mixed / base",
+                "grouped once / base",
+                "floor / base",
                 "naive / mixed",
                 "merge-swap / mixed",
                 "NumPy / PEFT",
@@ -227,4 +550,6 @@ def markdown(res: Results) -> list[str]:
             rows,
         ),
         "",
+        *_floor_markdown(res),
+        *_profile_markdown(res),
     ]
