@@ -1,6 +1,7 @@
 """Section 5 of the benchmark (one base, K adapters in one batch): output and sides, not speed."""
 
 import numpy as np
+import pytest
 
 from loralab.bench import BenchConfig, run_bench
 from loralab.bench.mlp import MLPArrays, engine_model
@@ -32,3 +33,22 @@ def test_the_quick_section_reports_its_ratios(tmp_path):
     assert "mixed batch / base forward, K = 4" in names
     assert "naive loop / mixed batch, K = 4" in names
     assert all(c.value > 0 for c in res.checks)
+
+
+def test_the_profile_times_every_part_before_and_now():
+    from loralab.bench.sections.mixed_batch import PARTS, profile_layer
+
+    prof = profile_layer(16, 8, 4, rank=2, repeats=1, sample_seconds=0.0)
+    assert prof["base"] > 0
+    assert sorted(prof["before"]) == sorted(prof["now"]) == sorted(PARTS)
+
+
+def test_the_figure_is_drawn_from_the_section_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loralab.bench.figures import mixed_batch_figure
+
+    res = run_bench(BenchConfig.tiny(), None, sections=("mixed_batch",), log=lambda s: None)
+    assert all(r["bound"] > 1 for r in res.mixed)
+    assert "one_adapter_over_base" in res.mixed[0]  # K = 1: the single-adapter floor
+    assert mixed_batch_figure(res, tmp_path) == "mixed_batch.png"
+    assert (tmp_path / "mixed_batch.png").stat().st_size > 0

@@ -22,11 +22,7 @@ def write_figures(res: Results, directory: Path) -> list[str]:
         return []
 
     def save(fig, name: str) -> str:
-        try:
-            atomic_write(directory / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        finally:
-            plt.close(fig)
-        return name
+        return _save(plt, fig, directory / name)
 
     widths = [r["width"] for r in res.overhead]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -60,32 +56,49 @@ def write_figures(res: Results, directory: Path) -> list[str]:
     fig.tight_layout()
     names.append(save(fig, "ratios.png"))
 
-    if res.mixed:  # section 5: serving time per row against the number of adapters
-        ks = [r["K"] for r in res.mixed]
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for side, style in [
-            ("base", "k--"),
-            ("mixed", "o-"),
-            ("grouped_once", "o--"),
-            ("naive", "s-"),
-            ("merge_swap", "^-"),
-            ("peft", "d:"),
-        ]:
-            pts = [
-                (r["K"], r[f"{side}_us_per_row"]) for r in res.mixed if f"{side}_us_per_row" in r
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=side.replace("_", " "))
-        if all("bound" in r for r in res.mixed):  # the FLOP bound: the base times 1 + r(d+k)/(dk)
-            bound = [r["base_us_per_row"] * r["bound"] for r in res.mixed]
-            ax.plot(ks, bound, color="tab:green", lw=2.5, alpha=0.5, label="FLOP bound")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("adapters in the batch (K)")
-        ax.set_ylabel("time per row (us)")
-        ax.set_title("One base, K adapters: serving one mixed batch")
-        ax.legend()
-        fig.tight_layout()
-        names.append(save(fig, "mixed_batch.png"))
+    if res.mixed:
+        names.append(mixed_batch_figure(res, directory))
     return names
+
+
+def mixed_batch_figure(res: Results, directory: Path) -> str:
+    """Section 5's figure, mixed_batch.png: serving time per row against K, with the FLOP bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["K"] for r in res.mixed]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for side, style in [
+        ("base", "k--"),
+        ("mixed", "o-"),
+        ("grouped_once", "o--"),
+        ("naive", "s-"),
+        ("merge_swap", "^-"),
+        ("peft", "d:"),
+    ]:
+        pts = [(r["K"], r[f"{side}_us_per_row"]) for r in res.mixed if f"{side}_us_per_row" in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=side.replace("_", " "))
+    if all("bound" in r for r in res.mixed):  # the FLOP bound: the base times 1 + r(d+k)/(dk)
+        bound = [r["base_us_per_row"] * r["bound"] for r in res.mixed]
+        ax.plot(ks, bound, color="tab:green", lw=2.5, alpha=0.5, label="FLOP bound")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("adapters in the batch (K)")
+    ax.set_ylabel("time per row (us)")
+    ax.set_title("One base, K adapters: serving one mixed batch")
+    ax.legend()
+    fig.tight_layout()
+    return _save(plt, fig, directory / "mixed_batch.png")
+
+
+def _save(plt, fig, path: Path) -> str:
+    """Write ``fig`` to ``path`` as PNG (atomically), close it and return the file's name."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+    return path.name

@@ -144,6 +144,18 @@ def grouped_once_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[
     return run
 
 
+def one_adapter_side(model: Any, x: np.ndarray) -> Callable[[], np.ndarray]:
+    """Adapter t0 alone, active and unmerged (the fused single-adapter op, no mixed batch): what
+    a mixed batch whose rows all ask for one adapter cannot beat."""
+
+    def run() -> np.ndarray:
+        _activate(model, "t0")
+        with no_grad():
+            return model(x).data
+
+    return run
+
+
 def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], None]:
     """The floor: each layer's K pairs of small products (U_k = s_k X_k A_k^T, then
     U_k B_k^T added in place) on the grouped rows, and nothing else: no base product, no
@@ -319,6 +331,8 @@ def _measure(
         timed = {s: timed[s] for s in ("base", "mixed")}
     timed["grouped_once"] = grouped_once_side(model, x, names)
     timed["alone"] = products_alone_side(model, x, names)
+    if k == 1:
+        timed["one_adapter"] = one_adapter_side(model, x)
     peft_run = peft_side(base, k, x, names, ranks)
     if peft_run is not None:
         timed["peft"] = peft_run
@@ -336,6 +350,8 @@ def _measure(
     for side in ("mixed", "grouped_once", "alone"):
         row[f"{side}_over_base"] = paired_ratio(times[side], times["base"])
     row["alone_over_base"] += 1.0  # the base plus the products alone: the floor of mixed / base
+    if "one_adapter" in times:
+        row["one_adapter_over_base"] = paired_ratio(times["one_adapter"], times["base"])
     if "naive" in times:
         row["naive_over_mixed"] = paired_ratio(times["naive"], times["mixed"])
     if "merge_swap" in times:
@@ -494,6 +510,13 @@ def _floor_markdown(res: Results) -> list[str]:
             f"against the FLOP bound {row['bound']:.3f}): each product reads its A_k and B_k "
             f"({2 * RANK * res.config.core_width * 4 // 1024} KiB) to do {rows} of work, and each "
             "is one more BLAS call."
+            + (
+                f" One adapter alone, active and unmerged (no mixed batch: the fused LoRA op), "
+                f"costs {row['one_adapter_over_base']:.3f} of the base: the mixed batch at K = 1 "
+                "does the same work."
+                if "one_adapter_over_base" in row
+                else ""
+            )
         )
     if not out:
         return []
