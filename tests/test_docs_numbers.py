@@ -146,3 +146,21 @@ def test_conventions_guide_shapes():
     assert "layer.lora_A.shape, layer.lora_B.shape # (4, 64), (32, 4)" in text
     layer = LoRALinear(Linear(64, 32, seed=0), r=4, alpha=8, seed=1)
     assert (layer.lora_A.shape, layer.lora_B.shape) == ((4, 64), (32, 4))
+
+
+def test_instructors_guide_grading_defaults(capsys):
+    """'--timeout S ... (default 120', '--time-limit S ... (default 5', '--memory-limit MB ... (default 8192'."""
+    import contextlib
+
+    from loralab.exercises._feedback import TIME_LIMIT
+    from loralab.exercises.grade import MEMORY_LIMIT_MB, main
+
+    with contextlib.suppress(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    cell = int(help_text.split("seconds per cell (default ")[1].split(")")[0])
+    text = guide("instructors.md")
+    assert f"`--timeout S`, the seconds allowed per cell (default {cell};" in text
+    assert f"(default {TIME_LIMIT:g}: an endless loop" in text
+    assert f"the memory one student's kernel may map (default {MEMORY_LIMIT_MB};" in text
+    assert f"default {MEMORY_LIMIT_MB}" in help_text
