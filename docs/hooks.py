@@ -87,6 +87,10 @@ API_MODULES = [
     ("loralab.tokenizer", "`BPETokenizer`: byte-level BPE, as HF tokenizers runs tokenizer.json."),
     ("loralab.quant", "QLoRA from scratch: NF4/FP4 blockwise quantization, Linear4bit, LoftQ."),
     ("loralab.exercises", "Classroom exercises and their checks."),
+    (
+        "loralab.teaching",
+        "What the tutorials share: committed predictions, stand-in banners, shipped figures.",
+    ),
     ("loralab.torch", "The PyTorch twin (needs the `torch` extra)."),
 ]
 

@@ -15,7 +15,12 @@ import numpy as np
 
 __all__ = ["AGREES", "WITHIN_NOISE", "DISAGREES", "VERDICTS", "lower", "above", "negate"]
 
-AGREES, WITHIN_NOISE, DISAGREES = "agrees", "within noise", "DISAGREES"
+#: The difference is past the noise, in the direction the claim says.
+AGREES = "agrees"
+#: The difference is smaller than the noise: the claim is neither confirmed nor refuted.
+WITHIN_NOISE = "within noise"
+#: The difference is past the noise, against the claim.
+DISAGREES = "DISAGREES"
 VERDICTS = (AGREES, WITHIN_NOISE, DISAGREES)
 
 
