@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from loralab.bench.config import ALPHA, N_LAYERS, RANK, Check, Results
-from loralab.bench.machine import optional_torch
+from loralab.bench.machine import blas_threads, optional_torch
 from loralab.bench.mlp import LINEAR_NAMES, MLPArrays, engine_model
 from loralab.bench.sections._table import table
 from loralab.bench.timing import CLOCKS, paired_ratio, time_alternating
@@ -278,12 +278,15 @@ def profile_layer(
     repeats: int = 7,
     sample_seconds: float = 0.02,
     clock: Callable[[], float] = time.process_time,
+    threads: int | None = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time the parts of one mixed Linear(width, width) layer alone, before and now.
 
     Rows spread round-robin over ``k`` adapters of rank ``rank`` (float32). Each part runs on
-    its own, repeatedly (`loralab.bench.timing.time_alternating`, median of ``repeats``).
+    its own, repeatedly (`loralab.bench.timing.time_alternating`, median of ``repeats``), with
+    ``threads`` BLAS threads (default 1: on a busy machine a second thread mostly waits; None
+    leaves NumPy's count).
 
     Returns
     -------
@@ -305,7 +308,8 @@ def profile_layer(
     timed = {"base": lambda: x @ W0.T + b}
     timed.update({f"before: {p}": f for p, f in before.items()})
     timed.update({f"now: {p}": f for p, f in now.items()})
-    times = time_alternating(timed, repeats, sample_seconds, clock)
+    with blas_threads(threads):
+        times = time_alternating(timed, repeats, sample_seconds, clock)
     med = {name: statistics.median(t) for name, t in times.items()}
     out_now = {p: med[f"now: {p}"] for p in now}
     out_now["sort rows"] /= N_LAYERS  # one sort per batch, shared by every layer
@@ -385,6 +389,7 @@ def run(res: Results, log: Callable[[str], None]) -> None:
             repeats=cfg.repeats,
             sample_seconds=cfg.sample_seconds / 4,
             clock=CLOCKS[cfg.clock],
+            threads=None,  # the suite's count, set by run_bench
             seed=cfg.seed,
         )
         res.mixed_profile.append({"K": k, **prof})
