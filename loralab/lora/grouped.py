@@ -155,15 +155,23 @@ def _unsorted(zs: np.ndarray, groups: RowGroups) -> np.ndarray:
     return zs.reshape(n, -1)[groups.inverse].reshape(zs.shape)
 
 
-def _zero_gaps(zs: np.ndarray, segments: list[tuple[int, int]], tokens: int) -> None:
-    """Zero the rows of ``zs`` no segment writes (base-only rows, adapters this op lacks)."""
-    at = 0
+def _gaps(segments: list[tuple[int, int]], tokens: int, n: int) -> list[tuple[int, int]]:
+    """The spans of the n flattened rows that no segment covers (base-only rows, adapters this
+    op lacks), in flattened-row units."""
+    out, at = [], 0
     for lo, hi in sorted(segments):
-        if lo > at:
-            zs[at * tokens : lo * tokens] = 0
-        at = max(at, hi)
-    if at * tokens < zs.shape[0]:
-        zs[at * tokens :] = 0
+        if lo * tokens > at:
+            out.append((at, lo * tokens))
+        at = max(at, hi * tokens)
+    if at < n:
+        out.append((at, n))
+    return out
+
+
+def _zero_gaps(zs: np.ndarray, segments: list[tuple[int, int]], tokens: int) -> None:
+    """Zero the rows of ``zs`` no segment writes."""
+    for lo, hi in _gaps(segments, tokens, zs.shape[0]):
+        zs[lo:hi] = 0
 
 
 def _as_groups(x_shape: tuple[int, ...], adapter_index, n_adapters: int) -> RowGroups:
@@ -284,12 +292,16 @@ buffer and adds it once (one call per adapter instead of two)."""
 added while it is still in the CPU's cache, instead of going to memory and back."""
 
 
-def _add_expand(ys: np.ndarray, cache: GroupedCache, Bs: Sequence[np.ndarray]) -> None:
-    """ys[segment k] += U_k B_k^T for every adapter, in place.
+def _add_expand(
+    ys: np.ndarray, cache: GroupedCache, Bs: Sequence[np.ndarray], b: np.ndarray | None = None
+) -> None:
+    """ys[segment k] += U_k B_k^T for every adapter, and ys += b on every row if b is given,
+    in place.
 
-    Few adapters (segments of SHORT_SEGMENT rows or more on average): each product is added
-    CHUNK_ROWS rows at a time, while it is in the CPU's cache. Many adapters (short segments):
-    every product goes into one buffer, added once, so each adapter costs one call, not two.
+    Few adapters (segments of SHORT_SEGMENT rows or more on average): each product (plus b) is
+    added CHUNK_ROWS rows at a time, while it is in the CPU's cache, so b costs no pass of its
+    own. Many adapters (short segments): every product goes into one buffer, added once, so each
+    adapter costs one call, not two.
     """
     tokens, segments = cache.tokens, cache.groups.segments
     spans = [(lo * tokens, hi * tokens) for lo, hi in segments]
@@ -298,8 +310,16 @@ def _add_expand(ys: np.ndarray, cache: GroupedCache, Bs: Sequence[np.ndarray]) -
         for (lo, hi), uk, B in zip(spans, cache.us, Bs, strict=True):
             for at in range(lo, hi, CHUNK_ROWS):
                 end = min(at + CHUNK_ROWS, hi)
-                ys[at:end] += uk[at - lo : end - lo] @ B.T
+                zk = uk[at - lo : end - lo] @ B.T
+                if b is not None:
+                    zk += b
+                ys[at:end] += zk
+        if b is not None:
+            for lo, hi in _gaps(segments, tokens, ys.shape[0]):
+                ys[lo:hi] += b
         return
+    if b is not None:
+        ys += b
     zs = np.empty(ys.shape, dtype=np.result_type(*cache.us[:1], *Bs[:1]))
     _zero_gaps(zs, segments, tokens)
     for (lo, hi), uk, B in zip(spans, cache.us, Bs, strict=True):
@@ -338,9 +358,7 @@ def grouped_lora_linear_forward(
     """
     cache = grouped_lora_shrink(x, adapter_index, As, scalings)
     ys = cache.xs @ W0.T
-    if b is not None:
-        ys += b
-    _add_expand(ys, cache, Bs)
+    _add_expand(ys, cache, Bs, b)  # + b too, in the same pass when it can
     h = _unsorted(ys, cache.groups)
     return h.reshape(x.shape[:-1] + (W0.shape[0],)), cache._replace(Bs=Bs)
 
