@@ -136,12 +136,19 @@ def grouped_once_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[
     and put back in arrival order after it; returns the same rows as `sides`' ``mixed``."""
     order, inverse = adapter_order(names)
     grouped = [names[i] for i in order]
+    if (order == np.arange(order.size)).all():  # already grouped (K = 1): nothing to move
 
-    def run() -> np.ndarray:
+        def run() -> np.ndarray:
+            with no_grad(), mixed_batch(model, grouped):
+                return model(x).data
+
+        return run
+
+    def run_grouped() -> np.ndarray:
         with no_grad(), mixed_batch(model, grouped):
             return model(x[order]).data[inverse]
 
-    return run
+    return run_grouped
 
 
 def one_adapter_side(model: Any, x: np.ndarray) -> Callable[[], np.ndarray]:
