@@ -5,11 +5,17 @@ threads oversubscribes the cores and makes tiny matmuls hundreds of times slower
 """
 
 import os
+import shutil
+import tempfile
 
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# torch's compiler cache (created when peft or transformers import torch._inductor) goes into a
+# folder of this worker's own, removed when it ends: the suite leaves nothing in the temporary folder.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="loralab-tests-inductor-")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE)
 
 try:
     import torch
@@ -37,3 +43,7 @@ def pytest_terminal_summary(terminalreporter):
     if report.is_file() and report.stat().st_mtime >= _SESSION_START[0]:
         terminalreporter.section("notebooks and docs")
         terminalreporter.write(report.read_text())
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)

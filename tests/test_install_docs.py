@@ -151,3 +151,14 @@ def test_jupyter_lab_is_a_command_where_the_extras_are_installed():
     pytest.importorskip("jupyterlab", reason="needs loralab[jupyter] or loralab[all]")
     bindir = str(Path(sys.executable).parent)
     assert shutil.which("jupyter", path=bindir) and shutil.which("jupyter-lab", path=bindir)
+
+
+def test_the_docs_extra_keeps_material_below_the_version_that_prints_an_alarm():
+    # mkdocs-material 9.7.2 and later print a yellow "MkDocs 2.0 / end of life" notice on every
+    # build unless NO_MKDOCS_2_WARNING is set; a student running `mkdocs build` must see no alarm.
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    [material] = [
+        d for d in extras["optional-dependencies"]["docs"] if d.startswith("mkdocs-material")
+    ]
+    assert "<9.7.2" in material.replace(" ", ""), material
