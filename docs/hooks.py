@@ -77,6 +77,7 @@ API_MODULES = [
         "Named adapters, mixed batches and `add_weighted_adapter`.",
     ),
     ("loralab.lora.peft_format", "`save_adapter` / `load_adapter` in HF PEFT's format."),
+    ("loralab.lora.peft_read", "Reading an adapter folder: config, safetensors header, tensors."),
     ("loralab.counting", "Parameter and memory counting for real model shapes."),
     ("loralab.datasets", "The datasets that ship with loralab and their shifted tasks."),
     ("loralab.training", "The one training loop (`fit`) and classifier training."),

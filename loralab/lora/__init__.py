@@ -17,6 +17,7 @@ One package, in layers (each module imports only those above it in this list):
 - `loralab.lora.inject`: `inject_lora`, `merge_lora`, `unmerge_lora`, `lora_layers`, counting;
 - `loralab.lora.named_adapters`: named adapters (`set_adapter`, `delete_adapter`, `disable_adapters`),
   mixed batches (`mixed_batch`) and `add_weighted_adapter`;
+- `loralab.lora.peft_read`: reading an adapter folder (config, safetensors header, tensors), checked;
 - `loralab.lora.peft_format`: `save_adapter` / `load_adapter` in HF PEFT's format.
 """
 
