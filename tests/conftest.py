@@ -4,6 +4,7 @@
 threads oversubscribes the cores and makes tiny matmuls hundreds of times slower.
 """
 
+import getpass
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # folder of this worker's own, removed when it ends: the suite leaves nothing in the temporary folder.
 _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="loralab-tests-inductor-")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE)
+# torch puts its precompiled C++ headers in <temp>/torchinductor_<user> whatever the variable says:
+# removed at the end too, unless it was there before the tests (someone's own cache).
+_TORCH_HEADERS = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+_TORCH_HEADERS_WERE_THERE = os.path.exists(_TORCH_HEADERS)
 
 try:
     import torch
@@ -47,3 +52,5 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_unconfigure(config):
     shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
+    if not _TORCH_HEADERS_WERE_THERE:
+        shutil.rmtree(_TORCH_HEADERS, ignore_errors=True)
