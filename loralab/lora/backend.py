@@ -71,8 +71,25 @@ class Backend:
 
     # ----- written once, from the blanks above -----
     def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
-        """(dotted name, layer) for every LoRA layer of ``model``, in module order."""
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, self.lora_types())]
+        """(dotted name, layer) for every LoRA layer of ``model``, in module order.
+
+        The walk of ``named_modules`` (depth first, each module once), except that it does not go
+        inside a LoRA layer: none holds another, and a layer with K adapters holds K modules
+        that every mixed batch would otherwise visit.
+        """
+        kinds = self.lora_types()
+        found, seen, stack = [], set(), [("", model)]
+        while stack:
+            name, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if isinstance(module, kinds):
+                found.append((name, module))
+                continue
+            children = [(f"{name}.{n}" if name else n, m) for n, m in module.named_children()]
+            stack.extend(reversed(children))
+        return found
 
     def linear_shape(self, model: Any, path: str) -> tuple[int, int] | None:
         """(out, in) of the linear or LoRA layer at ``path``; None if there is none."""

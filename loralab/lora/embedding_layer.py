@@ -174,6 +174,10 @@ class LoRAEmbeddingMixin:
             )
         return self
 
+    def holders(self, names: list[str]) -> list[Any]:
+        """``[self.adapter(n) for n in names]``."""
+        return [self.adapter(n) for n in names]
+
     def adapter_parameters(self, name: str) -> dict[str, Any]:
         """``{"lora_embedding_A": ..., "lora_embedding_B": ...}`` of adapter ``name``."""
         self.adapter(name)

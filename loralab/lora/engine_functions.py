@@ -101,12 +101,13 @@ class GroupedLoRAFn(Function):
     ``s_k B_k A_k x_i`` for its adapter k = index[i] (nothing for -1), with the hand backward of
     `loralab.lora.grouped.grouped_lora_backward` (so one batch trains several adapters at once).
     ``index`` is an int array of shape x.shape[:-1], or the batch's rows already sorted by
-    adapter (a `loralab.lora.grouped.RowGroups`, shared by every layer of a mixed batch)."""
+    adapter (a `loralab.lora.grouped.RowGroups`, shared by every layer of a mixed batch).
+    ``stack``: the same adapters stacked, (`loralab.lora.stacked.AdapterStack`, slots), or None."""
 
     @staticmethod
-    def forward(ctx, x, *AB, index, scalings):
+    def forward(ctx, x, *AB, index, scalings, stack=None):
         k = len(scalings)
-        y, cache = grouped_lora_forward(x, index, AB[:k], AB[k:], scalings)
+        y, cache = grouped_lora_forward(x, index, AB[:k], AB[k:], scalings, stack=stack)
         ctx.save_for_backward(cache)
         return y
 
@@ -127,9 +128,9 @@ class GroupedLoRALinearFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W0, b, *AB, index, scalings):
+    def forward(ctx, x, W0, b, *AB, index, scalings, stack=None):
         k = len(scalings)
-        y, cache = grouped_lora_linear_forward(x, W0, b, index, AB[:k], AB[k:], scalings)
+        y, cache = grouped_lora_linear_forward(x, W0, b, index, AB[:k], AB[k:], scalings, stack)
         ctx.save_for_backward(cache, x, W0)
         return y
 

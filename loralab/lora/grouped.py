@@ -39,6 +39,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from loralab.lora.stacked import (
+    AdapterStack,
+    StackLayout,
+    stack_layout,
+    stacked_backward,
+    stacked_expand_add,
+    stacked_shrink,
+)
+
 __all__ = [
     "RowGroups",
     "GroupedCache",
@@ -126,17 +135,28 @@ def group_rows(adapter_index: np.ndarray, n_adapters: int) -> list[np.ndarray]:
     return [groups.order[lo:hi] for lo, hi in groups.segments]
 
 
+class Stacked(NamedTuple):
+    """The stacked path's part of a `GroupedCache` (`loralab.lora.stacked`)."""
+
+    layout: StackLayout
+    stack: AdapterStack
+    slots: Sequence[int]  # slots[k]: adapter k's place in the stack
+    X: np.ndarray  # (K_stack, c, in), the rows in blocks
+    U: np.ndarray  # (K_stack, c, r), s X A^T
+
+
 class GroupedCache(NamedTuple):
     """What `grouped_lora_backward` needs: the sorted batch and each adapter's products."""
 
     groups: RowGroups
     tokens: int  # rows of the flattened x per row of the batch (the op's unit of sorting)
-    xs: np.ndarray  # the flattened x in sorted order, shape (N tokens, in)
-    us: list[np.ndarray]  # us[k]: U_k = s_k X_k A_k^T, shape (n_k, r_k)
+    xs: np.ndarray  # the flattened x in sorted order (as it came when stacked), (N tokens, in)
+    us: list[np.ndarray]  # us[k]: U_k = s_k X_k A_k^T, shape (n_k, r_k) ([] when stacked)
     As: Sequence[np.ndarray]
     Bs: Sequence[np.ndarray]
     scalings: Sequence[float]
     x_shape: tuple[int, ...]
+    stacked: Stacked | None = None  # the products ran on stacked adapters
 
 
 def _sorted(a2: np.ndarray, groups: RowGroups) -> np.ndarray:
@@ -185,6 +205,7 @@ def grouped_lora_shrink(
     adapter_index: np.ndarray | RowGroups,
     As: Sequence[np.ndarray],
     scalings: Sequence[float],
+    stack: tuple[AdapterStack, Sequence[int]] | None = None,
 ) -> GroupedCache:
     """The first half of `grouped_lora_forward` (Punica's "shrink"): the sorted batch and
     U_k = s_k X_k A_k^T for every adapter, in a cache for `grouped_lora_expand` and the backward.
@@ -195,8 +216,16 @@ def grouped_lora_shrink(
     groups = _as_groups(x.shape, adapter_index, len(As))
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // max(groups.order.size, 1)
-    xs = _sorted(x2, groups)
     spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
+    if stack is not None:
+        st, slots = stack
+        order = None if groups.identity else groups.order
+        layout = stack_layout(spans, slots, st.A.shape[0], order, tokens)
+        if layout is not None:  # the rows go straight from x2 into the block: no sorted copy
+            X, U = stacked_shrink(x2, layout, st)
+            part = Stacked(layout, st, slots, X, U)
+            return GroupedCache(groups, tokens, x2, [], As, (), scalings, x.shape, part)
+    xs = _sorted(x2, groups)
     ranks = {A.shape[0] for A in As}
     if len(ranks) == 1 and len(set(scalings)) == 1:
         # the common case: one (rows, r) buffer, and s applied once to all of it
@@ -234,12 +263,21 @@ def grouped_lora_expand(
     groups, tokens, us = cache.groups, cache.tokens, cache.us
     out_features = Bs[0].shape[0] if len(Bs) else 0
     n = cache.xs.shape[0]
+    shape = cache.x_shape[:-1] + (out_features,)
+    if cache.stacked is not None:  # rows in arrival order: added straight into place
+        st = cache.stacked
+        cache = cache._replace(Bs=Bs)
+        if out is None:
+            zs = np.zeros((n, out_features), dtype=np.result_type(st.U, st.stack.Bt))
+        else:
+            zs = out.reshape(-1, out_features)
+        stacked_expand_add(zs, st.U, st.layout, st.stack)
+        return zs.reshape(shape), cache
     dtype = np.result_type(*us[:1], *Bs[:1]) if us else cache.xs.dtype
     zs = np.empty((n, out_features), dtype=dtype)
     _zero_gaps(zs, groups.segments, tokens)
     for (lo, hi), uk, B in zip(groups.segments, us, Bs, strict=True):
         np.matmul(uk, B.T, out=zs[lo * tokens : hi * tokens])
-    shape = cache.x_shape[:-1] + (out_features,)
     cache = cache._replace(Bs=Bs)
     if out is None:
         if not groups.identity:
@@ -257,6 +295,7 @@ def grouped_lora_forward(
     Bs: Sequence[np.ndarray],
     scalings: Sequence[float],
     out: np.ndarray | None = None,
+    stack: tuple[AdapterStack, Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, GroupedCache]:
     """The low-rank part of a mixed batch: row i gets s_{g_i} B_{g_i} A_{g_i} x_i (or 0).
 
@@ -275,21 +314,24 @@ def grouped_lora_forward(
     out : ndarray of shape (..., out), optional
         Add the low-rank part into it in place (e.g. the base's x W0^T + b, so the batch's
         output is not allocated and summed twice) and return it.
+    stack : (AdapterStack, slots), optional
+        The same adapters stacked (`loralab.lora.stacked.stack_parameters`; adapter k is slot
+        ``slots[k]``): short segments then run as batched products, one call for all adapters.
 
     Returns
     -------
     y : ndarray of shape (..., out), zero on base-only rows (``out`` plus the part, if given)
     cache : GroupedCache for the backward
     """
-    return grouped_lora_expand(grouped_lora_shrink(x, adapter_index, As, scalings), Bs, out)
+    return grouped_lora_expand(grouped_lora_shrink(x, adapter_index, As, scalings, stack), Bs, out)
 
 
 CHUNK_ROWS = 64
+"""Rows per up-projection product in `grouped_lora_linear_forward`: its (rows, out) result is
+added while it is still in the CPU's cache, instead of going to memory and back."""
 SHORT_SEGMENT = 8
 """Below this many rows per adapter on average, `_add_expand` writes every product into one
 buffer and adds it once (one call per adapter instead of two)."""
-"""Rows per up-projection product in `grouped_lora_linear_forward`: its (rows, out) result is
-added while it is still in the CPU's cache, instead of going to memory and back."""
 
 
 def _add_expand(
@@ -303,6 +345,12 @@ def _add_expand(
     own. Many adapters (short segments): every product goes into one buffer, added once, so each
     adapter costs one call, not two.
     """
+    if cache.stacked is not None:
+        if b is not None:  # (folding b into the chunks measured slower: ys is then warm)
+            ys += b
+        st = cache.stacked
+        stacked_expand_add(ys, st.U, st.layout, st.stack)
+        return
     tokens, segments = cache.tokens, cache.groups.segments
     spans = [(lo * tokens, hi * tokens) for lo, hi in segments]
     rows = sum(hi - lo for lo, hi in spans)
@@ -335,6 +383,7 @@ def grouped_lora_linear_forward(
     As: Sequence[np.ndarray],
     Bs: Sequence[np.ndarray],
     scalings: Sequence[float],
+    stack: tuple[AdapterStack, Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, GroupedCache]:
     """A mixed batch through a Linear base, fused: h_i = W0 x_i + b + s_{g_i} B_{g_i} A_{g_i} x_i.
 
@@ -349,17 +398,17 @@ def grouped_lora_linear_forward(
     x : ndarray of shape (..., in)
     W0 : ndarray of shape (out, in)
     b : ndarray of shape (out,) or None
-    adapter_index, As, Bs, scalings : as `grouped_lora_forward`
+    adapter_index, As, Bs, scalings, stack : as `grouped_lora_forward`
 
     Returns
     -------
     h : ndarray of shape (..., out)
     cache : GroupedCache for `grouped_lora_backward` (its dx adds dy W0 when given W0)
     """
-    cache = grouped_lora_shrink(x, adapter_index, As, scalings)
+    cache = grouped_lora_shrink(x, adapter_index, As, scalings, stack)
     ys = cache.xs @ W0.T
     _add_expand(ys, cache, Bs, b)  # + b too, in the same pass when it can
-    h = _unsorted(ys, cache.groups)
+    h = ys if cache.stacked is not None else _unsorted(ys, cache.groups)
     return h.reshape(x.shape[:-1] + (W0.shape[0],)), cache._replace(Bs=Bs)
 
 
@@ -385,16 +434,36 @@ def grouped_lora_backward(
     dBs : K arrays of shape (out, r_k)
     """
     groups, tokens, xs = cache.groups, cache.tokens, cache.xs
-    dys = _sorted(dy.reshape(-1, dy.shape[-1]), groups)
+    dys = dy.reshape(-1, dy.shape[-1])
+    if cache.stacked is None:  # the stacked products index the rows as they came
+        dys = _sorted(dys, groups)
     dxs = None
     if need_dx and W0 is not None:
         dxs = dys @ W0
+    elif need_dx and cache.stacked is not None:  # the stacked products add into it
+        dxs = np.zeros((dys.shape[0], xs.shape[1]), dtype=np.result_type(dys, xs))
     elif need_dx:
         dxs = np.empty((dys.shape[0], xs.shape[1]), dtype=np.result_type(dys, xs))
         _zero_gaps(dxs, groups.segments, tokens)
+    if cache.stacked is not None:
+        st = cache.stacked
+        dA, dBt = stacked_backward(dys, st.X, st.U, st.layout, st.stack, dxs)
+        dAs, dBs = [dA[k] for k in st.slots], [dBt[k].T for k in st.slots]
+        return None if dxs is None else dxs.reshape(cache.x_shape), dAs, dBs
+    dAs, dBs = _backward_loop(dys, cache, dxs, W0 is not None)
+    if dxs is None:
+        return None, dAs, dBs
+    return _unsorted(dxs, groups).reshape(cache.x_shape), dAs, dBs
+
+
+def _backward_loop(
+    dys: np.ndarray, cache: GroupedCache, dxs: np.ndarray | None, add: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """dA_k, dB_k one adapter at a time, and dxs[segment k] (+)= G_k A_k in place."""
+    tokens, xs = cache.tokens, cache.xs
     dAs, dBs = [], []
     for (lo, hi), uk, A, B, s in zip(
-        groups.segments, cache.us, cache.As, cache.Bs, cache.scalings, strict=True
+        cache.groups.segments, cache.us, cache.As, cache.Bs, cache.scalings, strict=True
     ):
         lo, hi = lo * tokens, hi * tokens
         dyk = dys[lo:hi]
@@ -402,10 +471,8 @@ def grouped_lora_backward(
         gk *= s
         dAs.append(gk.T @ xs[lo:hi])
         dBs.append(dyk.T @ uk)
-        if dxs is not None and W0 is not None:
+        if dxs is not None and add:
             dxs[lo:hi] += gk @ A
         elif dxs is not None:
             np.matmul(gk, A, out=dxs[lo:hi])
-    if dxs is None:
-        return None, dAs, dBs
-    return _unsorted(dxs, groups).reshape(cache.x_shape), dAs, dBs
+    return dAs, dBs

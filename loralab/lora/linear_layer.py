@@ -38,6 +38,7 @@ from loralab.lora.linear_shared import (
     LoRALayerMixin,
     check_mixed_rows,
 )
+from loralab.lora.stacked import AdapterStack, stack_parameters
 from loralab.nn.layers import Linear, check_input
 from loralab.nn.module import Module, Parameter, make_rng
 from loralab.tensor import Tensor
@@ -178,10 +179,36 @@ class LoRALinear(LoRALayerMixin, Module):
         As = [h.lora_A for h in holders]
         Bs = [h.lora_B for h in holders]
         scalings = [h.scaling for h in holders]
+        stack = self._stacked(holders, As, Bs, scalings)
         if self.plain_base:
             W0, b = self.base.weight, self.base.bias
-            return GroupedLoRALinearFn.apply(x, W0, b, *As, *Bs, index=groups, scalings=scalings)
-        return self.base(x) + GroupedLoRAFn.apply(x, *As, *Bs, index=groups, scalings=scalings)
+            return GroupedLoRALinearFn.apply(
+                x, W0, b, *As, *Bs, index=groups, scalings=scalings, stack=stack
+            )
+        y = GroupedLoRAFn.apply(x, *As, *Bs, index=groups, scalings=scalings, stack=stack)
+        return self.base(x) + y
+
+    def _stacked(
+        self, holders: list[Any], As: list[Parameter], Bs: list[Parameter], scalings: list[float]
+    ) -> tuple[AdapterStack, range | list[int]] | None:
+        """Every adapter of this layer stacked in name order (`loralab.lora.stacked`: built
+        once, then reused while the adapters' parameters hold their slices), and the slot of
+        each of ``holders``; None when the adapters differ in rank or dtype.
+
+        ``holders`` come in the batch's order (by name, `forward_plan`): when they are all of
+        the layer's adapters, they are the stack's order and every slot is theirs.
+        """
+        slots: range | list[int] = range(len(holders))
+        if len(holders) != len(self.adapter_names):  # the batch uses some: stack them all
+            everyone = self.holders(sorted(self.adapter_names))
+            where = {id(h): k for k, h in enumerate(everyone)}
+            slots = [where[id(h)] for h in holders]
+            As = [h.lora_A for h in everyone]
+            Bs = [h.lora_B for h in everyone]
+            scalings = [h.scaling for h in everyone]
+        stack = stack_parameters(As, Bs, scalings, self.__dict__.get("_adapter_stack"))
+        object.__setattr__(self, "_adapter_stack", stack)
+        return None if stack is None else (stack, slots)
 
 
 class LoRAAdapter(AdapterMixin, Module):

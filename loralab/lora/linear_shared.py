@@ -377,6 +377,13 @@ class LoRALayerMixin(AdapterMixin):
             return self
         return self.lora_adapters[name]
 
+    def holders(self, names: list[str]) -> list[Any]:
+        """``[self.adapter(n) for n in names]``, in one pass (a mixed batch asks for K at once)."""
+        first = self.adapter_names[0]
+        # the children of the NumPy AdapterDict and of torch's ModuleDict, by name
+        others = self.lora_adapters._modules if len(self.adapter_names) > 1 else {}
+        return [self if n == first else others[n] for n in names]
+
     def add_adapter(
         self,
         adapter_name: str,
@@ -482,9 +489,14 @@ class LoRALayerMixin(AdapterMixin):
             routing = getattr(self, "mixed_routing", None)
             if routing is None or routing.rows is not self.mixed_rows:  # rows set by hand
                 routing = route_rows(self.mixed_rows)
-            used = [n for n in self.adapter_names if n in routing.position]
-            groups = routing.groups.select([routing.position[n] for n in used])
-            return "mixed", (groups, [self.adapter(n) for n in used])
+            # the batch's adapters this layer holds, in the batch's (sorted) order: when the layer
+            # holds them all, the segments are the batch's own, adjacent in the sorted rows
+            held = set(self.adapter_names)
+            used = [n for n in routing.position if n in held]
+            groups = routing.groups
+            if len(used) != len(routing.position):
+                groups = groups.select([routing.position[n] for n in used])
+            return "mixed", (groups, self.holders(used))
         holders = [self.adapter(n) for n in self.active_adapter_names if n in self.adapter_names]
         if not holders:
             return "base", None

@@ -204,17 +204,13 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
             f"{adapter_names_of(layers)} (and {BASE_ROWS!r} for the base alone)"
         )
     _refuse_merged(layers, "mixed_batch")
-    dora = sorted(
-        {
-            n
-            for (_, layer), names in zip(layers, held, strict=True)
-            for n in used
-            if n in names and layer.adapter(n).use_dora
-        }
-    )
+    dora: set[str] = set()
+    for (_, layer), names in zip(layers, held, strict=True):
+        mine = [n for n in used if n in names]
+        dora.update(n for n, h in zip(mine, layer.holders(mine), strict=True) if h.use_dora)
     if dora:
         raise ValueError(
-            f"mixed_batch: adapters {dora} use DoRA, which a mixed batch does not support"
+            f"mixed_batch: adapters {sorted(dora)} use DoRA, which a mixed batch does not support"
         )
     with _set_inside(layers, mixed_rows=rows, mixed_routing=routing):
         yield model
