@@ -32,6 +32,7 @@ from loralab.lora.linear_shared import (
 )
 from loralab.nn.module import make_rng
 from loralab.torch.grouped import grouped_lora
+from loralab.torch.stacked import TorchAdapterStack, stack_parameters
 from loralab.torch.variants import DoRALinearFunction
 
 __all__ = [
@@ -320,7 +321,30 @@ class LoRALinear(LoRALayerMixin, torch.nn.Module):
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
                 "adapters with dropout=0"
             )
-        return self.base(x) + grouped_lora(x, groups, holders)
+        return grouped_lora(x, groups, holders, self._stacked(holders), out=self.base(x))
+
+    def _stacked(self, holders: list[Any]) -> tuple[TorchAdapterStack, range | list[int]] | None:
+        """Every adapter of this layer stacked in name order (`loralab.torch.stacked`: built
+        once, then reused while the adapters' parameters hold their slices), and the slot of
+        each of ``holders``; None when the adapters differ in rank, dtype or device.
+
+        ``holders`` come in the batch's order (by name, `forward_plan`): when they are all of
+        the layer's adapters, they are the stack's order and every slot is theirs.
+        """
+        slots: range | list[int] = range(len(holders))
+        everyone = holders
+        if len(holders) != len(self.adapter_names):  # the batch uses some: stack them all
+            everyone = self.holders(sorted(self.adapter_names))
+            where = {id(h): k for k, h in enumerate(everyone)}
+            slots = [where[id(h)] for h in holders]
+        stack = stack_parameters(
+            [h.lora_A for h in everyone],
+            [h.lora_B for h in everyone],
+            [h.scaling for h in everyone],
+            self.__dict__.get("_adapter_stack"),
+        )
+        object.__setattr__(self, "_adapter_stack", stack)  # not a parameter or buffer
+        return None if stack is None else (stack, slots)
 
     def _branch(self, h: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """One adapter's s ((x * mask) A^T) B^T, by the hand backward or by plain autograd."""
