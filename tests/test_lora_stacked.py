@@ -150,15 +150,20 @@ def test_a_layer_with_adapters_the_batch_does_not_use():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("sort", [True, False])
-def test_stacked_functions_pass_gradcheck(fused, sort):
+@pytest.mark.parametrize(
+    "g",
+    [
+        [2, 0, -1, 2, 1, 0, 2],  # unequal segments, base-only row: the padded block
+        [-1, 0, 0, 1, 2, 2, 2],  # the same, rows grouped
+        [2, 1, 0, 0, 2, 1, -1],  # equal segments as they came: the whole batch sorted
+    ],
+)
+def test_stacked_functions_pass_gradcheck(fused, g):
     """dx, dW0, db, every dA_k and dB_k against central differences (float64, B nonzero,
-    rows of 2 tokens, base-only rows, unequal segments: the padded block)."""
-    rng = np.random.default_rng(5 + 2 * fused + sort)
+    rows of 2 tokens)."""
+    rng = np.random.default_rng(5 + 2 * fused + g[0])
     k, r, d_in, d_out = 3, 2, 4, 3
-    g = np.array([2, 0, -1, 2, 1, 0, 2])
-    if sort:
-        g = np.sort(g)
+    g = np.array(g)
     x = Tensor(rng.normal(size=(7, 2, d_in)), requires_grad=True)
     W0 = Tensor(rng.normal(size=(d_out, d_in)), requires_grad=True)
     b = Tensor(rng.normal(size=(d_out,)), requires_grad=True)
@@ -181,9 +186,16 @@ def test_stacked_functions_pass_gradcheck(fused, sort):
     assert held["st"] is not None
 
 
-@pytest.mark.parametrize("n_rows, tokens, k", [(24, 1, 6), (10, 3, 4)])
-def test_stacked_gradients_equal_the_per_adapter_ones(n_rows, tokens, k):
+@pytest.mark.parametrize(
+    "n_rows, tokens, k, equal",
+    [(24, 1, 6, False), (10, 3, 4, False), (24, 1, 6, True), (12, 2, 3, True)],
+)
+def test_stacked_gradients_equal_the_per_adapter_ones(n_rows, tokens, k, equal):
+    """Unequal segments (the padded block, rows gathered as they came) and equal ones in
+    arrival order (the fused op sorts the whole batch, the block is a view of it)."""
     rng, x, As, Bs, s, g = _case(7 + k, n_rows, tokens, k)
+    if equal:
+        g = rng.permutation(np.repeat(np.arange(k), n_rows // k))
     W0, b = rng.normal(size=(5, 6)), rng.normal(size=5)
     dy = rng.normal(size=(n_rows, tokens, 5))
     A, B = [p.data.copy() for p in As], [p.data.copy() for p in Bs]
@@ -193,6 +205,8 @@ def test_stacked_gradients_equal_the_per_adapter_ones(n_rows, tokens, k):
     for stack in ((st, range(k)), None):
         h, cache = G.grouped_lora_linear_forward(x, W0, b, groups, A, B, s, stack)
         assert (cache.stacked is not None) == (stack is not None)
+        if stack is not None and equal:
+            assert cache.stacked.sorted  # equal segments: the whole batch sorted, a view
         dx, dAs, dBs = G.grouped_lora_backward(dy, cache, W0=W0)
         outs.append([h, dx, *dAs, *dBs])
     for got, want in zip(*outs, strict=True):

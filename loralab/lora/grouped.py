@@ -143,6 +143,7 @@ class Stacked(NamedTuple):
     slots: Sequence[int]  # slots[k]: adapter k's place in the stack
     X: np.ndarray  # (K_stack, c, in), the rows in blocks
     U: np.ndarray  # (K_stack, c, r), s X A^T
+    sorted: bool  # the cache's xs (and the layout) are the sorted batch; else the batch as it came
 
 
 class GroupedCache(NamedTuple):
@@ -206,12 +207,16 @@ def grouped_lora_shrink(
     As: Sequence[np.ndarray],
     scalings: Sequence[float],
     stack: tuple[AdapterStack, Sequence[int]] | None = None,
+    sort_whole_batch: bool = False,
 ) -> GroupedCache:
     """The first half of `grouped_lora_forward` (Punica's "shrink"): the sorted batch and
     U_k = s_k X_k A_k^T for every adapter, in a cache for `grouped_lora_expand` and the backward.
 
     Run it before the base's big product when you can: x is then still in the CPU's cache.
-    Parameters as `grouped_lora_forward`.
+    Parameters as `grouped_lora_forward`; ``sort_whole_batch`` (`grouped_lora_linear_forward`):
+    on the stacked path, when the sorted batch is the block itself, sort the whole batch (the
+    base product then runs on it and one gather puts its output back) rather than gather the
+    block's rows and add the products back through an index.
     """
     groups = _as_groups(x.shape, adapter_index, len(As))
     x2 = x.reshape(-1, x.shape[-1])
@@ -219,12 +224,15 @@ def grouped_lora_shrink(
     spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
     if stack is not None:
         st, slots = stack
-        order = None if groups.identity else groups.order
-        layout = stack_layout(spans, slots, st.A.shape[0], order, tokens)
-        if layout is not None:  # the rows go straight from x2 into the block: no sorted copy
-            X, U = stacked_shrink(x2, layout, st)
-            part = Stacked(layout, st, slots, X, U)
-            return GroupedCache(groups, tokens, x2, [], As, (), scalings, x.shape, part)
+        layout = stack_layout(spans, slots, st.A.shape[0])
+        whole = groups.identity or (sort_whole_batch and layout is not None and layout.rows is None)
+        if layout is not None and not whole:  # the block's rows straight from x2, as it came
+            layout = stack_layout(spans, slots, st.A.shape[0], groups.order, tokens)
+        if layout is not None:
+            xs = _sorted(x2, groups) if whole else x2
+            X, U = stacked_shrink(xs, layout, st)
+            part = Stacked(layout, st, slots, X, U, whole)
+            return GroupedCache(groups, tokens, xs, [], As, (), scalings, x.shape, part)
     xs = _sorted(x2, groups)
     ranks = {A.shape[0] for A in As}
     if len(ranks) == 1 and len(set(scalings)) == 1:
@@ -264,10 +272,19 @@ def grouped_lora_expand(
     out_features = Bs[0].shape[0] if len(Bs) else 0
     n = cache.xs.shape[0]
     shape = cache.x_shape[:-1] + (out_features,)
-    if cache.stacked is not None:  # rows in arrival order: added straight into place
+    if cache.stacked is not None:
         st = cache.stacked
         cache = cache._replace(Bs=Bs)
-        if out is None:
+        if st.sorted and not groups.identity:  # the products in sorted order, then put back
+            zs = np.zeros((n, out_features), dtype=np.result_type(st.U, st.stack.Bt))
+            stacked_expand_add(zs, st.U, st.layout, st.stack)
+            zs = _unsorted(zs, groups)
+            if out is None:
+                return zs.reshape(shape), cache
+            y = out.reshape(-1, out_features)
+            y += zs
+            return y.reshape(shape), cache
+        if out is None:  # rows as they came: added straight into place
             zs = np.zeros((n, out_features), dtype=np.result_type(st.U, st.stack.Bt))
         else:
             zs = out.reshape(-1, out_features)
@@ -405,10 +422,11 @@ def grouped_lora_linear_forward(
     h : ndarray of shape (..., out)
     cache : GroupedCache for `grouped_lora_backward` (its dx adds dy W0 when given W0)
     """
-    cache = grouped_lora_shrink(x, adapter_index, As, scalings, stack)
+    cache = grouped_lora_shrink(x, adapter_index, As, scalings, stack, sort_whole_batch=True)
     ys = cache.xs @ W0.T
     _add_expand(ys, cache, Bs, b)  # + b too, in the same pass when it can
-    h = ys if cache.stacked is not None else _unsorted(ys, cache.groups)
+    as_came = cache.stacked is not None and not cache.stacked.sorted
+    h = ys if as_came else _unsorted(ys, cache.groups)
     return h.reshape(x.shape[:-1] + (W0.shape[0],)), cache._replace(Bs=Bs)
 
 
@@ -435,7 +453,8 @@ def grouped_lora_backward(
     """
     groups, tokens, xs = cache.groups, cache.tokens, cache.xs
     dys = dy.reshape(-1, dy.shape[-1])
-    if cache.stacked is None:  # the stacked products index the rows as they came
+    as_came = cache.stacked is not None and not cache.stacked.sorted
+    if not as_came:  # (the stacked products of a batch not sorted index the rows as they came)
         dys = _sorted(dys, groups)
     dxs = None
     if need_dx and W0 is not None:
@@ -449,11 +468,11 @@ def grouped_lora_backward(
         st = cache.stacked
         dA, dBt = stacked_backward(dys, st.X, st.U, st.layout, st.stack, dxs)
         dAs, dBs = [dA[k] for k in st.slots], [dBt[k].T for k in st.slots]
-        return None if dxs is None else dxs.reshape(cache.x_shape), dAs, dBs
-    dAs, dBs = _backward_loop(dys, cache, dxs, W0 is not None)
+    else:
+        dAs, dBs = _backward_loop(dys, cache, dxs, W0 is not None)
     if dxs is None:
         return None, dAs, dBs
-    return _unsorted(dxs, groups).reshape(cache.x_shape), dAs, dBs
+    return (dxs if as_came else _unsorted(dxs, groups)).reshape(cache.x_shape), dAs, dBs
 
 
 def _backward_loop(

@@ -41,6 +41,7 @@ keeps its names; see docs/guides/many_adapters.md.
 from __future__ import annotations
 
 import re
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -152,7 +153,7 @@ def route_rows(rows: list[str]) -> MixedRouting:
     """
     used = sorted({n for n in rows if n != BASE_ROWS})
     position = {n: k for k, n in enumerate(used)}
-    index = np.array([position.get(n, -1) for n in rows], dtype=np.int64)
+    index = np.fromiter(map(position.get, rows, repeat(-1)), dtype=np.int64, count=len(rows))
     return MixedRouting(rows, position, group_batch(index, len(used)))
 
 

@@ -23,6 +23,7 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -189,7 +190,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
             f"mixed_batch: adapter_names must be a list of str (one per row), got {adapter_names!r}"
         )
     rows = list(adapter_names)
-    if not rows or not all(isinstance(n, str) for n in rows):
+    if not rows or not all(map(isinstance, rows, repeat(str))):
         raise TypeError(
             f"mixed_batch: adapter_names must be a non-empty list of str, got {adapter_names!r}"
         )
@@ -197,7 +198,8 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     used = list(routing.position)
     layers = _named_layers(model, "mixed_batch")
     held = [set(layer.adapter_names) for _, layer in layers]  # sets: K x layers, not K^2
-    unknown = [n for n in used if not any(n in names for names in held)]
+    known = set().union(*held)
+    unknown = [n for n in used if n not in known]
     if unknown:
         raise ValueError(
             f"mixed_batch: unknown adapters {unknown}; the model's adapters are "

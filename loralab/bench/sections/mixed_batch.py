@@ -18,12 +18,16 @@ four Linear layers) is served these ways, alternating, with no gradient:
 
 and, when torch and PEFT are installed, loralab's NumPy mixed batch against PEFT's mixed-batch
 forward (``model(x, adapter_names=...)``) on the torch twin, same threads. Next to each ratio:
-the FLOP bound 1 + r (d + k) / (d k), and the floor measured alone: the K pairs of small
-products of every layer, nothing else. One more row mixes adapters of different ranks.
+the FLOP bound 1 + r (d + k) / (d k), and two floors measured alone, each added to the base:
+the low-rank products of every layer and nothing else (the K adapters' batched products on
+the stacked weights, `loralab.lora.stacked`, with no base, gather, Tensor or Function), and
+the bytes: one streaming read of every layer's K adapters (K x 64 KiB at r = 8, d = 1024,
+float32), which any way of serving the batch must do. One more row mixes adapters of
+different ranks.
 
 `profile_layer` times the parts of one layer's mixed forward alone, the way it was (a sort in
 every layer, a gather ``x[rows]`` and a scatter ``y[rows] +=`` per adapter) and the way it is
-now; tutorial 12 draws the same profile.
+now (one batched product per layer on the stacked adapters); tutorial 12 draws the same profile.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from loralab.lora import (
     unmerge_lora,
 )
 from loralab.lora import grouped as G
+from loralab.lora import stacked as ST
 from loralab.lora.linear_shared import route_rows
+from loralab.nn.module import Parameter
 from loralab.tensor import no_grad
 
 TARGET_K = 16  # the K at which the naive, merge-swap and PEFT comparisons are checked
@@ -59,6 +65,7 @@ PEFT_TARGET = 0.8  # loralab NumPy / PEFT's mixed batch at TARGET_K
 MIXED_RANKS = (4, 8, 16, 32)  # the row whose adapters differ in rank: adapter i has r = [i % 4]
 PROFILE_KS = (1, 16, 64, 256)
 PARTS = ("sort rows", "gathers and scatters", "down products x A^T", "up products U B^T + add")
+FLOORS = ("alone", "bytes", "plain")  # products alone; one read of the adapters; plain NumPy
 """The parts of a layer's low-rank work that `profile_layer` times (besides the base product)."""
 
 
@@ -163,32 +170,82 @@ def one_adapter_side(model: Any, x: np.ndarray) -> Callable[[], np.ndarray]:
     return run
 
 
-def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], None]:
-    """The floor: each layer's K pairs of small products (U_k = s_k X_k A_k^T, then
-    U_k B_k^T added in place) on the grouped rows, and nothing else: no base product, no
-    gather, no Tensor or Function."""
+def _layer_stacks(model: Any, names: list[str]) -> list[tuple[Any, ...]]:
+    """Per LoRA layer: (the batch's RowGroups for it, As, Bs, scalings, stack or None), as the
+    layer's mixed forward builds them (`forward_plan`, `_stacked`), for rows grouped by adapter."""
     order, _ = adapter_order(names)
-    grouped = [names[i] for i in order]
-    routing = route_rows(grouped)
-    xs = np.ascontiguousarray(x[order])
-    ys = np.zeros_like(xs)
+    routing = route_rows([names[i] for i in order])
     layers = []
     for _, layer in lora_layers(model):
-        used = [n for n in layer.adapter_names if n in routing.position]
-        holders = [layer.adapter(n) for n in used]
-        layers.append(
-            (
-                routing.groups.select([routing.position[n] for n in used]),
-                [h.lora_A.data for h in holders],
-                [h.lora_B.data for h in holders],
-                [h.scaling for h in holders],
-            )
-        )
+        used = [n for n in routing.position if n in set(layer.adapter_names)]
+        holders = layer.holders(used)
+        groups = routing.groups.select([routing.position[n] for n in used])
+        As = [h.lora_A for h in holders]
+        Bs = [h.lora_B for h in holders]
+        scalings = [h.scaling for h in holders]
+        stack = layer._stacked(holders, As, Bs, scalings)
+        layers.append((groups, [a.data for a in As], [b.data for b in Bs], scalings, stack))
+    return layers
+
+
+def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], None]:
+    """The first floor: each layer's low-rank products (U = s X A^T, then U B^T added in
+    place) on the grouped rows, as the mixed forward runs them (one batched product per layer
+    on the stacked adapters, or one pair per adapter for long segments), and nothing else: no
+    base product, no gather, no Tensor or Function."""
+    order, _ = adapter_order(names)
+    xs = np.ascontiguousarray(x[order])
+    ys = np.zeros_like(xs)
+    layers = _layer_stacks(model, names)
 
     def run() -> None:
-        for groups, As, Bs, scalings in layers:
-            cache = G.grouped_lora_shrink(xs, groups, As, scalings)
+        for groups, As, Bs, scalings, stack in layers:
+            cache = G.grouped_lora_shrink(xs, groups, As, scalings, stack)
             G._add_expand(ys, cache, Bs)
+
+    return run
+
+
+def plain_numpy_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], np.ndarray]:
+    """The third floor: the whole mixed forward on the grouped rows as plain NumPy calls
+    (`loralab.lora.grouped.grouped_lora_linear_forward` on each layer's arrays and its stacked
+    adapters, ``np.maximum`` between layers): what the method costs without the engine's
+    Tensors, Functions, routing and checks. Returns the output, rows grouped."""
+    order, _ = adapter_order(names)
+    xs = np.ascontiguousarray(x[order])
+    lora = {id(layer) for _, layer in lora_layers(model)}
+    stacks = iter(_layer_stacks(model, names))
+    steps: list[Any] = []
+    for module in model.children():  # the MLP's Linear (LoRA) and ReLU layers, in order
+        if id(module) in lora:
+            groups, As, Bs, scalings, stack = next(stacks)
+            W0, b = module.base.weight.data, module.base.bias.data
+            steps.append((W0, b, groups, As, Bs, scalings, stack))
+        else:
+            steps.append(None)  # a ReLU
+
+    def run() -> np.ndarray:
+        h = xs
+        for step in steps:
+            if step is None:
+                h = np.maximum(h, 0)
+            else:
+                h, _ = G.grouped_lora_linear_forward(h, *step)
+        return h
+
+    return run
+
+
+def bytes_floor_side(model: Any, names: list[str]) -> Callable[[], None]:
+    """The second floor: every layer's K adapters read once from memory (a streaming
+    ``np.maximum.reduce`` over the stacked A and B^T, the fastest read NumPy has), nothing else.
+    Whatever computes the batch reads these bytes; at one row per adapter they are the work."""
+    stacks = [s[0] for *_, s in _layer_stacks(model, names) if s is not None]
+
+    def run() -> None:
+        for st in stacks:
+            np.maximum.reduce(st.A, axis=None)
+            np.maximum.reduce(st.Bt, axis=None)
 
     return run
 
@@ -253,25 +310,41 @@ def _parts_before(x, W0, b, As, Bs, scalings, index) -> dict[str, Callable[[], A
 
 
 def _parts_now(x, W0, b, As, Bs, scalings, names) -> dict[str, Callable[[], Any]]:
-    """The way it runs now (`grouped_lora_linear_forward`), one closure per part: the sort (once
-    per batch), a gather into sorted order and one back, the down products on contiguous
-    segments, the up products added in place."""
-    groups = route_rows(names).groups
+    """The way it runs now (`grouped_lora_linear_forward` on stacked adapters), one closure per
+    part: the sort (once per batch); the rows gathered from the batch as it came straight into
+    the (K, c, in) block, and the rows of y that the products are added into; one batched down
+    product for all adapters; one batched up product added in place. (Segments longer than
+    `loralab.lora.stacked.MAX_ROWS_PER_SLOT` rows, K = 1 here, keep one product pair per
+    adapter, as the op does.)"""
+    k = len(As)
+    routing = route_rows(names)
+    groups = routing.groups
     n = x.shape[0]
     in_order = G.RowGroups(np.arange(n), groups.segments, np.arange(n), True)  # xs is sorted
     xs = G._sorted(x, groups)
-    cache = G.grouped_lora_shrink(xs, in_order, As, scalings)
+    stack = (
+        ST.stack_parameters([Parameter(a) for a in As], [Parameter(b) for b in Bs], scalings),
+        range(k),
+    )
+    cache = G.grouped_lora_shrink(xs, in_order, As, scalings, stack)
     ys = xs @ W0.T + b
+    spans = [(lo, hi) for lo, hi in groups.segments]
+    arrival = ST.stack_layout(spans, range(k), k, None if groups.identity else groups.order)
 
     def gathers_and_scatters() -> None:
-        if not groups.identity:
+        if groups.identity:
+            return
+        if arrival is None:  # long segments: the sorted copy of x and the output put back
             G._sorted(x, groups)
             G._unsorted(ys, groups)
+        else:  # x's rows into the block, and the rows of y the products are added into
+            x[arrival.rows]
+            ys[arrival.rows]
 
     return {
         "sort rows": lambda: route_rows(names),
         "gathers and scatters": gathers_and_scatters,
-        "down products x A^T": lambda: G.grouped_lora_shrink(xs, in_order, As, scalings),
+        "down products x A^T": lambda: G.grouped_lora_shrink(xs, in_order, As, scalings, stack),
         "up products U B^T + add": lambda: G._add_expand(ys, cache, Bs),
     }
 
@@ -342,6 +415,9 @@ def _measure(
         timed = {s: timed[s] for s in ("base", "mixed")}
     timed["grouped_once"] = grouped_once_side(model, x, names)
     timed["alone"] = products_alone_side(model, x, names)
+    if ranks is None:
+        timed["bytes"] = bytes_floor_side(model, names)
+        timed["plain"] = plain_numpy_side(model, x, names)
     if k == 1:
         timed["one_adapter"] = one_adapter_side(model, x)
     peft_run = peft_side(base, k, x, names, ranks)
@@ -358,9 +434,12 @@ def _measure(
     }
     for side, t in times.items():
         row[f"{side}_us_per_row"] = 1e6 * statistics.median(t) / batch
-    for side in ("mixed", "grouped_once", "alone"):
-        row[f"{side}_over_base"] = paired_ratio(times[side], times["base"])
-    row["alone_over_base"] += 1.0  # the base plus the products alone: the floor of mixed / base
+    for side in ("mixed", "grouped_once", *FLOORS):
+        if side in times:
+            row[f"{side}_over_base"] = paired_ratio(times[side], times["base"])
+    for side in FLOORS[:2]:  # the base plus the floor: what mixed / base cannot go under
+        if f"{side}_over_base" in row:
+            row[f"{side}_over_base"] += 1.0
     if "one_adapter" in times:
         row["one_adapter_over_base"] = paired_ratio(times["one_adapter"], times["base"])
     if "naive" in times:
@@ -425,12 +504,21 @@ def _checks(res: Results) -> None:
             res.checks.append(
                 Check(
                     "5",
-                    f"floor: base + the K small products alone / base, K = {k}",
+                    f"floor: base + the low-rank products alone / base, K = {k}",
                     row["alone_over_base"],
                     "report",
                     note="what stops the target",
                 )
             )
+            if "bytes_over_base" in row:
+                res.checks.append(
+                    Check(
+                        "5",
+                        f"floor: base + one read of the K adapters / base, K = {k}",
+                        row["bytes_over_base"],
+                        "report",
+                    )
+                )
     target_k = TARGET_K if any(r["K"] == TARGET_K for r in res.mixed) else res.mixed[-1]["K"]
     row = next(r for r in res.mixed if r["K"] == target_k)
     res.checks.append(
@@ -493,10 +581,12 @@ def _profile_markdown(res: Results) -> list[str]:
         f"Where the time of one layer goes (Linear({cfg.core_width}, {cfg.core_width}), batch "
         f"{cfg.mixed_batch}, r = {RANK}; each part timed alone, as a share of the layer's base product x W0^T + b). Before: a sort in every "
         "layer, then per adapter a gather x[rows], x_k A_k^T, s (u_k B_k^T) and a scatter "
-        "y[rows] +=. Now: one sort per batch shared by the 4 layers, one gather into sorted "
-        "order and one back (none when the rows come grouped), products on contiguous slices, "
-        "U_k B_k^T added in place. The parts do not add up to a whole layer: run alone, each "
-        "finds its data in the CPU's cache.",
+        "y[rows] +=. Now: one sort per batch shared by the 4 layers; the adapters stacked "
+        "(A (K, r, in), B^T (K, r, out), `loralab.lora.stacked`), x's rows gathered straight "
+        "into a (K, c, in) block (none when the rows come grouped) and the products added into "
+        "y's rows; one batched down product and one batched up product for all K adapters (at "
+        "K = 1, 256 rows per adapter, one product pair, as before). The parts do not add up to a "
+        "whole layer: run alone, each finds its data in the CPU's cache.",
         "",
         table(header, rows),
         "",
@@ -504,8 +594,10 @@ def _profile_markdown(res: Results) -> list[str]:
 
 
 def _floor_markdown(res: Results) -> list[str]:
-    """Sentences, computed, for each target that the measured ratios miss."""
+    """Sentences, computed, for each target that the measured ratios miss: the two floors and
+    which of them (if any) is above the target."""
     out = []
+    kib = 2 * RANK * res.config.core_width * 4 // 1024  # one adapter's A and B, float32
     for row in res.mixed:
         target = TARGETS.get(row["K"])
         best = min(row["mixed_over_base"], row["grouped_once_over_base"])
@@ -513,26 +605,52 @@ def _floor_markdown(res: Results) -> list[str]:
             continue
         k = row["K"]
         rows_each = max(1, row["batch"] // k)
-        pairs = f"{k} pairs" if k > 1 else "1 pair"
-        rows = f"{rows_each} rows" if rows_each > 1 else "1 row"
-        out.append(
-            f"- K = {k}: target {target:.2f} missed ({best:.3f} at best). The {pairs} of small "
-            f"products of every layer alone, on {rows} per adapter, take "
-            f"{row['alone_over_base'] - 1:.3f} of the base forward (floor {row['alone_over_base']:.3f}, "
-            f"against the FLOP bound {row['bound']:.3f}): each product reads its A_k and B_k "
-            f"({2 * RANK * res.config.core_width * 4 // 1024} KiB) to do {rows} of work, and each "
-            "is one more BLAS call."
-            + (
+        how = (
+            "one product pair per adapter"
+            if rows_each > ST.MAX_ROWS_PER_SLOT
+            else "one batched product per layer on the stacked adapters"
+        )
+        text = (
+            f"- K = {k} ({rows_each} row{'s' if rows_each > 1 else ''} per adapter): target "
+            f"{target:.2f} missed ({best:.3f} at best). Floors, each the base plus one thing "
+            f"alone: the low-rank products of every layer ({how}) {row['alone_over_base']:.3f}"
+        )
+        if "bytes_over_base" in row:
+            mib = k * kib * N_LAYERS / 1024
+            text += (
+                f"; one read of every layer's {k} adapters ({kib} KiB each, {mib:g} MiB per "
+                f"forward) {row['bytes_over_base']:.3f}"
+            )
+        floors = [row["alone_over_base"], row.get("bytes_over_base", 0.0)]
+        plain = row.get("plain_over_base")
+        if max(floors) > target:
+            text += ": above the target, the floor that stops it."
+        elif plain is not None and plain > target:
+            text += (
+                f". The same forward as plain NumPy calls (the base product, the stacked "
+                f"products added into it, no engine) costs {plain:.3f}: above the target. "
+                "Adding the products into the base's output, and the products and the base "
+                "product sharing the CPU's caches, cost that much beyond the two floors in "
+                "NumPy on this machine: the floor that stops it."
+            )
+        else:
+            text += (
+                "; the same forward as plain NumPy calls (no engine) "
+                + (f"{plain:.3f}" if plain is not None else "-")
+                + f": below the target. The rest ({best - (plain or max(floors)):.3f} of the "
+                "base) is loralab's own work around the op (the engine's Tensors and Functions, "
+                "the routing, the checks, the gathers): not a floor of the method."
+            )
+        if "one_adapter_over_base" in row:
+            text += (
                 f" One adapter alone, active and unmerged (no mixed batch: the fused LoRA op), "
                 f"costs {row['one_adapter_over_base']:.3f} of the base: the mixed batch at K = 1 "
                 "does the same work."
-                if "one_adapter_over_base" in row
-                else ""
             )
-        )
+        out.append(text)
     if not out:
         return []
-    return ["Where a target is missed, the measured floor:", "", *out, ""]
+    return ["Where a target is missed, the measured floors:", "", *out, ""]
 
 
 def markdown(res: Results) -> list[str]:
@@ -550,6 +668,8 @@ def markdown(res: Results) -> list[str]:
             _fmt(r, "mixed_over_base"),
             _fmt(r, "grouped_once_over_base"),
             _fmt(r, "alone_over_base"),
+            _fmt(r, "bytes_over_base"),
+            _fmt(r, "plain_over_base"),
             _fmt(r, "naive_over_mixed"),
             _fmt(r, "merge_swap_over_mixed"),
             _fmt(r, "numpy_over_peft"),
@@ -562,9 +682,12 @@ def markdown(res: Results) -> list[str]:
         "",
         "Rows spread round-robin over K adapters. bound: 1 + r (d + k) / (d k), the adapters' "
         "share of the multiply-adds. mixed: `mixed_batch` on the rows as they arrive (sorted by "
-        "adapter once per batch; each layer gathers into that order and back); grouped once: "
+        "adapter once per batch; each layer gathers the rows it needs, per adapter, and adds the "
+        "products back into them); grouped once: "
         "the batch grouped by adapter before the model (`adapter_order`) and put back after it; "
-        "floor: the base plus each layer's K pairs of small products alone; naive: a loop over "
+        "floor: the base plus each layer's low-rank products alone (batched on the stacked "
+        "adapters); bytes: the base plus one read of every layer's K adapters; plain NumPy: the "
+        "grouped-once forward as plain NumPy calls, without the engine; naive: a loop over "
         f"adapters, each on its rows; merge-swap: merge, run the adapter's rows, unmerge (K <= "
         f"{MERGE_SWAP_MAX_K}); PEFT: its mixed-batch forward on the torch twin. The last row "
         "mixes adapters of different ranks in one batch.",
@@ -578,6 +701,8 @@ def markdown(res: Results) -> list[str]:
                 "mixed / base",
                 "grouped once / base",
                 "floor / base",
+                "bytes / base",
+                "plain NumPy / base",
                 "naive / mixed",
                 "merge-swap / mixed",
                 "NumPy / PEFT",
