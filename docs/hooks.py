@@ -58,6 +58,7 @@ API_MODULES = [
     ("loralab.lora.ops", "The LoRA math in pure NumPy: forwards and hand backwards (LoRA, DoRA)."),
     ("loralab.lora.embedding_ops", "LoRA on an embedding table, in pure NumPy."),
     ("loralab.lora.grouped", "One batch, many adapters: the grouped LoRA op."),
+    ("loralab.lora.stacked", "The grouped op on stacked adapters: one call for all adapters."),
     ("loralab.lora.variants", "LoRA variants as objects: rsLoRA, DoRA, PiSSA, OLoRA; LoRA+."),
     ("loralab.lora.config", "`LoraConfig`: PEFT's field names, validated once."),
     (
