@@ -78,6 +78,8 @@ class Backend:
         that every mixed batch would otherwise visit.
         """
         kinds = self.lora_types()
+        if not hasattr(model, "named_children"):  # a model that only lists its modules
+            return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
         found, seen, stack = [], set(), [("", model)]
         while stack:
             name, module = stack.pop()
