@@ -52,3 +52,37 @@ def test_the_figure_is_drawn_from_the_section_alone(tmp_path):
     assert "one_adapter_over_base" in res.mixed[0]  # K = 1: the single-adapter floor
     assert mixed_batch_figure(res, tmp_path) == "mixed_batch.png"
     assert (tmp_path / "mixed_batch.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("k", [4, 12])  # 12 adapters for 8 rows: four get none
+def test_the_profile_runs_with_more_adapters_than_rows(k):
+    from loralab.bench.sections.mixed_batch import profile_layer
+
+    prof = profile_layer(16, 8, k, rank=2, repeats=1, sample_seconds=0.0)
+    assert all(t > 0 for t in prof["now"].values() if t)
+
+
+def test_the_floors_and_the_plain_numpy_forward():
+    """The plain-NumPy side computes the mixed batch's rows (grouped); every floor is reported."""
+    from loralab.bench.sections.mixed_batch import (
+        bytes_floor_side,
+        grouped_once_side,
+        plain_numpy_side,
+        products_alone_side,
+    )
+    from loralab.lora import adapter_order
+
+    rng = np.random.default_rng(1)
+    arrays = MLPArrays.random(16, rng)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    names = [f"t{i % 4}" for i in range(8)]
+    model = adapters_model(arrays, 4, rng)
+    order, inverse = adapter_order(names)
+    plain = plain_numpy_side(model, x, names)()
+    np.testing.assert_allclose(plain[inverse], grouped_once_side(model, x, names)(), rtol=1e-6)
+    products_alone_side(model, x, names)()
+    bytes_floor_side(model, names)()
+    res = run_bench(BenchConfig.tiny(), None, sections=("mixed_batch",), log=lambda s: None)
+    row = res.mixed[-1]
+    assert {"alone_over_base", "bytes_over_base", "plain_over_base"} <= set(row)
+    assert row["alone_over_base"] > 1 and row["bytes_over_base"] > 1

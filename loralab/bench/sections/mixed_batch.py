@@ -311,30 +311,32 @@ def _parts_before(x, W0, b, As, Bs, scalings, index) -> dict[str, Callable[[], A
 
 def _parts_now(x, W0, b, As, Bs, scalings, names) -> dict[str, Callable[[], Any]]:
     """The way it runs now (`grouped_lora_linear_forward` on stacked adapters), one closure per
-    part: the sort (once per batch); the rows gathered from the batch as it came straight into
-    the (K, c, in) block, and the rows of y that the products are added into; one batched down
-    product for all adapters; one batched up product added in place. (Segments longer than
-    `loralab.lora.stacked.MAX_ROWS_PER_SLOT` rows, K = 1 here, keep one product pair per
-    adapter, as the op does.)"""
-    k = len(As)
+    part: the sort (once per batch); the rows moved into the (K, c, in) block and the output
+    put back (the whole batch sorted and unsorted when every adapter has as many rows, else the
+    block's rows gathered as they came and the products added back through their index); one
+    batched down product for all adapters; one batched up product added in place. (Segments
+    longer than `loralab.lora.stacked.MAX_ROWS_PER_SLOT` rows, K = 1 here, keep one product
+    pair per adapter, as the op does.)"""
     routing = route_rows(names)
     groups = routing.groups
     n = x.shape[0]
+    used = [int(name[1:]) for name in routing.position]  # adapters with rows, batch order
     in_order = G.RowGroups(np.arange(n), groups.segments, np.arange(n), True)  # xs is sorted
     xs = G._sorted(x, groups)
-    stack = (
-        ST.stack_parameters([Parameter(a) for a in As], [Parameter(b) for b in Bs], scalings),
-        range(k),
-    )
-    cache = G.grouped_lora_shrink(xs, in_order, As, scalings, stack)
+    params = [Parameter(a) for a in As], [Parameter(b) for b in Bs]
+    stack = (ST.stack_parameters(*params, scalings), used)
+    As_u, Bs_u = [As[i] for i in used], [Bs[i] for i in used]
+    s_u = [scalings[i] for i in used]
+    cache = G.grouped_lora_shrink(xs, in_order, As_u, s_u, stack)
     ys = xs @ W0.T + b
-    spans = [(lo, hi) for lo, hi in groups.segments]
-    arrival = ST.stack_layout(spans, range(k), k, None if groups.identity else groups.order)
+    spans = list(groups.segments)
+    sorted_layout = ST.stack_layout(spans, used, len(As))
+    arrival = ST.stack_layout(spans, used, len(As), groups.order)
 
     def gathers_and_scatters() -> None:
         if groups.identity:
             return
-        if arrival is None:  # long segments: the sorted copy of x and the output put back
+        if sorted_layout is None or sorted_layout.rows is None:  # the whole batch each way
             G._sorted(x, groups)
             G._unsorted(ys, groups)
         else:  # x's rows into the block, and the rows of y the products are added into
@@ -344,8 +346,8 @@ def _parts_now(x, W0, b, As, Bs, scalings, names) -> dict[str, Callable[[], Any]
     return {
         "sort rows": lambda: route_rows(names),
         "gathers and scatters": gathers_and_scatters,
-        "down products x A^T": lambda: G.grouped_lora_shrink(xs, in_order, As, scalings, stack),
-        "up products U B^T + add": lambda: G._add_expand(ys, cache, Bs),
+        "down products x A^T": lambda: G.grouped_lora_shrink(xs, in_order, As_u, s_u, stack),
+        "up products U B^T + add": lambda: G._add_expand(ys, cache, Bs_u),
     }
 
 
@@ -582,9 +584,9 @@ def _profile_markdown(res: Results) -> list[str]:
         f"{cfg.mixed_batch}, r = {RANK}; each part timed alone, as a share of the layer's base product x W0^T + b). Before: a sort in every "
         "layer, then per adapter a gather x[rows], x_k A_k^T, s (u_k B_k^T) and a scatter "
         "y[rows] +=. Now: one sort per batch shared by the 4 layers; the adapters stacked "
-        "(A (K, r, in), B^T (K, r, out), `loralab.lora.stacked`), x's rows gathered straight "
-        "into a (K, c, in) block (none when the rows come grouped) and the products added into "
-        "y's rows; one batched down product and one batched up product for all K adapters (at "
+        "(A (K, r, in), B^T (K, r, out), `loralab.lora.stacked`); the batch sorted into the "
+        "(K, c, in) block and the output put back, one gather each way (none when the rows come "
+        "grouped); one batched down product and one batched up product for all K adapters (at "
         "K = 1, 256 rows per adapter, one product pair, as before). The parts do not add up to a "
         "whole layer: run alone, each finds its data in the CPU's cache.",
         "",
