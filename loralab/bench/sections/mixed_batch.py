@@ -206,11 +206,15 @@ def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable
     return run
 
 
-def plain_numpy_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[], np.ndarray]:
+def plain_numpy_side(
+    model: Any, x: np.ndarray, names: list[str], *, base: bool = False
+) -> Callable[[], np.ndarray]:
     """The third floor: the whole mixed forward on the grouped rows as plain NumPy calls
     (`loralab.lora.grouped.grouped_lora_linear_forward` on each layer's arrays and its stacked
     adapters, ``np.maximum`` between layers): what the method costs without the engine's
-    Tensors, Functions, routing and checks. Returns the output, rows grouped."""
+    Tensors, Functions, routing and checks, measured against ``base=True``, the base forward
+    as plain NumPy calls (``x W0^T + b``, ``np.maximum``) on the same rows. Returns the
+    output, rows grouped."""
     order, _ = adapter_order(names)
     xs = np.ascontiguousarray(x[order])
     lora = {id(layer) for _, layer in lora_layers(model)}
@@ -233,7 +237,17 @@ def plain_numpy_side(model: Any, x: np.ndarray, names: list[str]) -> Callable[[]
                 h, _ = G.grouped_lora_linear_forward(h, *step)
         return h
 
-    return run
+    def run_base() -> np.ndarray:
+        h = xs
+        for step in steps:
+            if step is None:
+                h = np.maximum(h, 0)
+            else:
+                h = h @ step[0].T
+                h += step[1]
+        return h
+
+    return run_base if base else run
 
 
 def bytes_floor_side(model: Any, names: list[str]) -> Callable[[], None]:
@@ -420,6 +434,7 @@ def _measure(
     if ranks is None:
         timed["bytes"] = bytes_floor_side(model, names)
         timed["plain"] = plain_numpy_side(model, x, names)
+        timed["plain_base"] = plain_numpy_side(model, x, names, base=True)
     if k == 1:
         timed["one_adapter"] = one_adapter_side(model, x)
     peft_run = peft_side(base, k, x, names, ranks)
@@ -442,6 +457,8 @@ def _measure(
     for side in FLOORS[:2]:  # the base plus the floor: what mixed / base cannot go under
         if f"{side}_over_base" in row:
             row[f"{side}_over_base"] += 1.0
+    if "plain" in times:  # the mixed forward over the base forward, both plain NumPy
+        row["plain_over_base"] = paired_ratio(times["plain"], times["plain_base"])
     if "one_adapter" in times:
         row["one_adapter_over_base"] = paired_ratio(times["one_adapter"], times["base"])
     if "naive" in times:
@@ -518,6 +535,15 @@ def _checks(res: Results) -> None:
                         "5",
                         f"floor: base + one read of the K adapters / base, K = {k}",
                         row["bytes_over_base"],
+                        "report",
+                    )
+                )
+            if "plain_over_base" in row:
+                res.checks.append(
+                    Check(
+                        "5",
+                        f"floor: mixed / base forward as plain NumPy calls, K = {k}",
+                        row["plain_over_base"],
                         "report",
                     )
                 )
@@ -629,15 +655,15 @@ def _floor_markdown(res: Results) -> list[str]:
             text += ": above the target, the floor that stops it."
         elif plain is not None and plain > target:
             text += (
-                f". The same forward as plain NumPy calls (the base product, the stacked "
-                f"products added into it, no engine) costs {plain:.3f}: above the target. "
+                f". The same mixed forward over the same base forward, both as plain NumPy "
+                f"calls (no engine, rows already grouped), is {plain:.3f}: above the target. "
                 "Adding the products into the base's output, and the products and the base "
                 "product sharing the CPU's caches, cost that much beyond the two floors in "
                 "NumPy on this machine: the floor that stops it."
             )
         else:
             text += (
-                "; the same forward as plain NumPy calls (no engine) "
+                "; the same mixed over base forward as plain NumPy calls (no engine) "
                 + (f"{plain:.3f}" if plain is not None else "-")
                 + f": below the target. The rest ({best - (plain or max(floors)):.3f} of the "
                 "base) is loralab's own work around the op (the engine's Tensors and Functions, "
@@ -689,7 +715,8 @@ def markdown(res: Results) -> list[str]:
         "the batch grouped by adapter before the model (`adapter_order`) and put back after it; "
         "floor: the base plus each layer's low-rank products alone (batched on the stacked "
         "adapters); bytes: the base plus one read of every layer's K adapters; plain NumPy: the "
-        "grouped-once forward as plain NumPy calls, without the engine; naive: a loop over "
+        "grouped-once mixed forward over the base forward, both as plain NumPy calls (no "
+        "engine, rows already grouped); naive: a loop over "
         f"adapters, each on its rows; merge-swap: merge, run the adapter's rows, unmerge (K <= "
         f"{MERGE_SWAP_MAX_K}); PEFT: its mixed-batch forward on the torch twin. The last row "
         "mixes adapters of different ranks in one batch.",
