@@ -233,8 +233,8 @@ def plain_numpy_side(
         for step in steps:
             if step is None:
                 h = np.maximum(h, 0)
-            else:
-                h, _ = G.grouped_lora_linear_forward(h, *step)
+            else:  # (the cache dropped at once, as the engine drops it without a graph)
+                h = G.grouped_lora_linear_forward(h, *step)[0]
         return h
 
     def run_base() -> np.ndarray:
