@@ -13,7 +13,7 @@ from loralab.lora import grouped as G
 from loralab.lora import inject_lora, load_adapter, lora_layers, mixed_batch, save_adapter
 from loralab.lora import stacked as ST
 from loralab.lora.engine_functions import GroupedLoRAFn, GroupedLoRALinearFn
-from loralab.tensor import Tensor
+from loralab.tensor import Tensor, no_grad
 
 
 class _P:
@@ -300,3 +300,18 @@ def test_stacked_adapters_save_load_and_convert_as_before(tmp_path):
     with torch.no_grad(), mixed_batch(twin, names):
         y_twin = twin(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(y_twin, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 6])  # one product pair (long segment); the stacked products
+def test_serving_without_a_graph_gives_the_rows_of_the_graph(k):
+    """Under no_grad the layer calls the op directly (no Function): the same rows, no graph."""
+    model = _model(k=k)
+    names = [f"t{i % k}" for i in range(12)]
+    x = np.random.default_rng(12).normal(size=(12, 8))
+    with mixed_batch(model, names):
+        y = model(Tensor(x, requires_grad=True))
+        with no_grad():
+            y_serving = model(x)
+    assert y.requires_grad and not y_serving.requires_grad
+    np.testing.assert_array_equal(y_serving.data, y.data)
+    np.testing.assert_allclose(y_serving.data, _rows_alone(model, x, names), rtol=1e-12, atol=1e-12)

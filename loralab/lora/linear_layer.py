@@ -30,7 +30,7 @@ from loralab.lora.engine_functions import (
     LoRABranchFn,
     LoRALinearFn,
 )
-from loralab.lora.grouped import RowGroups
+from loralab.lora.grouped import RowGroups, grouped_lora_linear_forward
 from loralab.lora.linear_shared import (
     DEFAULT_ADAPTER,
     LINEAR_TYPES,
@@ -41,7 +41,7 @@ from loralab.lora.linear_shared import (
 from loralab.lora.stacked import AdapterStack, stack_parameters
 from loralab.nn.layers import Linear, check_input
 from loralab.nn.module import Module, Parameter, make_rng
-from loralab.tensor import Tensor
+from loralab.tensor import Tensor, is_grad_enabled
 
 __all__ = ["LoRALinear", "LoRAAdapter", "AdapterDict"]
 
@@ -180,6 +180,13 @@ class LoRALinear(LoRALayerMixin, Module):
         Bs = [h.lora_B for h in holders]
         scalings = [h.scaling for h in holders]
         stack = self._stacked(holders, As, Bs, scalings)
+        if self.plain_base and not is_grad_enabled():  # serving: no graph, so no Function
+            W0, b = self.base.weight.data, self.base.bias
+            A, B = [a.data for a in As], [p.data for p in Bs]
+            bias = None if b is None else b.data
+            return Tensor(
+                grouped_lora_linear_forward(x.data, W0, bias, groups, A, B, scalings, stack)[0]
+            )
         if self.plain_base:
             W0, b = self.base.weight, self.base.bias
             return GroupedLoRALinearFn.apply(
