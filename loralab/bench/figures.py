@@ -84,13 +84,20 @@ def mixed_batch_figure(res: Results, directory: Path) -> str:
     if all("bound" in r for r in res.mixed):  # the FLOP bound: the base times 1 + r(d+k)/(dk)
         bound = [r["base_us_per_row"] * r["bound"] for r in res.mixed]
         ax.plot(ks, bound, color="tab:green", lw=2.5, alpha=0.5, label="FLOP bound")
+    for key, style, label in [
+        ("bytes_over_base", "x:", "base + one read of the adapters"),
+        ("plain_over_base", "+-.", "plain NumPy (no engine)"),
+    ]:  # the measured floors, as times per row at the base's speed
+        pts = [(r["K"], r["base_us_per_row"] * r[key]) for r in res.mixed if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, color="tab:gray", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("adapters in the batch (K)")
     ax.set_ylabel("time per row (us)")
     ax.set_title("One base, K adapters: serving one mixed batch")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return _save(plt, fig, directory / "mixed_batch.png")
 
