@@ -62,7 +62,7 @@ __all__ = [
 
 
 class RowGroups(NamedTuple):
-    """The rows of a batch sorted by adapter, computed once (`group_batch`) and reused by every layer.
+    """A batch's rows sorted by adapter (`group_batch`), computed once, reused by every layer.
 
     order : int ndarray of shape (N,)
         Row indices, grouped: base-only rows first, then adapter 0's, 1's ..., each group in

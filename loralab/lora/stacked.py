@@ -104,8 +104,8 @@ def stack_parameters(
     -------
     ``previous`` when every parameter still holds its view of it (nothing copied); else a new
     stack (the parameters' arrays copied in once, and each parameter's ``.data`` replaced by its
-    slice, ``Bt[k].T`` for B_k: the same values, now stored in the stack); None when the adapters cannot be stacked
-    (their ranks, shapes or dtypes differ).
+    slice, ``Bt[k].T`` for B_k: the same values, now stored in the stack); None when the
+    adapters cannot be stacked (their ranks, shapes or dtypes differ).
     """
     datas = tuple(p.data for p in A_params) + tuple(p.data for p in B_params)
     key = tuple(scalings)
