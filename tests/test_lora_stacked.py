@@ -188,7 +188,7 @@ def test_stacked_functions_pass_gradcheck(fused, g):
 
 @pytest.mark.parametrize(
     "n_rows, tokens, k, equal",
-    [(24, 1, 6, False), (10, 3, 4, False), (24, 1, 6, True), (12, 2, 3, True)],
+    [(24, 1, 6, False), (10, 3, 4, False), (24, 1, 6, True), (12, 2, 3, True), (6, 1, 6, True)],
 )
 def test_stacked_gradients_equal_the_per_adapter_ones(n_rows, tokens, k, equal):
     """Unequal segments (the padded block, rows gathered as they came) and equal ones in

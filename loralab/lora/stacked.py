@@ -291,8 +291,12 @@ def stacked_backward(
     dY = _block(dys, layout, k)  # (K, c, out)
     G = np.matmul(dY, stack.Bt.transpose(0, 2, 1))  # (K, c, r)
     G *= stack.scalings.astype(G.dtype, copy=False)
-    dA = np.matmul(G.transpose(0, 2, 1), X)
-    dBt = np.matmul(U.transpose(0, 2, 1), dY)
+    if layout.c == 1:  # outer products: NumPy's matmul runs them without BLAS, einsum is faster
+        dA = np.einsum("kcr,kci->kri", G, X)
+        dBt = np.einsum("kcr,kco->kro", U, dY)
+    else:
+        dA = np.matmul(G.transpose(0, 2, 1), X)
+        dBt = np.matmul(U.transpose(0, 2, 1), dY)
     if dxs is not None:
         _add_block(dxs, np.matmul(G, stack.A), layout)
     return dA, dBt
