@@ -18,6 +18,7 @@ need W0 itself, so they are refused on such a base.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,10 @@ from loralab.nn.module import Module, Parameter, make_rng
 from loralab.tensor import Tensor, is_grad_enabled
 
 __all__ = ["LoRALinear", "LoRAAdapter", "AdapterDict"]
+
+# a mixed batch reads these from K adapters per layer: C-level getters
+_LORA_A, _LORA_B = attrgetter("lora_A"), attrgetter("lora_B")
+_SCALING, _DATA = attrgetter("scaling"), attrgetter("data")
 
 _FUNCTIONS = {"lora": LoRALinearFn, "dora": DoRALinearFn}  # the layer's kind -> its fused Function
 
@@ -176,13 +181,13 @@ class LoRALinear(LoRALayerMixin, Module):
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
                 "adapters with dropout=0"
             )
-        As = [h.lora_A for h in holders]
-        Bs = [h.lora_B for h in holders]
-        scalings = [h.scaling for h in holders]
+        As = list(map(_LORA_A, holders))
+        Bs = list(map(_LORA_B, holders))
+        scalings = list(map(_SCALING, holders))
         stack = self._stacked(holders, As, Bs, scalings)
         if self.plain_base and not is_grad_enabled():  # serving: no graph, so no Function
             W0, b = self.base.weight.data, self.base.bias
-            A, B = [a.data for a in As], [p.data for p in Bs]
+            A, B = list(map(_DATA, As)), list(map(_DATA, Bs))
             bias = None if b is None else b.data
             return Tensor(
                 grouped_lora_linear_forward(x.data, W0, bias, groups, A, B, scalings, stack)[0]

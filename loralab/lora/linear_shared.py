@@ -151,8 +151,10 @@ def route_rows(rows: list[str]) -> MixedRouting:
     >>> routing.position, routing.groups.order.tolist(), routing.groups.segments
     ({'a': 0, 'b': 1}, [1, 2, 0, 3], [(1, 2), (2, 4)])
     """
-    used = sorted({n for n in rows if n != BASE_ROWS})
-    position = {n: k for k, n in enumerate(used)}
+    names = set(rows)
+    names.discard(BASE_ROWS)
+    used = sorted(names)
+    position = dict(zip(used, range(len(used))))
     index = np.fromiter(map(position.get, rows, repeat(-1)), dtype=np.int64, count=len(rows))
     return MixedRouting(rows, position, group_batch(index, len(used)))
 

@@ -24,6 +24,7 @@ import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -208,8 +209,10 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     _refuse_merged(layers, "mixed_batch")
     dora: set[str] = set()
     for (_, layer), names in zip(layers, held, strict=True):
-        mine = [n for n in used if n in names]
-        dora.update(n for n, h in zip(mine, layer.holders(mine), strict=True) if h.use_dora)
+        mine = used if names.issuperset(used) else [n for n in used if n in names]
+        holders = layer.holders(mine)
+        if any(map(attrgetter("use_dora"), holders)):
+            dora.update(n for n, h in zip(mine, holders, strict=True) if h.use_dora)
     if dora:
         raise ValueError(
             f"mixed_batch: adapters {sorted(dora)} use DoRA, which a mixed batch does not support"

@@ -38,6 +38,7 @@ each one batched call. Pure NumPy; imports nothing of loralab.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter, is_
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -107,13 +108,14 @@ def stack_parameters(
     slice, ``Bt[k].T`` for B_k: the same values, now stored in the stack); None when the
     adapters cannot be stacked (their ranks, shapes or dtypes differ).
     """
-    datas = tuple(p.data for p in A_params) + tuple(p.data for p in B_params)
+    data = attrgetter("data")
+    datas = (*map(data, A_params), *map(data, B_params))
     key = tuple(scalings)
     if (
         previous is not None
         and len(previous.views) == len(datas)
         and previous.scaling_key == key
-        and all(d is v for d, v in zip(datas, previous.views, strict=True))
+        and all(map(is_, datas, previous.views))  # (map: a serving batch checks 2K per layer)
     ):
         return previous
     k = len(A_params)
@@ -186,16 +188,21 @@ def stack_layout(
     >>> stack_layout([(0, 1), (1, 2)], [0, 1], 2, order=np.array([1, 0])).rows.tolist()
     [1, 0]
     """
-    counts = [0] * n_slots
-    starts = [0] * n_slots
-    for (lo, hi), k in zip(spans, slots, strict=True):
-        counts[k], starts[k] = hi - lo, lo
+    if len(spans) != len(slots):
+        raise ValueError(f"stack_layout: {len(spans)} spans for {len(slots)} slots")
+    if list(slots) == list(range(n_slots)):  # every slot, in order: no scatter
+        starts = [lo for lo, _ in spans]
+        counts = [hi - lo for lo, hi in spans]
+    else:
+        counts, starts = [0] * n_slots, [0] * n_slots
+        for (lo, hi), k in zip(spans, slots, strict=True):
+            counts[k], starts[k] = hi - lo, lo
     c = max(counts, default=0)
     total = sum(counts)
     if c == 0 or c > MAX_ROWS_PER_SLOT or n_slots * c > MAX_PADDING * total:
         return None
     lo = starts[0]
-    if all(n == c for n in counts) and all(s == lo + k * c for k, s in enumerate(starts)):
+    if counts.count(c) == n_slots and starts == list(range(lo, lo + n_slots * c, c)):
         layout = StackLayout(c, lo, lo + n_slots * c, None, None)
         positions = np.arange(lo, lo + n_slots * c)
     else:
