@@ -315,3 +315,20 @@ def test_serving_without_a_graph_gives_the_rows_of_the_graph(k):
     assert y.requires_grad and not y_serving.requires_grad
     np.testing.assert_array_equal(y_serving.data, y.data)
     np.testing.assert_allclose(y_serving.data, _rows_alone(model, x, names), rtol=1e-12, atol=1e-12)
+
+
+def test_shrink_and_expand_on_the_whole_batch_sorted():
+    """`grouped_lora_shrink(sort_whole_batch=True)` then `grouped_lora_expand`: the products in
+    sorted order, put back in arrival order, returned or added into ``out``."""
+    rng, x, As, Bs, s, _ = _case(13, 12, 1, 4)
+    g = rng.permutation(np.repeat(np.arange(4), 3))  # equal segments, rows as they came
+    st = ST.stack_parameters(As, Bs, s)
+    A, B = [p.data for p in As], [p.data for p in Bs]
+    cache = G.grouped_lora_shrink(x, G.group_batch(g, 4), A, s, (st, range(4)), True)
+    assert cache.stacked.sorted and not cache.groups.identity
+    want = _each_row(x, g, A, B, s, 5)
+    y, _ = G.grouped_lora_expand(cache, B)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    out = np.ones(x.shape[:-1] + (5,))
+    y_out, _ = G.grouped_lora_expand(cache, B, out=out)
+    np.testing.assert_allclose(y_out, want + 1, rtol=1e-12, atol=1e-12)

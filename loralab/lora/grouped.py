@@ -275,20 +275,18 @@ def grouped_lora_expand(
     if cache.stacked is not None:
         st = cache.stacked
         cache = cache._replace(Bs=Bs)
-        if st.sorted and not groups.identity:  # the products in sorted order, then put back
+        put_back = st.sorted and not groups.identity  # products in sorted order, then unsorted
+        if out is None or put_back:
             zs = np.zeros((n, out_features), dtype=np.result_type(st.U, st.stack.Bt))
-            stacked_expand_add(zs, st.U, st.layout, st.stack)
-            zs = _unsorted(zs, groups)
-            if out is None:
-                return zs.reshape(shape), cache
-            y = out.reshape(-1, out_features)
-            y += zs
-            return y.reshape(shape), cache
-        if out is None:  # rows as they came: added straight into place
-            zs = np.zeros((n, out_features), dtype=np.result_type(st.U, st.stack.Bt))
-        else:
+        else:  # rows as they came: added straight into place
             zs = out.reshape(-1, out_features)
         stacked_expand_add(zs, st.U, st.layout, st.stack)
+        if put_back:
+            zs = _unsorted(zs, groups)
+            if out is not None:
+                y = out.reshape(-1, out_features)
+                y += zs
+                zs = y
         return zs.reshape(shape), cache
     dtype = np.result_type(*us[:1], *Bs[:1]) if us else cache.xs.dtype
     zs = np.empty((n, out_features), dtype=dtype)

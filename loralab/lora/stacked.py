@@ -204,6 +204,8 @@ def stack_layout(
     lo = starts[0]
     if counts.count(c) == n_slots and starts == list(range(lo, lo + n_slots * c, c)):
         layout = StackLayout(c, lo, lo + n_slots * c, None, None)
+        if order is None:
+            return layout
         positions = np.arange(lo, lo + n_slots * c)
     else:
         n, start = np.array(counts), np.array(starts)
