@@ -659,9 +659,9 @@ class ReLUFn(Function):
 
     @staticmethod
     def forward(ctx, a):
-        mask = a > 0
-        ctx.save_for_backward(mask)
-        return a * mask
+        if ctx.needs_input_grad[0]:  # (only the backward needs the mask)
+            ctx.save_for_backward(a > 0)
+        return np.maximum(a, 0)  # (a * (a > 0) would make relu(-inf) = -inf * 0 = nan)
 
     @staticmethod
     def backward(ctx, grad):

@@ -64,6 +64,21 @@ def test_relu_away_from_the_kink():
     np.testing.assert_array_equal(x.grad != 0, x.data > 0)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_relu_of_infinities_and_nan(grad):
+    """relu(-inf) is 0 (a * (a > 0) made it -inf * 0 = nan), nan stays nan, the dtype stays."""
+    a = np.array([-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan], dtype=np.float32)
+    x = Tensor(a, requires_grad=grad)
+    y = x.relu()
+    np.testing.assert_array_equal(y.data, [0.0, 0.0, 0.0, 2.0, np.inf, np.nan])
+    assert y.data.dtype == np.float32
+    if grad:
+        y.sum().backward()
+        np.testing.assert_array_equal(x.grad, [0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    with no_grad():
+        np.testing.assert_array_equal(x.relu().data, y.data)
+
+
 @st.composite
 def matmul_shapes(draw):
     n, k, m = draw(dims), draw(dims), draw(dims)
