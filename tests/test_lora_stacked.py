@@ -253,6 +253,34 @@ def test_a_mixed_batch_stacks_each_layer_once_and_follows_new_weights():
     np.testing.assert_allclose(y2, _rows_alone(model, x, NAMES), rtol=1e-12, atol=1e-12)
 
 
+def test_the_layers_of_a_batch_share_its_plan_and_one_block_layout():
+    """mixed_batch works out each layer's plan (groups, holders) as it checks the layers, and the
+    first layer's block layout is kept in the batch's RowGroups for the next: no layer redoes
+    either, and the rows are still each row's own."""
+    model = _model()
+    x = np.random.default_rng(9).normal(size=(len(NAMES), 8))
+    layers = [layer for _, layer in lora_layers(model)]
+    with mixed_batch(model, NAMES):
+        routing = layers[0].mixed_routing
+        assert set(routing.plans) == {id(layer) for layer in layers}
+        for layer in layers:
+            assert layer.forward_plan()[1] is routing.plans[id(layer)]
+        with no_grad():
+            y = model(x).data
+        assert len(routing.groups.memo) == 1  # the two layers: one layout
+        y_graph = model(x).data
+        assert len(routing.groups.memo) == 1
+    np.testing.assert_allclose(y, _rows_alone(model, x, NAMES), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y_graph, y, rtol=1e-12, atol=1e-12)
+    for layer in layers:  # rows set by hand, outside mixed_batch: worked out in the layer
+        layer.mixed_rows = list(NAMES)
+    try:
+        np.testing.assert_allclose(model(x).data, y, rtol=1e-12, atol=1e-12)
+    finally:
+        for layer in layers:
+            layer.mixed_rows = None
+
+
 def test_training_several_adapters_in_one_mixed_batch_with_an_optimizer():
     """SGD steps on a mixed batch (the stacked path, its parameters views of the stack) move
     every adapter as the per-adapter path does, step after step."""

@@ -74,17 +74,21 @@ class RowGroups(NamedTuple):
         Where each row went: ``order[inverse[i]] == i``.
     identity : bool
         The rows already come sorted (``order`` is 0..N-1): no gather is needed at all.
+    memo : dict or None
+        What the layers sharing these groups would each work out the same way (the stacked
+        block's layout, `grouped_lora_shrink`), kept for the batch; None keeps nothing.
     """
 
     order: np.ndarray
     segments: list[tuple[int, int]]
     inverse: np.ndarray
     identity: bool
+    memo: dict | None = None
 
     def select(self, which: Sequence[int]) -> RowGroups:
         """The same sorted batch with the segments of adapters ``which`` only (a layer that holds
         some of the batch's adapters); the other rows get no low-rank part."""
-        return self._replace(segments=[self.segments[k] for k in which])
+        return self._replace(segments=[self.segments[k] for k in which], memo={})
 
 
 def group_batch(adapter_index: np.ndarray, n_adapters: int) -> RowGroups:
@@ -114,7 +118,7 @@ def group_batch(adapter_index: np.ndarray, n_adapters: int) -> RowGroups:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
     identity = bool((order == np.arange(order.size)).all())
-    return RowGroups(order, segments, inverse, identity)
+    return RowGroups(order, segments, inverse, identity, {})
 
 
 def group_rows(adapter_index: np.ndarray, n_adapters: int) -> list[np.ndarray]:
@@ -201,6 +205,27 @@ def _as_groups(x_shape: tuple[int, ...], adapter_index, n_adapters: int) -> RowG
     return group_batch(np.broadcast_to(adapter_index, x_shape[:-1]), n_adapters)
 
 
+def _layout(
+    groups: RowGroups, tokens: int, slots: Sequence[int], n_slots: int, sort_whole_batch: bool
+) -> tuple[StackLayout | None, bool]:
+    """The stacked block's layout for ``groups`` (`stack_layout`; None: the stacked path would
+    not pay) and whether it is the whole sorted batch, worked out once per batch: every layer
+    with the same adapters in the same slots finds it in ``groups.memo``."""
+    key = (tokens, n_slots, slots if isinstance(slots, range) else tuple(slots), sort_whole_batch)
+    memo = groups.memo
+    found = None if memo is None else memo.get(key)
+    if found is not None:
+        return found
+    spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
+    layout = stack_layout(spans, slots, n_slots)
+    whole = groups.identity or (sort_whole_batch and layout is not None and layout.rows is None)
+    if layout is not None and not whole:  # the block's rows straight from x2, as it came
+        layout = stack_layout(spans, slots, n_slots, groups.order, tokens)
+    if memo is not None:
+        memo[key] = (layout, whole)
+    return layout, whole
+
+
 def grouped_lora_shrink(
     x: np.ndarray,
     adapter_index: np.ndarray | RowGroups,
@@ -221,18 +246,15 @@ def grouped_lora_shrink(
     groups = _as_groups(x.shape, adapter_index, len(As))
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // max(groups.order.size, 1)
-    spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
     if stack is not None:
         st, slots = stack
-        layout = stack_layout(spans, slots, st.A.shape[0])
-        whole = groups.identity or (sort_whole_batch and layout is not None and layout.rows is None)
-        if layout is not None and not whole:  # the block's rows straight from x2, as it came
-            layout = stack_layout(spans, slots, st.A.shape[0], groups.order, tokens)
+        layout, whole = _layout(groups, tokens, slots, st.A.shape[0], sort_whole_batch)
         if layout is not None:
             xs = _sorted(x2, groups) if whole else x2
             X, U = stacked_shrink(xs, layout, st)
             part = Stacked(layout, st, slots, X, U, whole)
             return GroupedCache(groups, tokens, xs, [], As, (), scalings, x.shape, part)
+    spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
     xs = _sorted(x2, groups)
     ranks = {A.shape[0] for A in As}
     if len(ranks) == 1 and len(set(scalings)) == 1:

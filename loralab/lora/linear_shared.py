@@ -135,11 +135,16 @@ class MixedRouting(NamedTuple):
         Adapter name -> its segment in ``groups`` (the batch's adapters, sorted by name).
     groups : RowGroups
         The sorted batch (`loralab.lora.grouped.group_batch`), one segment per adapter.
+    plans : dict
+        id(layer) -> what that layer's `forward_plan` returns for the batch ((its RowGroups,
+        its holders)), filled by `loralab.lora.mixed_batch` as it checks the layers, so no
+        layer works it out again.
     """
 
     rows: list[str]
     position: dict[str, int]
     groups: RowGroups
+    plans: dict
 
 
 def route_rows(rows: list[str]) -> MixedRouting:
@@ -156,7 +161,7 @@ def route_rows(rows: list[str]) -> MixedRouting:
     used = sorted(names)
     position = dict(zip(used, range(len(used))))
     index = np.fromiter(map(position.get, rows, repeat(-1)), dtype=np.int64, count=len(rows))
-    return MixedRouting(rows, position, group_batch(index, len(used)))
+    return MixedRouting(rows, position, group_batch(index, len(used)), {})
 
 
 ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
@@ -492,6 +497,8 @@ class LoRALayerMixin(AdapterMixin):
             routing = getattr(self, "mixed_routing", None)
             if routing is None or routing.rows is not self.mixed_rows:  # rows set by hand
                 routing = route_rows(self.mixed_rows)
+            elif id(self) in routing.plans:  # worked out by mixed_batch, for this batch
+                return "mixed", routing.plans[id(self)]
             # the batch's adapters this layer holds, in the batch's (sorted) order: when the layer
             # holds them all, the segments are the batch's own, adjacent in the sorted rows
             held = set(self.adapter_names)

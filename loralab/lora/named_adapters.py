@@ -213,6 +213,10 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         holders = layer.holders(mine)
         if any(map(attrgetter("use_dora"), holders)):
             dora.update(n for n, h in zip(mine, holders, strict=True) if h.use_dora)
+        groups = routing.groups
+        if len(mine) != len(used):
+            groups = groups.select([routing.position[n] for n in mine])
+        routing.plans[id(layer)] = (groups, holders)  # the layer's forward_plan, for this batch
     if dora:
         raise ValueError(
             f"mixed_batch: adapters {sorted(dora)} use DoRA, which a mixed batch does not support"
