@@ -253,6 +253,36 @@ def test_a_mixed_batch_stacks_each_layer_once_and_follows_new_weights():
     np.testing.assert_allclose(y2, _rows_alone(model, x, NAMES), rtol=1e-12, atol=1e-12)
 
 
+def test_serving_reuses_the_stack_and_sees_new_arrays_edits_and_scalings():
+    """The no-graph path reads the stack straight from the adapters' views: an untouched model
+    rebuilds nothing, and a parameter given a new array, an edit in place or a new scaling each
+    shows in the next batch."""
+    model = _model()
+    x = np.random.default_rng(10).normal(size=(len(NAMES), 8))
+    layer = lora_layers(model)[0][1]
+
+    def serve():
+        with no_grad(), mixed_batch(model, NAMES):
+            return model(x).data
+
+    y = serve()
+    stack = layer._adapter_stack
+    np.testing.assert_array_equal(serve(), y)
+    assert layer._adapter_stack is stack  # nothing rebuilt
+    for part in ("lora_A", "lora_B"):  # a new array, set by hand
+        p = getattr(layer.adapter("t1"), part)
+        p.data = p.data + 0.25
+        y1 = serve()
+        assert layer._adapter_stack is not stack
+        stack = layer._adapter_stack
+        np.testing.assert_allclose(y1, _rows_alone(model, x, NAMES), rtol=1e-12, atol=1e-12)
+    layer.adapter("t5").lora_A.data[1, 3] -= 0.5  # in place: the stack is its storage
+    layer.adapter("t0").scaling *= 3.0
+    y2 = serve()
+    assert not np.allclose(y2, y1)
+    np.testing.assert_allclose(y2, _rows_alone(model, x, NAMES), rtol=1e-12, atol=1e-12)
+
+
 def test_the_layers_of_a_batch_share_its_plan_and_one_block_layout():
     """mixed_batch works out each layer's plan (groups, holders) as it checks the layers, and the
     first layer's block layout is kept in the batch's RowGroups for the next: no layer redoes
