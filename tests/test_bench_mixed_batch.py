@@ -87,3 +87,25 @@ def test_the_floors_and_the_plain_numpy_forward():
     row = res.mixed[-1]
     assert {"alone_over_base", "bytes_over_base", "plain_over_base"} <= set(row)
     assert row["alone_over_base"] > 1 and row["bytes_over_base"] > 1
+
+
+def test_numpy_over_peft_is_split_into_the_two_base_forwards():
+    """With PEFT: the torch twin's base forward is timed too, and a missed NumPy / PEFT target
+    gets a computed sentence whose verdict follows the plain-NumPy floor times the BLAS ratio."""
+    pytest.importorskip("peft")
+    from loralab.bench.sections.mixed_batch import PEFT_TARGET, _peft_floor
+
+    res = run_bench(BenchConfig.tiny(), None, sections=("mixed_batch",), log=lambda s: None)
+    row = res.mixed[-1]
+    keys = ("grouped_once_over_peft", "numpy_base_over_torch_base", "peft_over_torch_base")
+    assert all(row[k] > 0 for k in keys)
+    names = [c.name for c in res.checks]
+    assert "loralab NumPy (grouped once) / PEFT mixed batch, K = 4" in names
+    row.update(numpy_over_peft=0.9, grouped_once_over_peft=0.85, numpy_base_over_torch_base=1.2)
+    row.update(peft_over_torch_base=1.5, plain_over_base=1.05)  # 1.05 * 1.2 / 1.5 = 0.84
+    text = _peft_floor(res)
+    assert "missed (0.850 at best)" in text and "would be 0.840: above the target" in text
+    row["plain_over_base"] = 0.95  # 0.76
+    assert "would be 0.760: below the target" in _peft_floor(res)
+    row["grouped_once_over_peft"] = PEFT_TARGET  # met: no sentence
+    assert _peft_floor(res) == ""
