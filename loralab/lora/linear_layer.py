@@ -18,6 +18,7 @@ need W0 itself, so they are refused on such a base.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from operator import attrgetter, is_
 from typing import Any
 
@@ -182,28 +183,29 @@ class LoRALinear(LoRALayerMixin, Module):
                 f"{self._describe()}: a mixed batch runs without dropout; call model.eval() or use "
                 "adapters with dropout=0"
             )
-        if self.plain_base and not is_grad_enabled():  # serving: no graph, so no Function
-            current = self._current_stack(holders)
-            if current is not None:  # the common case: nothing to build, every view in place
-                st, k = current[0], len(holders)
-                W0, b = self.base.weight.data, self.base.bias
-                bias = None if b is None else b.data
-                views, s = st.views, st.scaling_key
-                h, _ = grouped_lora_linear_forward(
-                    x.data, W0, bias, groups, views[:k], views[k:], s, current
-                )
-                return Tensor(h)
-        As = list(map(_LORA_A, holders))
-        Bs = list(map(_LORA_B, holders))
-        scalings = list(map(_SCALING, holders))
-        stack = self._stacked(holders, As, Bs, scalings)
-        if self.plain_base and not is_grad_enabled():
-            W0, b = self.base.weight.data, self.base.bias
-            A, B = list(map(_DATA, As)), list(map(_DATA, Bs))
+        serving = self.plain_base and not is_grad_enabled()  # no graph, so no Function
+        current = self._current_stack(holders) if serving else None
+        A: Sequence[np.ndarray]
+        B: Sequence[np.ndarray]
+        scalings: Sequence[float]
+        stack: tuple[AdapterStack, Sequence[int]] | None
+        if current is not None:  # the common case: nothing to build, every view in place
+            st, k = current[0], len(holders)
+            A, B, scalings, stack = st.views[:k], st.views[k:], st.scaling_key, current
+        else:
+            As = list(map(_LORA_A, holders))
+            Bs = list(map(_LORA_B, holders))
+            each = list(map(_SCALING, holders))
+            stack = self._stacked(holders, As, Bs, each)
+            scalings = each
+            if serving:  # (a new stack, or adapters that are not stacked)
+                A, B = list(map(_DATA, As)), list(map(_DATA, Bs))
+        if serving:
+            b = self.base.bias
             bias = None if b is None else b.data
-            return Tensor(
-                grouped_lora_linear_forward(x.data, W0, bias, groups, A, B, scalings, stack)[0]
-            )
+            W0 = self.base.weight.data
+            h, _ = grouped_lora_linear_forward(x.data, W0, bias, groups, A, B, scalings, stack)
+            return Tensor(h)
         if self.plain_base:
             W0, b = self.base.weight, self.base.bias
             return GroupedLoRALinearFn.apply(

@@ -68,6 +68,7 @@ __all__ = [
     "check_not_in_mixed_batch",
     "MixedRouting",
     "route_rows",
+    "layer_groups",
     "LINEAR_TYPES",
     "register_linear_type",
     "validate_lora_options",
@@ -162,6 +163,15 @@ def route_rows(rows: list[str]) -> MixedRouting:
     position = dict(zip(used, range(len(used))))
     index = np.fromiter(map(position.get, rows, repeat(-1)), dtype=np.int64, count=len(rows))
     return MixedRouting(rows, position, group_batch(index, len(used)), {})
+
+
+def layer_groups(routing: MixedRouting, used: list[str]) -> RowGroups:
+    """The batch's RowGroups for a layer holding the batch's adapters ``used`` (names, in
+    ``routing.position``'s order): the batch's own when it holds them all, else the same sorted
+    batch with only their segments (`loralab.lora.grouped.RowGroups.select`)."""
+    if len(used) == len(routing.position):
+        return routing.groups
+    return routing.groups.select([routing.position[n] for n in used])
 
 
 ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
@@ -503,10 +513,7 @@ class LoRALayerMixin(AdapterMixin):
             # holds them all, the segments are the batch's own, adjacent in the sorted rows
             held = set(self.adapter_names)
             used = [n for n in routing.position if n in held]
-            groups = routing.groups
-            if len(used) != len(routing.position):
-                groups = groups.select([routing.position[n] for n in used])
-            return "mixed", (groups, self.holders(used))
+            return "mixed", (layer_groups(routing, used), self.holders(used))
         holders = [self.adapter(n) for n in self.active_adapter_names if n in self.adapter_names]
         if not holders:
             return "base", None

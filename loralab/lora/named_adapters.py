@@ -36,6 +36,7 @@ from loralab.lora.linear_shared import (
     BASE_ROWS,
     check_adapter_name,
     check_not_in_mixed_batch,
+    layer_groups,
     route_rows,
 )
 
@@ -213,10 +214,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         holders = layer.holders(mine)
         if any(map(attrgetter("use_dora"), holders)):
             dora.update(n for n, h in zip(mine, holders, strict=True) if h.use_dora)
-        groups = routing.groups
-        if len(mine) != len(used):
-            groups = groups.select([routing.position[n] for n in mine])
-        routing.plans[id(layer)] = (groups, holders)  # the layer's forward_plan, for this batch
+        routing.plans[id(layer)] = (layer_groups(routing, mine), holders)  # its forward_plan
     if dora:
         raise ValueError(
             f"mixed_batch: adapters {sorted(dora)} use DoRA, which a mixed batch does not support"

@@ -366,8 +366,8 @@ def _checks(res: Results) -> None:
                         "report",
                     )
                 )
-    target_k = TARGET_K if any(r["K"] == TARGET_K for r in res.mixed) else res.mixed[-1]["K"]
-    row = next(r for r in res.mixed if r["K"] == target_k)
+    row = _target_row(res)
+    target_k = row["K"]
     res.checks.append(
         Check("5", f"naive loop / mixed batch, K = {target_k}", row["naive_over_mixed"], "report")
     )
@@ -513,12 +513,18 @@ def _floor_markdown(res: Results) -> list[str]:
     return ["Where a target is missed, the measured floors:", "", *out, ""]
 
 
+def _target_row(res: Results) -> dict[str, Any]:
+    """The row of K = TARGET_K, where the naive, merge-swap and PEFT comparisons are checked
+    (the largest K measured when TARGET_K was not)."""
+    return next((r for r in res.mixed if r["K"] == TARGET_K), res.mixed[-1])
+
+
 def _peft_floor(res: Results) -> str:
     """The sentence, computed, for a missed NumPy / PEFT target: the ratio split into the two
     base forwards and each library's mixed batch over its own base, and what the plain-NumPy
     mixed forward would give. Empty when the target is met or the parts were not measured."""
-    target_k = TARGET_K if any(r["K"] == TARGET_K for r in res.mixed) else res.mixed[-1]["K"]
-    row = next(r for r in res.mixed if r["K"] == target_k)
+    row = _target_row(res)
+    target_k = row["K"]
     if "numpy_base_over_torch_base" not in row:
         return ""
     best = min(row["numpy_over_peft"], row["grouped_once_over_peft"])
