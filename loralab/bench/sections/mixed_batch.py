@@ -206,7 +206,7 @@ def peft_side(
 
 def torch_base_side(base: Any, x: np.ndarray) -> Callable | None:
     """The base model's forward on its torch twin (`loralab.torch.to_torch`, no adapter, no
-    gradient): what PEFT's mixed batch runs on, so that NumPy / PEFT can be split into the two
+    gradient) of the batch x (n, width): what PEFT's mixed batch runs on, so that NumPy / PEFT can be split into the two
     libraries' base forwards (their BLAS) and each one's overhead over its base. None without
     torch."""
     torch = optional_torch()
