@@ -104,6 +104,8 @@ class LoRAEmbeddingMixin:
     ``_parameter(array)`` (a trainable parameter holding ``array``, on the table's device) and
     ``_table_array(base)`` (the table E as an ndarray)."""
 
+    QUIET = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (`Module.QUIET`)
+
     base: Any
     lora_embedding_A: Any
     lora_embedding_B: Any

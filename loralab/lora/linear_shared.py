@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import re
 from itertools import repeat
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,6 +70,7 @@ __all__ = [
     "MixedRouting",
     "route_rows",
     "layer_groups",
+    "batch_holders",
     "LINEAR_TYPES",
     "register_linear_type",
     "validate_lora_options",
@@ -173,6 +175,24 @@ def layer_groups(routing: MixedRouting, used: list[str]) -> RowGroups:
         return routing.groups
     return routing.groups.select([routing.position[n] for n in used])
 
+
+def batch_holders(layer: Any, used: list[str]) -> tuple[list[Any], list[str]]:
+    """The holders of a mixed batch's adapters ``used`` in ``layer`` (`holders`, in that
+    order), and the names of those that use DoRA (which a mixed batch refuses). A layer that
+    remembers them (the NumPy `LoRALinear`: ``_batch_holders``) answers itself."""
+    own = getattr(layer, "_batch_holders", None)
+    return holders_with_dora(layer, used) if own is None else own(used)
+
+
+def holders_with_dora(layer: Any, used: list[str]) -> tuple[list[Any], list[str]]:
+    """`batch_holders`, worked out: ``layer.holders(used)`` and the DoRA ones' names."""
+    holders = layer.holders(used)
+    if not any(map(_USE_DORA, holders)):
+        return holders, []
+    return holders, [n for n, h in zip(used, holders, strict=True) if h.use_dora]
+
+
+_USE_DORA = attrgetter("use_dora")
 
 ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
 ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -297,6 +317,8 @@ class LoRALayerMixin(AdapterMixin):
     per batch row, set by `loralab.lora.named_adapters.mixed_batch`, with ``mixed_routing``: the
     rows sorted by adapter once per batch, `route_rows`) routes each row through its own.
     """
+
+    QUIET = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (`Module.QUIET`)
 
     base: Any
     in_features: int

@@ -24,7 +24,6 @@ import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from loralab.lora.backend import backend_for
 from loralab.lora.inject import active_names, adapter_names_of, check_known
 from loralab.lora.linear_shared import (
     BASE_ROWS,
+    batch_holders,
     check_adapter_name,
     check_not_in_mixed_batch,
     layer_groups,
@@ -211,9 +211,8 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     dora: set[str] = set()
     for (_, layer), names in zip(layers, held, strict=True):
         mine = used if names.issuperset(used) else [n for n in used if n in names]
-        holders = layer.holders(mine)
-        if any(map(attrgetter("use_dora"), holders)):
-            dora.update(n for n, h in zip(mine, holders, strict=True) if h.use_dora)
+        holders, uses_dora = batch_holders(layer, mine)
+        dora.update(uses_dora)
         routing.plans[id(layer)] = (layer_groups(routing, mine), holders)  # its forward_plan
     if dora:
         raise ValueError(

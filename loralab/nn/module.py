@@ -10,7 +10,9 @@ import numpy as np
 from loralab._validate import boolean
 from loralab.tensor import Tensor
 
-__all__ = ["Module", "Parameter", "make_rng"]
+__all__ = ["Module", "Parameter", "edit_count", "make_rng"]
+
+_EDITS = [0]  # see edit_count
 
 
 def make_rng(
@@ -24,6 +26,19 @@ def make_rng(
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         return rng
     return np.random.default_rng(seed)
+
+
+def edit_count() -> int:
+    """How many edits this process has made to any model's parameters or options: each time a
+    `Parameter` is given an array (``p.data = ...``, also ``p.data += ...``) and each time a
+    `Module` attribute is set or deleted (except a class's `Module.QUIET` attributes).
+
+    While it has not moved, whatever was worked out from a model's parameters and options still
+    holds, so a cache keyed on it can skip checking them one by one (a mixed batch's stack of
+    256 adapters, `loralab.lora.LoRALinear`). An edit *inside* an array (``p.data[0] = 1``)
+    does not move it: the array is the same object, and what reads it reads the new values.
+    """
+    return _EDITS[0]
 
 
 class Parameter(Tensor):
@@ -41,6 +56,11 @@ class Parameter(Tensor):
     def __init__(self, data: Any, requires_grad: bool = True):
         super().__init__(data, requires_grad=requires_grad)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "data":  # a new array: counted (`edit_count`)
+            _EDITS[0] += 1
+        object.__setattr__(self, name, value)
+
     def __repr__(self) -> str:
         return (
             f"Parameter(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
@@ -54,6 +74,10 @@ class Module:
     `named_parameters` yields dotted names like PyTorch's (``"layers.0.weight"``).
     Subclasses call ``super().__init__()`` first and define ``forward``.
     """
+
+    QUIET: frozenset[str] = frozenset()
+    """Attributes that a forward reads but no cache depends on (a mixed batch's rows, set for
+    every batch): setting them does not move `edit_count`."""
 
     # Set in __init__ through object.__setattr__ (they are the registries __setattr__ fills).
     _parameters: dict[str, Parameter]
@@ -70,6 +94,8 @@ class Module:
             raise AttributeError(
                 f"{type(self).__name__}: call super().__init__() before assigning attributes"
             )
+        if name not in self.QUIET:
+            _EDITS[0] += 1
         # Assigning to an existing key keeps its place, so a wrapped child keeps its order.
         if isinstance(value, Parameter):
             self._modules.pop(name, None)
@@ -83,6 +109,7 @@ class Module:
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
+        _EDITS[0] += 1
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
         object.__delattr__(self, name)
