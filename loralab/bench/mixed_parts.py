@@ -78,14 +78,16 @@ def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable
 def plain_numpy_side(
     model: Any, x: np.ndarray, names: list[str], *, base: bool = False
 ) -> Callable[[], np.ndarray]:
-    """The third floor: the whole mixed forward on the grouped rows as plain NumPy calls
-    (`loralab.lora.grouped.grouped_lora_linear_forward` on each layer's arrays and its stacked
-    adapters, ``np.maximum`` between layers): what the method costs without the engine's
-    Tensors, Functions, routing and checks, measured against ``base=True``, the base forward
-    as plain NumPy calls (``x W0^T + b``, ``np.maximum``) on the same rows. Returns the
-    output, rows grouped."""
-    order, _ = adapter_order(names)
-    xs = np.ascontiguousarray(x[order])
+    """The third floor: the grouped-once mixed forward as plain NumPy calls: the rows grouped by
+    adapter (``x[order]``, `adapter_order`), each layer's
+    `loralab.lora.grouped.grouped_lora_linear_forward` on its arrays and its stacked adapters,
+    ``np.maximum`` between layers, and the rows put back (``[inverse]``), as the grouped-once
+    side does them: what the method costs without the engine's Tensors, Functions, routing and
+    checks. It is measured against ``base=True``, the base forward as plain NumPy calls
+    (``x W0^T + b``, ``np.maximum``; no grouping, the base needs none). Returns the output,
+    rows in arrival order."""
+    order, inverse = adapter_order(names)
+    moved = not (order == np.arange(order.size)).all()
     lora = {id(layer) for _, layer in lora_layers(model)}
     stacks = iter(_layer_stacks(model, names))
     steps: list[Any] = []
@@ -98,16 +100,16 @@ def plain_numpy_side(
             steps.append(None)  # a ReLU
 
     def run() -> np.ndarray:
-        h = xs
+        h = x[order] if moved else x
         for step in steps:
             if step is None:
                 h = np.maximum(h, 0)
             else:  # (the cache dropped at once, as the engine drops it without a graph)
                 h = G.grouped_lora_linear_forward(h, *step)[0]
-        return h
+        return h[inverse] if moved else h
 
     def run_base() -> np.ndarray:
-        h = xs
+        h = x
         for step in steps:
             if step is None:
                 h = np.maximum(h, 0)

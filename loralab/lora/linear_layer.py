@@ -191,8 +191,8 @@ class LoRALinear(LoRALayerMixin, Module):
         scalings: Sequence[float]
         stack: tuple[AdapterStack, Sequence[int]] | None
         if current is not None:  # the common case: nothing to build, every view in place
-            st, k = current[0], len(holders)
-            A, B, scalings, stack = st.views[:k], st.views[k:], st.scaling_key, current
+            stack, A, B = current
+            scalings = stack[0].scaling_key
         else:
             As = list(map(_LORA_A, holders))
             Bs = list(map(_LORA_B, holders))
@@ -227,10 +227,13 @@ class LoRALinear(LoRALayerMixin, Module):
         object.__setattr__(self, "_holders_seen", (edits, list(used), found))
         return found
 
-    def _current_stack(self, holders: list[Any]) -> tuple[AdapterStack, range] | None:
+    def _current_stack(
+        self, holders: list[Any]
+    ) -> tuple[tuple[AdapterStack, range], list[np.ndarray], list[np.ndarray]] | None:
         """The layer's stack and its slots when ``holders`` are all of its adapters (in name
         order, as `forward_plan` gives them) and each still holds its views of it with the same
-        scaling: what `_stacked` would return, read straight from the holders. Else None.
+        scaling: what `_stacked` would return, read straight from the holders, with the K
+        views of A and the K of B as lists. Else None.
 
         Checked once, then remembered until `loralab.nn.module.edit_count` moves (a parameter
         given a new array, a scaling set, an adapter added ...): a serving batch of K = 256
@@ -252,7 +255,8 @@ class LoRALinear(LoRALayerMixin, Module):
             and stack.scaling_key == tuple(map(_SCALING, holders))
         ):
             return None
-        current = stack, range(k)
+        # the lists are kept too: slicing ``views`` anew for every batch touches all 2K arrays
+        current = (stack, range(k)), list(views[:k]), list(views[k:])
         params = (*map(_LORA_A, holders), *map(_LORA_B, holders))
         if all(isinstance(p, Parameter) for p in params):  # (whose new arrays are counted)
             object.__setattr__(self, "_stack_seen", (edits, stack, list(holders), current))

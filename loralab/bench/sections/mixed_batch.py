@@ -485,7 +485,8 @@ def _floor_markdown(res: Results) -> list[str]:
         elif plain is not None and plain > target:
             text += (
                 f". The same mixed forward over the same base forward, both as plain NumPy "
-                f"calls (no engine, rows already grouped), is {plain:.3f}: above the target. "
+                f"calls (no engine; the rows grouped and put back as grouped once does), is "
+                f"{plain:.3f}: above the target. "
                 "Adding the products into the base's output, and the products and the base "
                 "product sharing the CPU's caches, cost that much beyond the two floors in "
                 "NumPy on this machine: the floor that stops it."
@@ -496,7 +497,7 @@ def _floor_markdown(res: Results) -> list[str]:
                 + (f"{plain:.3f}" if plain is not None else "-")
                 + f": below the target. The rest ({best - (plain or max(floors)):.3f} of the "
                 "base) is loralab's own work around the op (the engine's Tensors and Functions, "
-                "the routing, the checks, the gathers): not a floor of the method."
+                "the routing, the checks): not a floor of the method."
             )
         if "one_adapter_over_base" in row:
             text += (
@@ -591,7 +592,8 @@ def markdown(res: Results) -> list[str]:
         "floor: the base plus each layer's low-rank products alone (batched on the stacked "
         "adapters); bytes: the base plus one read of every layer's K adapters; plain NumPy: the "
         "grouped-once mixed forward over the base forward, both as plain NumPy calls (no "
-        "engine, rows already grouped); naive: a loop over "
+        "engine; the rows grouped before the layers and put back after them, as grouped once "
+        "does; the base needs neither); naive: a loop over "
         f"adapters, each on its rows; merge-swap: merge, run the adapter's rows, unmerge (K <= "
         f"{MERGE_SWAP_MAX_K}); PEFT: its mixed-batch forward on the torch twin (NumPy / PEFT: "
         "the rows as they arrive; the summary also has grouped once / PEFT, and NumPy's base "
