@@ -104,7 +104,7 @@ class LoRAEmbeddingMixin:
     ``_parameter(array)`` (a trainable parameter holding ``array``, on the table's device) and
     ``_table_array(base)`` (the table E as an ndarray)."""
 
-    QUIET = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (`Module.QUIET`)
+    _quiet = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (``Module._quiet``)
 
     base: Any
     lora_embedding_A: Any

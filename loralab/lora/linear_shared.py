@@ -318,7 +318,7 @@ class LoRALayerMixin(AdapterMixin):
     rows sorted by adapter once per batch, `route_rows`) routes each row through its own.
     """
 
-    QUIET = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (`Module.QUIET`)
+    _quiet = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (``Module._quiet``)
 
     base: Any
     in_features: int

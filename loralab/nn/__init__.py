@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 from loralab._deprecated import moved_attribute
 from loralab.nn.layers import GELU, MLP, Dropout, Embedding, LayerNorm, Linear, ReLU, Sequential
-from loralab.nn.module import Module, Parameter
+from loralab.nn.module import Module, Parameter, edit_count
 
 __all__ = [
     "Module",
@@ -17,6 +17,7 @@ __all__ = [
     "Dropout",
     "Sequential",
     "MLP",
+    "edit_count",
 ]
 
 if not TYPE_CHECKING:  # mypy would otherwise accept any attribute of loralab.nn

@@ -31,7 +31,7 @@ def make_rng(
 def edit_count() -> int:
     """How many edits this process has made to any model's parameters or options: each time a
     `Parameter` is given an array (``p.data = ...``, also ``p.data += ...``) and each time a
-    `Module` attribute is set or deleted (except a class's `Module.QUIET` attributes).
+    `Module` attribute is set or deleted (except a class's ``Module._quiet`` attributes).
 
     While it has not moved, whatever was worked out from a model's parameters and options still
     holds, so a cache keyed on it can skip checking them one by one (a mixed batch's stack of
@@ -75,7 +75,7 @@ class Module:
     Subclasses call ``super().__init__()`` first and define ``forward``.
     """
 
-    QUIET: frozenset[str] = frozenset()
+    _quiet: frozenset[str] = frozenset()
     """Attributes that a forward reads but no cache depends on (a mixed batch's rows, set for
     every batch): setting them does not move `edit_count`."""
 
@@ -94,7 +94,7 @@ class Module:
             raise AttributeError(
                 f"{type(self).__name__}: call super().__init__() before assigning attributes"
             )
-        if name not in self.QUIET:
+        if name not in self._quiet:
             _EDITS[0] += 1
         # Assigning to an existing key keeps its place, so a wrapped child keeps its order.
         if isinstance(value, Parameter):
