@@ -215,7 +215,7 @@ class LoRALinear(LoRALayerMixin, Module):
         y = GroupedLoRAFn.apply(x, *As, *Bs, index=groups, scalings=scalings, stack=stack)
         return self.base(x) + y
 
-    def _batch_holders(self, used: list[str]) -> tuple[list[Any], list[str]]:
+    def _batch_holders(self, used: list[str]) -> tuple[list[str], list[Any], list[str]]:
         """`loralab.lora.linear_shared.batch_holders` for a mixed batch of adapters ``used``,
         remembered until `loralab.nn.module.edit_count` moves: a serving batch asks for the same
         K adapters again and again (the returned list is shared: do not change it)."""

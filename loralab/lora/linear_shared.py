@@ -176,20 +176,24 @@ def layer_groups(routing: MixedRouting, used: list[str]) -> RowGroups:
     return routing.groups.select([routing.position[n] for n in used])
 
 
-def batch_holders(layer: Any, used: list[str]) -> tuple[list[Any], list[str]]:
-    """The holders of a mixed batch's adapters ``used`` in ``layer`` (`holders`, in that
-    order), and the names of those that use DoRA (which a mixed batch refuses). A layer that
-    remembers them (the NumPy `LoRALinear`: ``_batch_holders``) answers itself."""
+def batch_holders(layer: Any, used: list[str]) -> tuple[list[str], list[Any], list[str]]:
+    """A layer's share of a mixed batch whose adapters are ``used`` (names, in
+    ``routing.position``'s order): the ones it holds (``used`` itself when it holds them all),
+    their holders (`holders`, in that order) and the names of those that use DoRA (which a
+    mixed batch refuses). A layer that remembers them (the NumPy `LoRALinear`:
+    ``_batch_holders``) answers itself."""
     own = getattr(layer, "_batch_holders", None)
     return holders_with_dora(layer, used) if own is None else own(used)
 
 
-def holders_with_dora(layer: Any, used: list[str]) -> tuple[list[Any], list[str]]:
-    """`batch_holders`, worked out: ``layer.holders(used)`` and the DoRA ones' names."""
-    holders = layer.holders(used)
+def holders_with_dora(layer: Any, used: list[str]) -> tuple[list[str], list[Any], list[str]]:
+    """`batch_holders`, worked out."""
+    names = set(layer.adapter_names)
+    mine = used if names.issuperset(used) else [n for n in used if n in names]
+    holders = layer.holders(mine)
     if not any(map(_USE_DORA, holders)):
-        return holders, []
-    return holders, [n for n, h in zip(used, holders, strict=True) if h.use_dora]
+        return mine, holders, []
+    return mine, holders, [n for n, h in zip(mine, holders, strict=True) if h.use_dora]
 
 
 _USE_DORA = attrgetter("use_dora")

@@ -199,25 +199,24 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     routing = route_rows(rows)  # sorted by adapter once, for every layer and every call
     used = list(routing.position)
     layers = _named_layers(model, "mixed_batch")
-    held = [set(layer.adapter_names) for _, layer in layers]  # sets: K x layers, not K^2
-    known = set().union(*held)
-    unknown = [n for n in used if n not in known]
-    if unknown:
-        raise ValueError(
-            f"mixed_batch: unknown adapters {unknown}; the model's adapters are "
-            f"{adapter_names_of(layers)} (and {BASE_ROWS!r} for the base alone)"
-        )
+    # each layer's share of the batch: the adapters it holds, their holders, the DoRA ones
+    plans = [batch_holders(layer, used) for _, layer in layers]
+    if all(len(mine) < len(used) for mine, _, _ in plans):  # (else one layer holds them all)
+        known = set().union(*(set(layer.adapter_names) for _, layer in layers))
+        unknown = [n for n in used if n not in known]
+        if unknown:
+            raise ValueError(
+                f"mixed_batch: unknown adapters {unknown}; the model's adapters are "
+                f"{adapter_names_of(layers)} (and {BASE_ROWS!r} for the base alone)"
+            )
     _refuse_merged(layers, "mixed_batch")
-    dora: set[str] = set()
-    for (_, layer), names in zip(layers, held, strict=True):
-        mine = used if names.issuperset(used) else [n for n in used if n in names]
-        holders, uses_dora = batch_holders(layer, mine)
-        dora.update(uses_dora)
-        routing.plans[id(layer)] = (layer_groups(routing, mine), holders)  # its forward_plan
+    dora = {n for _, _, uses_dora in plans for n in uses_dora}
     if dora:
         raise ValueError(
             f"mixed_batch: adapters {sorted(dora)} use DoRA, which a mixed batch does not support"
         )
+    for (_, layer), (mine, holders, _) in zip(layers, plans, strict=True):
+        routing.plans[id(layer)] = (layer_groups(routing, mine), holders)  # its forward_plan
     with _set_inside(layers, mixed_rows=rows, mixed_routing=routing):
         yield model
 
