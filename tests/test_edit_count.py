@@ -144,3 +144,27 @@ def test_an_adapter_turned_to_dora_after_a_reused_batch_is_refused():
     lora_layers(model)[0][1].adapter("t0").use_dora = True
     with pytest.raises(ValueError, match="DoRA"):
         _serve(model, x)
+
+
+def test_the_remembered_lora_layers_follow_new_and_replaced_layers():
+    model = nn.MLP([6, 7, 5], seed=0, dtype=np.float64)
+    inject_lora(model, ["0"], r=2, seed=0)
+    assert [n for n, _ in lora_layers(model)] == ["0"]
+    assert [n for n, _ in lora_layers(model)] == ["0"]  # remembered
+    setattr(model, "2", LL.LoRALinear(model.get_submodule("2"), r=2, seed=1))  # a new one
+    assert [n for n, _ in lora_layers(model)] == ["0", "2"]
+    setattr(model, "2", nn.Linear(7, 5, seed=2, dtype=np.float64))  # and a plain one again
+    assert [n for n, _ in lora_layers(model)] == ["0"]
+
+
+def test_a_batch_no_layer_holds_whole_still_names_its_unknown_adapters():
+    model = nn.MLP([6, 7, 5], seed=0, dtype=np.float64)
+    inject_lora(model, ["0"], r=2, seed=0, adapter_name="a")
+    inject_lora(model, ["2"], r=2, seed=1, adapter_name="b")
+    nonzero_B(model, seed=2).eval()
+    x = np.random.default_rng(3).normal(size=(3, 6))
+    for _ in range(2):  # the second time from what the layers remember
+        y = _serve(model, x, ["a", "b", "__base__"])
+        np.testing.assert_allclose(y, _each_row(model, x, ["a", "b", "__base__"]), atol=1e-12)
+        with pytest.raises(ValueError, match=r"unknown adapters \['c'\]"):
+            _serve(model, x, ["a", "b", "c"])
