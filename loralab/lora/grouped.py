@@ -112,12 +112,17 @@ def group_batch(adapter_index: np.ndarray, n_adapters: int) -> RowGroups:
     ([1, 2, 0, 3], [(1, 2), (2, 4)], False)
     """
     g = np.asarray(adapter_index).reshape(-1)
-    order = np.argsort(g, kind="stable")
-    bounds = np.searchsorted(g[order], np.arange(n_adapters + 1)).tolist()
+    identity = bool((g[1:] >= g[:-1]).all())  # already grouped (a batch formed so): no sort
+    if identity:
+        order = inverse = np.arange(g.size)
+        grouped = g
+    else:
+        order = np.argsort(g, kind="stable")
+        grouped = g[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+    bounds = np.searchsorted(grouped, np.arange(n_adapters + 1)).tolist()
     segments = list(zip(bounds[:-1], bounds[1:], strict=True))
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    identity = bool((order == np.arange(order.size)).all())
     return RowGroups(order, segments, inverse, identity, {})
 
 
