@@ -221,7 +221,11 @@ def _layout(
     found = None if memo is None else memo.get(key)
     if found is not None:
         return found
-    spans = [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
+    spans = (
+        groups.segments
+        if tokens == 1
+        else [(lo * tokens, hi * tokens) for lo, hi in groups.segments]
+    )
     layout = stack_layout(spans, slots, n_slots)
     whole = groups.identity or (sort_whole_batch and layout is not None and layout.rows is None)
     if layout is not None and not whole:  # the block's rows straight from x2, as it came

@@ -38,7 +38,7 @@ each one batched call. Pure NumPy; imports nothing of loralab.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter, is_
+from operator import attrgetter, is_, sub
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -190,9 +190,9 @@ def stack_layout(
     """
     if len(spans) != len(slots):
         raise ValueError(f"stack_layout: {len(spans)} spans for {len(slots)} slots")
-    if list(slots) == list(range(n_slots)):  # every slot, in order: no scatter
-        starts = [lo for lo, _ in spans]
-        counts = [hi - lo for lo, hi in spans]
+    if slots == range(n_slots) or list(slots) == list(range(n_slots)):  # every slot, in order
+        starts, ends = map(list, zip(*spans)) if spans else ([], [])
+        counts = list(map(sub, ends, starts))
     else:
         counts, starts = [0] * n_slots, [0] * n_slots
         for (lo, hi), k in zip(spans, slots, strict=True):
