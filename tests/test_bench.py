@@ -29,6 +29,21 @@ def test_time_alternating_alternates_the_sides():
     assert [len(t) for t in times.values()] == [4, 4]
 
 
+def test_time_alternating_rewarms_each_side_before_its_sample():
+    calls = []
+    clock_reads = []
+    sides = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+
+    def clock():  # a sample's clock starts after its untimed call
+        clock_reads.append(len(calls))
+        return float(len(calls))
+
+    times = time_alternating(sides, repeats=2, sample_seconds=0.0, clock=clock, rewarm=True)
+    assert calls[4:] == list("aabbbbaa")  # each sample: one untimed call, then the timed one
+    assert clock_reads == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+
+
 def test_core_bounds_by_hand():
     # width 4, batch 2, r 1: one (2, 4) x (4, 4) matmul is 2 * 2 * 4 * 4 = 64 FLOPs.
     b = core_bounds(4, 2, r=1)

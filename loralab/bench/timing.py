@@ -17,13 +17,16 @@ def time_alternating(
     repeats: int,
     sample_seconds: float,
     clock: Callable[[], float] = time.perf_counter,
+    rewarm: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each side, ``repeats`` samples each, the sides' order alternating.
 
     Each sample times as many calls as fill about ``sample_seconds`` (calibrated once per side).
     ``clock`` is wall time by default; the process's CPU time (``time.process_time``) ignores
     the moments a busy machine takes the CPU away, and measures the work exactly when
-    everything runs on one thread.
+    everything runs on one thread. ``rewarm``: one untimed call before each sample, so that no
+    side pays for fetching back its weights after whatever the side before it left in the CPU's
+    caches (the steady state of serving one model batch after batch).
     """
     inner = {}
     for name, fn in sides.items():
@@ -37,6 +40,8 @@ def time_alternating(
     for i in range(repeats):
         for name in names if i % 2 == 0 else names[::-1]:
             fn, n = sides[name], inner[name]
+            if rewarm:
+                fn()
             t0 = clock()
             for _ in range(n):
                 fn()
