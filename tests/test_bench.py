@@ -138,3 +138,13 @@ def test_cli_bench_checks_out_before_any_work(tmp_path, capsys, monkeypatch, whe
     err = capsys.readouterr().err.strip()
     assert err.startswith("loralab bench: error:") and "--out" in err and "\n" not in err
     assert not ran
+
+
+def test_a_missed_target_is_never_printed_as_its_limit():
+    from loralab.bench.sections._table import shown
+
+    assert shown(1.35046, 1.35) == "1.3505"  # not 1.350, which reads as met
+    assert shown(1.3504, None) == "1.350"
+    assert shown(1.394, 1.35) == "1.394"
+    assert shown(0.80049, 0.8) == "0.8005"
+    assert shown(1.35, 1.35) == "1.350"

@@ -48,7 +48,7 @@ from loralab.bench.mixed_parts import (
     profile_layer,
 )
 from loralab.bench.mlp import LINEAR_NAMES, MLPArrays, engine_model
-from loralab.bench.sections._table import table
+from loralab.bench.sections._table import shown, table
 from loralab.bench.timing import CLOCKS, paired_ratio, time_alternating
 from loralab.lora import (
     adapter_order,
@@ -476,7 +476,7 @@ def _floor_markdown(res: Results) -> list[str]:
         )
         text = (
             f"- K = {k} ({rows_each} row{'s' if rows_each > 1 else ''} per adapter): target "
-            f"{target:.2f} missed ({best:.3f} at best). Floors, each the base plus one thing "
+            f"{target:.2f} missed ({shown(best, target)} at best). Floors, each the base plus one thing "
             f"alone: the low-rank products of every layer ({how}) {row['alone_over_base']:.3f}"
         )
         if "bytes_over_base" in row:
@@ -540,7 +540,7 @@ def _peft_floor(res: Results) -> str:
         return ""
     blas, peft = row["numpy_base_over_torch_base"], row["peft_over_torch_base"]
     text = (
-        f"- NumPy / PEFT at K = {target_k}: target {PEFT_TARGET} missed ({best:.3f} at best). "
+        f"- NumPy / PEFT at K = {target_k}: target {PEFT_TARGET} missed ({shown(best, PEFT_TARGET)} at best). "
         f"The ratio is (NumPy base / torch base) x (NumPy mixed / NumPy base) / (PEFT / torch "
         f"base). NumPy's base forward costs {blas:.3f} of the torch twin's (the same products, "
         f"each library's BLAS: the Machine table), and PEFT's mixed batch {peft:.3f} of that "
