@@ -22,7 +22,7 @@ from loralab.lora.embedding_layer import EMBEDDING_TYPES, LoRAEmbedding
 from loralab.lora.linear_layer import LoRALinear
 from loralab.lora.linear_shared import LINEAR_TYPES
 from loralab.nn.layers import Linear
-from loralab.nn.module import Module, edit_count
+from loralab.nn.module import Module, recall, remember
 
 __all__ = ["Backend", "NumpyBackend", "register_backend", "backend_for"]
 
@@ -141,12 +141,9 @@ class NumpyBackend(Backend):
     def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
         """`Backend.lora_layers`, remembered on the model until `loralab.nn.edit_count` moves
         (every module added, replaced or removed moves it): a mixed batch asks for every batch."""
-        edits = edit_count()
-        seen = model.__dict__.get("_lora_layers_seen")
-        if seen is not None and seen[0] == edits:
-            return list(seen[1])
-        found = super().lora_layers(model)
-        object.__setattr__(model, "_lora_layers_seen", (edits, found))
+        found = recall(model, "_lora_layers_seen", None)
+        if found is None:
+            found = remember(model, "_lora_layers_seen", None, super().lora_layers(model))
         return list(found)
 
     def holds_W0(self, model: Any, path: str) -> bool:

@@ -41,6 +41,7 @@ from loralab.lora.embedding_ops import lora_embedding_backward, lora_embedding_f
 from loralab.lora.linear_shared import (
     BASE_ROWS,
     DEFAULT_ADAPTER,
+    MIXED_BATCH_ATTRIBUTES,
     check_adapter_name,
     validate_lora_options,
 )
@@ -104,7 +105,7 @@ class LoRAEmbeddingMixin:
     ``_parameter(array)`` (a trainable parameter holding ``array``, on the table's device) and
     ``_table_array(base)`` (the table E as an ndarray)."""
 
-    _quiet = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (``Module._quiet``)
+    _quiet = MIXED_BATCH_ATTRIBUTES  # set for every batch (``Module._quiet``)
 
     base: Any
     lora_embedding_A: Any

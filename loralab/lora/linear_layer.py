@@ -43,7 +43,7 @@ from loralab.lora.linear_shared import (
 )
 from loralab.lora.stacked import AdapterStack, stack_parameters
 from loralab.nn.layers import Linear, check_input
-from loralab.nn.module import Module, Parameter, edit_count, make_rng
+from loralab.nn.module import Module, Parameter, make_rng, recall, remember
 from loralab.tensor import Tensor, is_grad_enabled
 
 __all__ = ["LoRALinear", "LoRAAdapter", "AdapterDict"]
@@ -219,12 +219,9 @@ class LoRALinear(LoRALayerMixin, Module):
         """`loralab.lora.linear_shared.batch_holders` for a mixed batch of adapters ``used``,
         remembered until `loralab.nn.module.edit_count` moves: a serving batch asks for the same
         K adapters again and again (the returned list is shared: do not change it)."""
-        edits = edit_count()
-        seen = self.__dict__.get("_holders_seen")
-        if seen is not None and seen[0] == edits and seen[1] == used:
-            return seen[2]
-        found = holders_with_dora(self, used)
-        object.__setattr__(self, "_holders_seen", (edits, list(used), found))
+        found = recall(self, "_holders_seen", used)
+        if found is None:
+            found = remember(self, "_holders_seen", list(used), holders_with_dora(self, used))
         return found
 
     def _current_stack(
@@ -241,10 +238,10 @@ class LoRALinear(LoRALayerMixin, Module):
         that the products have pushed out of the CPU's cache.
         """
         stack = self.__dict__.get("_adapter_stack")
-        edits = edit_count()
-        seen = self.__dict__.get("_stack_seen")
-        if seen is not None and seen[0] == edits and seen[1] is stack and seen[2] == holders:
-            return seen[3]
+        key = (id(stack), holders)  # (the stack kept alive by what is remembered: a unique id)
+        found = recall(self, "_stack_seen", key)
+        if found is not None:
+            return found
         k = len(holders)
         if stack is None or k != len(self.adapter_names) or len(stack.views) != 2 * k:
             return None
@@ -259,7 +256,7 @@ class LoRALinear(LoRALayerMixin, Module):
         current = (stack, range(k)), list(views[:k]), list(views[k:])
         params = (*map(_LORA_A, holders), *map(_LORA_B, holders))
         if all(isinstance(p, Parameter) for p in params):  # (whose new arrays are counted)
-            object.__setattr__(self, "_stack_seen", (edits, stack, list(holders), current))
+            remember(self, "_stack_seen", (id(stack), list(holders)), current)
         return current
 
     def _stacked(

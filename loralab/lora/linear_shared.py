@@ -71,6 +71,8 @@ __all__ = [
     "route_rows",
     "layer_groups",
     "batch_holders",
+    "holders_with_dora",
+    "MIXED_BATCH_ATTRIBUTES",
     "LINEAR_TYPES",
     "register_linear_type",
     "validate_lora_options",
@@ -187,7 +189,8 @@ def batch_holders(layer: Any, used: list[str]) -> tuple[list[str], list[Any], li
 
 
 def holders_with_dora(layer: Any, used: list[str]) -> tuple[list[str], list[Any], list[str]]:
-    """`batch_holders`, worked out."""
+    """`batch_holders`, worked out: (the names of ``used`` that ``layer`` holds, their holders
+    in that order, the names among them whose adapters use DoRA)."""
     names = set(layer.adapter_names)
     mine = used if names.issuperset(used) else [n for n in used if n in names]
     holders = layer.holders(mine)
@@ -197,6 +200,10 @@ def holders_with_dora(layer: Any, used: list[str]) -> tuple[list[str], list[Any]
 
 
 _USE_DORA = attrgetter("use_dora")
+
+MIXED_BATCH_ATTRIBUTES = frozenset({"mixed_rows", "mixed_routing"})
+"""What `loralab.lora.mixed_batch` sets on every LoRA layer for every batch: not counted as
+edits (`loralab.nn.module.edit_count`), so the layers' remembered checks survive the batch."""
 
 ADAPTER_OPTIONS = ("r", "alpha", "dropout", "init", "use_rslora", "use_dora", "scaling")
 ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -322,7 +329,7 @@ class LoRALayerMixin(AdapterMixin):
     rows sorted by adapter once per batch, `route_rows`) routes each row through its own.
     """
 
-    _quiet = frozenset({"mixed_rows", "mixed_routing"})  # set for every batch (``Module._quiet``)
+    _quiet = MIXED_BATCH_ATTRIBUTES  # set for every batch (``Module._quiet``)
 
     base: Any
     in_features: int

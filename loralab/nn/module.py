@@ -10,7 +10,7 @@ import numpy as np
 from loralab._validate import boolean
 from loralab.tensor import Tensor
 
-__all__ = ["Module", "Parameter", "edit_count", "make_rng"]
+__all__ = ["Module", "Parameter", "edit_count", "recall", "remember", "make_rng"]
 
 _EDITS = [0]  # see edit_count
 
@@ -39,6 +39,22 @@ def edit_count() -> int:
     does not move it: the array is the same object, and what reads it reads the new values.
     """
     return _EDITS[0]
+
+
+def recall(owner: Any, slot: str, key: Any) -> Any:
+    """What `remember` kept on ``owner`` under ``slot`` for an equal ``key``, while
+    `edit_count` has not moved since; else None."""
+    seen = owner.__dict__.get(slot)
+    if seen is not None and seen[0] == _EDITS[0] and seen[1] == key:
+        return seen[2]
+    return None
+
+
+def remember(owner: Any, slot: str, key: Any, value: Any) -> Any:
+    """Keep ``value`` (not None) on ``owner`` under ``slot`` for ``key``, until `edit_count`
+    moves (`recall`); returns ``value``. Kept without counting as an edit."""
+    object.__setattr__(owner, slot, (_EDITS[0], key, value))
+    return value
 
 
 class Parameter(Tensor):
