@@ -7,8 +7,17 @@ import pytest
 from builders import nonzero_B
 
 from loralab import nn
-from loralab.lora import delete_adapter, inject_lora, lora_layers, mixed_batch
+from loralab.lora import (
+    delete_adapter,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    mixed_batch,
+    set_adapter,
+    unmerge_lora,
+)
 from loralab.lora import linear_layer as LL
+from loralab.lora import named_adapters as NA
 from loralab.nn.module import Parameter, edit_count
 from loralab.tensor import no_grad
 
@@ -168,3 +177,70 @@ def test_a_batch_no_layer_holds_whole_still_names_its_unknown_adapters():
         np.testing.assert_allclose(y, _each_row(model, x, ["a", "b", "__base__"]), atol=1e-12)
         with pytest.raises(ValueError, match=r"unknown adapters \['c'\]"):
             _serve(model, x, ["a", "b", "c"])
+
+
+# ----- the batch's routing, worked out once per composition ---------------------------------------
+def _count_routes(monkeypatch):
+    """Make `route_rows` (the sort of a batch by adapter) count its calls."""
+    calls = []
+    real = NA.route_rows
+
+    def counted(rows):
+        calls.append(list(rows))
+        return real(rows)
+
+    monkeypatch.setattr(NA, "route_rows", counted)
+    return calls
+
+
+def test_the_same_rows_again_are_routed_once(monkeypatch):
+    """A decode loop serves the same rows step after step: the routing is worked out for the
+    first and reused while the rows are equal (new lists, equal names) and the model unedited."""
+    calls = _count_routes(monkeypatch)
+    model = _model()
+    x = np.random.default_rng(4).normal(size=(len(NAMES), 6))
+    _serve(model, x)  # the first batch stacks the adapters: new arrays, an edit
+    ys = [_serve(model, x, list(NAMES)) for _ in range(3)]
+    assert len(calls) == 2
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])
+    np.testing.assert_allclose(ys[0], _each_row(model, x), rtol=1e-12, atol=1e-12)
+    other = NAMES[::-1]
+    np.testing.assert_allclose(
+        _serve(model, x, other), _each_row(model, x, other), rtol=1e-12, atol=1e-12
+    )
+    assert len(calls) == 3  # other rows: routed anew ...
+    np.testing.assert_array_equal(_serve(model, x, list(NAMES)), ys[0])
+    assert len(calls) == 4  # ... and only the last composition is kept
+    _new_scaling(model)
+    _serve(model, x, list(NAMES))
+    assert len(calls) == 5  # an edit: routed anew
+
+
+def test_rows_changed_in_place_after_a_batch_are_routed_anew(monkeypatch):
+    calls = _count_routes(monkeypatch)
+    model = _model()
+    x = np.random.default_rng(5).normal(size=(len(NAMES), 6))
+    rows = list(NAMES)
+    _serve(model, x, rows)
+    rows[0] = "t0"  # the caller's own list, edited: the block kept a copy
+    np.testing.assert_allclose(_serve(model, x, rows), _each_row(model, x, rows), atol=1e-12)
+    assert len(calls) == 2
+
+
+def test_remembered_rows_are_checked_again_after_a_delete_and_a_merge():
+    """The checks of a batch hold for its remembered routing: rows naming a deleted adapter are
+    refused; a merge (which edits W0 in place, not counted) is refused too."""
+    model = _model()
+    set_adapter(model, "t0")  # (the adapter merge_lora merges; itself an edit)
+    x = np.random.default_rng(6).normal(size=(len(NAMES), 6))
+    _serve(model, x)
+    _serve(model, x)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="merged"):
+        _serve(model, x)
+    unmerge_lora(model)
+    _serve(model, x)
+    delete_adapter(model, "t1")
+    with pytest.raises(ValueError, match=r"unknown adapters \['t1'\]"):
+        _serve(model, x)

@@ -209,3 +209,23 @@ def test_training_one_adapter_leaves_the_others_bit_for_bit():
         "4.lora_A",
         "4.lora_B",
     ]
+
+
+def test_a_torch_model_routes_every_batch_anew(monkeypatch):
+    """`loralab.nn.edit_count` does not see a torch model's edits, so its mixed batches keep
+    nothing between blocks: an adapter deleted between two equal batches is refused."""
+    from loralab.lora import named_adapters as NA
+
+    calls = []
+    real = NA.route_rows
+    monkeypatch.setattr(NA, "route_rows", lambda rows: calls.append(1) or real(rows))
+    model, x = twin_with_adapters(), x_rows(3)
+    rows = ["task", "other", "__base__"]
+    for _ in range(2):
+        with torch.no_grad(), tl.mixed_batch(model, rows):
+            model(x)
+    assert len(calls) == 2
+    tl.delete_adapter(model, "other")
+    with pytest.raises(ValueError, match=r"unknown adapters \['other'\]"):
+        with tl.mixed_batch(model, rows):
+            pass

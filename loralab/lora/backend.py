@@ -69,6 +69,11 @@ class Backend:
     def set_trainable(self, param: Any, flag: bool) -> None:
         raise NotImplementedError
 
+    def remembered(self, model: Any, slot: str, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, worked out anew for every call: a backend whose models count their edits
+        (`NumpyBackend`) keeps it on ``model`` until the model changes."""
+        return build()
+
     # ----- written once, from the blanks above -----
     def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
         """(dotted name, layer) for every LoRA layer of ``model``, in module order.
@@ -145,6 +150,13 @@ class NumpyBackend(Backend):
         if found is None:
             found = remember(model, "_lora_layers_seen", None, super().lora_layers(model))
         return list(found)
+
+    def remembered(self, model: Any, slot: str, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, kept on ``model`` under ``slot`` for an equal ``key`` until
+        `loralab.nn.edit_count` moves (`loralab.nn.module.recall`); a ``build`` that raises keeps
+        nothing."""
+        found = recall(model, slot, key)
+        return remember(model, slot, key, build()) if found is None else found
 
     def holds_W0(self, model: Any, path: str) -> bool:
         module = model.get_submodule(path)

@@ -33,6 +33,7 @@ from loralab.lora.backend import backend_for
 from loralab.lora.inject import active_names, adapter_names_of, check_known
 from loralab.lora.linear_shared import (
     BASE_ROWS,
+    MixedRouting,
     batch_holders,
     check_adapter_name,
     check_not_in_mixed_batch,
@@ -196,6 +197,18 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         raise TypeError(
             f"mixed_batch: adapter_names must be a non-empty list of str, got {adapter_names!r}"
         )
+    # worked out once per composition of the batch, like vLLM's ``set_adapter_mapping``: a decode
+    # loop serves the same rows step after step (a NumPy model keeps it until it is edited)
+    backend = backend_for(model, "mixed_batch")
+    routing, layers = backend.remembered(model, "_mixed_seen", rows, lambda: _route(model, rows))
+    _refuse_merged(layers, "mixed_batch")  # (each time: a merge edits W0 in place, uncounted)
+    with _set_inside(layers, mixed_rows=routing.rows, mixed_routing=routing):
+        yield model
+
+
+def _route(model: Any, rows: list[str]) -> tuple[MixedRouting, list[tuple[str, Any]]]:
+    """`mixed_batch`'s work for a batch of ``rows``: the batch sorted by adapter (`route_rows`)
+    with each layer's plan in it, and the model's LoRA layers; checked (unknown names, DoRA)."""
     routing = route_rows(rows)  # sorted by adapter once, for every layer and every call
     used = list(routing.position)
     layers = _named_layers(model, "mixed_batch")
@@ -217,8 +230,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
         )
     for (_, layer), (mine, holders, _) in zip(layers, plans, strict=True):
         routing.plans[id(layer)] = (layer_groups(routing, mine), holders)  # its forward_plan
-    with _set_inside(layers, mixed_rows=rows, mixed_routing=routing):
-        yield model
+    return routing, layers
 
 
 def adapter_order(adapter_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
