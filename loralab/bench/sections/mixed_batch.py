@@ -593,6 +593,9 @@ def markdown(res: Results) -> list[str]:
         "",
         "Rows spread round-robin over K adapters. Each timed sample follows one untimed call "
         "of its side, so that no side pays for what the side before it left in the caches. "
+        "Every call serves the same rows, as the steps of a decode loop do: `mixed_batch` "
+        "works out their routing for the first and reuses it (a NumPy model remembers the last "
+        "batch's routing until it is edited). "
         "bound: 1 + r (d + k) / (d k), the adapters' "
         "share of the multiply-adds. mixed: `mixed_batch` on the rows as they arrive (sorted by "
         "adapter once per batch; each layer gathers the rows it needs, per adapter, and adds the "
