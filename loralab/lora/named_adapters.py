@@ -181,7 +181,10 @@ def mixed_batch(model: Any, adapter_names: Sequence[str]) -> Iterator[Any]:
     a row's adapter gives that row the base alone. Each layer runs its base once on the whole
     batch and the grouped op (`loralab.lora.grouped`) for the low-rank parts, one small product
     pair per adapter, with a hand backward, so a mixed batch can train several adapters at once.
-    The batch must have ``len(adapter_names)`` rows (x of shape (len, ..., in)).
+    The batch must have ``len(adapter_names)`` rows (x of shape (len, ..., in)). The rows are
+    sorted by adapter once per composition: a NumPy model remembers the last batch's routing, so
+    the same names again (a decode loop's next step) reuse it until the model is edited
+    (`loralab.nn.edit_count`).
 
     Refused: unknown names (the message lists the known ones), a merged model, DoRA adapters
     (as PEFT), and adapters with dropout in training mode. Blocks nest (the enclosing block's
