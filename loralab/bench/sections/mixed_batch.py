@@ -281,6 +281,10 @@ def _measure(
             row[f"{side}_over_base"] += 1.0
     if "plain" in times:  # the mixed forward over the base forward, both plain NumPy
         row["plain_over_base"] = paired_ratio(times["plain"], times["plain_base"])
+        # the engine's own work timed straight against the same method without it, and the
+        # two bases against each other (their difference is noise in "own work" above)
+        row["grouped_once_over_plain"] = paired_ratio(times["grouped_once"], times["plain"])
+        row["base_over_plain_base"] = paired_ratio(times["base"], times["plain_base"])
     if "one_adapter" in times:
         row["one_adapter_over_base"] = paired_ratio(times["one_adapter"], times["base"])
     if "naive" in times:
@@ -506,6 +510,12 @@ def _floor_markdown(res: Results) -> list[str]:
                 "base) is loralab's own work around the op (the engine's Tensors and Functions, "
                 "the routing, the checks): not a floor of the method."
             )
+            if "grouped_once_over_plain" in row:
+                text += (
+                    " Timed straight against each other in pairs, grouped once over plain NumPy "
+                    f"is {row['grouped_once_over_plain']:.3f}, and the engine's base over plain "
+                    f"NumPy's {row['base_over_plain_base']:.3f}."
+                )
         if "one_adapter_over_base" in row:
             text += (
                 f" One adapter alone, active and unmerged (no mixed batch: the fused LoRA op), "
