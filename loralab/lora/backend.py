@@ -22,7 +22,7 @@ from loralab.lora.embedding_layer import EMBEDDING_TYPES, LoRAEmbedding
 from loralab.lora.linear_layer import LoRALinear
 from loralab.lora.linear_shared import LINEAR_TYPES
 from loralab.nn.layers import Linear
-from loralab.nn.module import Module, recall, remember
+from loralab.nn.module import Module, remembered
 
 __all__ = ["Backend", "NumpyBackend", "register_backend", "backend_for"]
 
@@ -146,17 +146,15 @@ class NumpyBackend(Backend):
     def lora_layers(self, model: Any) -> list[tuple[str, Any]]:
         """`Backend.lora_layers`, remembered on the model until `loralab.nn.edit_count` moves
         (every module added, replaced or removed moves it): a mixed batch asks for every batch."""
-        found = recall(model, "_lora_layers_seen", None)
-        if found is None:
-            found = remember(model, "_lora_layers_seen", None, super().lora_layers(model))
-        return list(found)
+        return list(
+            remembered(model, "_lora_layers_seen", None, lambda: Backend.lora_layers(self, model))
+        )
 
     def remembered(self, model: Any, slot: str, key: Any, build: Callable[[], Any]) -> Any:
         """``build()``, kept on ``model`` under ``slot`` for an equal ``key`` until
         `loralab.nn.edit_count` moves (`loralab.nn.module.recall`); a ``build`` that raises keeps
         nothing."""
-        found = recall(model, slot, key)
-        return remember(model, slot, key, build()) if found is None else found
+        return remembered(model, slot, key, build)
 
     def holds_W0(self, model: Any, path: str) -> bool:
         module = model.get_submodule(path)

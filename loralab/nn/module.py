@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -10,7 +10,7 @@ import numpy as np
 from loralab._validate import boolean
 from loralab.tensor import Tensor
 
-__all__ = ["Module", "Parameter", "edit_count", "recall", "remember", "make_rng"]
+__all__ = ["Module", "Parameter", "edit_count", "recall", "remember", "remembered", "make_rng"]
 
 _EDITS = [0]  # see edit_count
 
@@ -55,6 +55,13 @@ def remember(owner: Any, slot: str, key: Any, value: Any) -> Any:
     moves (`recall`); returns ``value``. Kept without counting as an edit."""
     object.__setattr__(owner, slot, (_EDITS[0], key, value))
     return value
+
+
+def remembered(owner: Any, slot: str, key: Any, build: Callable[[], Any]) -> Any:
+    """`recall` on ``owner``, else ``build()`` kept by `remember`; a ``build`` that raises keeps
+    nothing."""
+    found = recall(owner, slot, key)
+    return remember(owner, slot, key, build()) if found is None else found
 
 
 class Parameter(Tensor):
