@@ -149,15 +149,23 @@ def _set_inside(layers: list[tuple[str, Any]], **values: Any) -> Iterator[None]:
     attribute a layer did not have yet comes back as None).
     """
     outer = [{k: getattr(layer, k, None) for k in values} for _, layer in layers]
-    for _, layer in layers:
-        for k, v in values.items():
-            setattr(layer, k, v)
+    # a layer's per-batch attributes (``Module._quiet``: no edit counted, never a parameter)
+    # go straight into its __dict__: a mixed batch sets them for every batch
+    quiet = [values.keys() <= getattr(layer, "_quiet", frozenset()) for _, layer in layers]
+    _set_all(layers, quiet, [values] * len(layers))
     try:
         yield
     finally:
-        for (_, layer), was in zip(layers, outer, strict=True):
-            for k, v in was.items():
-                setattr(layer, k, v)
+        _set_all(layers, quiet, outer)
+
+
+def _set_all(layers: list[tuple[str, Any]], quiet: list[bool], values: list[dict]) -> None:
+    for (_, layer), fast, these in zip(layers, quiet, values, strict=True):
+        if fast:
+            layer.__dict__.update(these)
+            continue
+        for k, v in these.items():
+            setattr(layer, k, v)
 
 
 @contextmanager
