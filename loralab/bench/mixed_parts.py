@@ -80,7 +80,7 @@ def plain_numpy_side(
 ) -> Callable[[], np.ndarray]:
     """The third floor: the grouped-once mixed forward as plain NumPy calls: the rows grouped by
     adapter (``x[order]``, `adapter_order`), each layer's
-    `loralab.lora.grouped.grouped_lora_linear_forward` on its arrays and its stacked adapters,
+    `loralab.lora.grouped.grouped_lora_linear_serve` on its arrays and its stacked adapters,
     ``np.maximum`` between layers, and the rows put back (``[inverse]``), as the grouped-once
     side does them: what the method costs without the engine's Tensors, Functions, routing and
     checks. It is measured against ``base=True``, the base forward as plain NumPy calls
@@ -104,8 +104,8 @@ def plain_numpy_side(
         for step in steps:
             if step is None:
                 h = np.maximum(h, 0)
-            else:  # (the cache dropped at once, as the engine drops it without a graph)
-                h = G.grouped_lora_linear_forward(h, *step)[0]
+            else:  # (no cache: the engine keeps none without a graph)
+                h = G.grouped_lora_linear_serve(h, *step)
         return h[inverse] if moved else h
 
     def run_base() -> np.ndarray:

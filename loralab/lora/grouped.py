@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from loralab.lora.stacked import CHUNK_ROWS as STACK_CHUNK_ROWS
 from loralab.lora.stacked import (
     AdapterStack,
     StackLayout,
@@ -57,6 +58,7 @@ __all__ = [
     "grouped_lora_expand",
     "grouped_lora_forward",
     "grouped_lora_linear_forward",
+    "grouped_lora_linear_serve",
     "grouped_lora_backward",
 ]
 
@@ -457,6 +459,94 @@ def grouped_lora_linear_forward(
     as_came = cache.stacked is not None and not cache.stacked.sorted
     h = ys if as_came else _unsorted(ys, cache.groups)
     return h.reshape(x.shape[:-1] + (W0.shape[0],)), cache._replace(Bs=Bs)
+
+
+class _ServePlan(NamedTuple):
+    """`grouped_lora_linear_serve`'s plan for one batch and one stack: the block is the sorted
+    rows lo..hi as (k, c, in), and Z = U B^T is added ``chunks`` at a time, (k0, k1, row0, row1)
+    each, into a (step, c, out) buffer (`loralab.lora.stacked.stacked_expand_add`'s chunks)."""
+
+    whole: bool
+    k: int
+    c: int
+    lo: int
+    hi: int
+    step: int
+    chunks: tuple[tuple[int, int, int, int], ...]
+
+
+def _serve_plan(
+    groups: RowGroups, tokens: int, slots: Sequence[int], n_slots: int
+) -> _ServePlan | None:
+    """The plan (worked out once per batch, kept in ``groups.memo``), or None when the block is
+    not one contiguous run of the sorted rows (padded segments, some of the stack's slots):
+    then `grouped_lora_linear_forward` serves it."""
+    key = ("serve", tokens, n_slots, slots if isinstance(slots, range) else tuple(slots))
+    memo = groups.memo
+    if memo is not None and key in memo:
+        return memo[key]
+    layout, whole = _layout(groups, tokens, slots, n_slots, True)
+    plan = None
+    if layout is not None and layout.rows is None and layout.slots is None:
+        c, lo = layout.c, layout.lo
+        step = max(1, STACK_CHUNK_ROWS // c)  # adapters per chunk, as stacked_expand_add
+        chunks = tuple(
+            (k0, min(k0 + step, n_slots), lo + k0 * c, lo + min(k0 + step, n_slots) * c)
+            for k0 in range(0, n_slots, step)
+        )
+        plan = _ServePlan(whole, n_slots, c, lo, layout.hi, min(step, n_slots), chunks)
+    if memo is not None:
+        memo[key] = plan
+    return plan
+
+
+def grouped_lora_linear_serve(
+    x: np.ndarray,
+    W0: np.ndarray,
+    b: np.ndarray | None,
+    adapter_index: np.ndarray | RowGroups,
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    scalings: Sequence[float],
+    stack: tuple[AdapterStack, Sequence[int]] | None = None,
+) -> np.ndarray:
+    """h of `grouped_lora_linear_forward`, bit for bit, without the cache a backward needs: a
+    serving batch (no gradient).
+
+    On stacked adapters whose block is a contiguous run of the sorted batch (every adapter of
+    the stack, as many rows each), the layer is the same NumPy calls in the same order (the
+    down product on the block, the base product, + b, the up product added a chunk at a time)
+    with nothing around them: the plan is worked out once per batch and kept in
+    ``RowGroups.memo`` for every layer. Between big BLAS calls that push it out of the CPU's
+    caches, each line of Python costs several times what it costs warm. Any other batch runs
+    `grouped_lora_linear_forward`.
+
+    Parameters and shapes as `grouped_lora_linear_forward`; returns h of shape (..., out).
+    """
+    plan = None
+    if stack is not None and isinstance(adapter_index, RowGroups):
+        groups, (st, slots) = adapter_index, stack
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens = x2.shape[0] // max(groups.order.size, 1)
+        plan = _serve_plan(groups, tokens, slots, st.A.shape[0])
+    if plan is None:
+        return grouped_lora_linear_forward(x, W0, b, adapter_index, As, Bs, scalings, stack)[0]
+    xs = _sorted(x2, groups) if plan.whole else x2
+    X = xs[plan.lo : plan.hi].reshape(plan.k, plan.c, xs.shape[1])
+    Ut = np.matmul(st.A, X.transpose(0, 2, 1))  # (`stacked_shrink`)
+    Ut *= st.scalings.astype(Ut.dtype, copy=False)
+    U = Ut.transpose(0, 2, 1)
+    ys = xs @ W0.T
+    if b is not None:
+        ys += b
+    out = ys.shape[1]
+    buf = np.empty((plan.step, plan.c, out), dtype=np.result_type(U, st.Bt))
+    for k0, k1, row0, row1 in plan.chunks:  # (`stacked_expand_add`)
+        z = np.matmul(U[k0:k1], st.Bt[k0:k1], out=buf[: k1 - k0]).reshape(-1, out)
+        part = ys[row0:row1]
+        part += z
+    h = _unsorted(ys, groups) if plan.whole else ys
+    return h.reshape(x.shape[:-1] + (out,))
 
 
 def grouped_lora_backward(

@@ -32,7 +32,7 @@ from loralab.lora.engine_functions import (
     LoRABranchFn,
     LoRALinearFn,
 )
-from loralab.lora.grouped import RowGroups, grouped_lora_linear_forward
+from loralab.lora.grouped import RowGroups, grouped_lora_linear_serve
 from loralab.lora.linear_shared import (
     DEFAULT_ADAPTER,
     LINEAR_TYPES,
@@ -205,8 +205,9 @@ class LoRALinear(LoRALayerMixin, Module):
             b = self.base.bias
             bias = None if b is None else b.data
             W0 = self.base.weight.data
-            h, _ = grouped_lora_linear_forward(x.data, W0, bias, groups, A, B, scalings, stack)
-            return Tensor(h)
+            return Tensor(
+                grouped_lora_linear_serve(x.data, W0, bias, groups, A, B, scalings, stack)
+            )
         if self.plain_base:
             W0, b = self.base.weight, self.base.bias
             return GroupedLoRALinearFn.apply(
