@@ -160,6 +160,8 @@ def _set_inside(layers: list[tuple[str, Any]], **values: Any) -> Iterator[None]:
 
 
 def _set_all(layers: list[tuple[str, Any]], quiet: list[bool], values: list[dict]) -> None:
+    """Layer i's attributes set to ``values[i]``: into its __dict__ where ``quiet[i]``, else by
+    ``setattr`` (which counts the edit and keeps the module's registries)."""
     for (_, layer), fast, these in zip(layers, quiet, values, strict=True):
         if fast:
             layer.__dict__.update(these)
