@@ -94,6 +94,7 @@ def test_the_floors_and_the_plain_numpy_forward():
     target = TARGETS[first["K"]]
     first.update(mixed_over_base=target + 0.2, grouped_once_over_base=target + 0.1)
     first.update(alone_over_base=target - 0.1, bytes_over_base=target - 0.2)
+    first.update(in_place_over_base=target - 0.15)
     first.update(plain_over_base=target - 0.05, grouped_once_over_plain=1.125)
     first.update(base_over_plain_base=0.975)
     text = "\n".join(_floor_markdown(res))
@@ -121,3 +122,66 @@ def test_numpy_over_peft_is_split_into_the_two_base_forwards():
     assert "would be 0.760: below the target" in _peft_floor(res)
     row["grouped_once_over_peft"] = PEFT_TARGET  # met: no sentence
     assert _peft_floor(res) == ""
+
+
+@pytest.mark.parametrize("ranks", [None, [2, 4, 8]])  # stacked; ranks differ: not stacked
+def test_the_bytes_in_place_read_every_adapter_where_the_mixed_forward_does(ranks):
+    """The in-place floor computes the base forward's bits and reads each layer's adapters,
+    A before the layer's base product and B^T (or each B) after it, once each."""
+    from loralab.bench.mixed_parts import _plain_steps, bytes_in_place_side, plain_numpy_side
+
+    rng = np.random.default_rng(2)
+    arrays = MLPArrays.random(16, rng)
+    k = 3
+    x = rng.standard_normal((2 * k, 16)).astype(np.float32)
+    names = [f"t{i % k}" for i in range(x.shape[0])]
+    model = adapters_model(arrays, k, rng, ranks)
+    seen = []
+    out = bytes_in_place_side(model, x, names, read=lambda a: seen.append(a))()
+    np.testing.assert_array_equal(out, plain_numpy_side(model, x, names, base=True)())
+    expected = []
+    for step in _plain_steps(model, names):
+        if step is None:
+            continue
+        stack = step[6]
+        assert (stack is None) == (ranks is not None)
+        expected += [stack[0].A, stack[0].Bt] if stack is not None else [*step[3], *step[4]]
+    assert len(seen) == len(expected) == (2 if ranks is None else 2 * k) * 4
+    assert all(a is b for a, b in zip(seen, expected, strict=True))
+
+
+def test_read_bandwidth_is_a_rate_and_checks_its_size():
+    from loralab.bench.mixed_parts import read_bandwidth
+
+    assert read_bandwidth(0.25, repeats=2, min_seconds=0.0) > 0
+    with pytest.raises(ValueError, match="mib must be > 0, got 0"):
+        read_bandwidth(0)
+
+
+def test_a_floor_read_in_place_above_the_target_is_the_floor_that_stops_it():
+    from loralab.bench.sections.mixed_batch import TARGETS, _checks, _floor_markdown
+
+    res = run_bench(BenchConfig.tiny(), None, sections=("mixed_batch",), log=lambda s: None)
+    row = res.mixed[0]
+    assert row["in_place_over_base"] > 0 and row["weights_mib"] > 0
+    assert row["read_gib_s"] > 0 and row["read_gib_s_small"] > 0
+    target = TARGETS[row["K"]]
+    row.update(mixed_over_base=target + 0.2, grouped_once_over_base=target + 0.1)
+    row.update(alone_over_base=target - 0.1, bytes_over_base=target - 0.2)
+    row.update(in_place_over_base=target + 0.05, plain_over_base=target + 0.08)
+    row.update(weights_mib=80.0, read_gib_s=14.0, read_gib_s_small=27.0)
+    text = "\n".join(_floor_markdown(res))
+    assert (
+        f"the same read in place, between the base products where the mixed forward reads the adapters, {target + 0.05:.3f}"
+        in text
+    )
+    assert "80 MiB, stream at 14.0 GiB/s, against 27.0 GiB/s over 4 MiB" in text
+    assert (
+        f"{target + 0.05:.3f} (" in text and "): above the target, the floor that stops it." in text
+    )
+    row["in_place_over_base"] = target - 0.01  # below: the plain-NumPy forward decides
+    assert "The same mixed forward over the same base forward" in "\n".join(_floor_markdown(res))
+    res.checks.clear()
+    _checks(res)  # a missed target lists every floor among the checks
+    names = [c.name for c in res.checks]
+    assert f"floor: base + the adapters read in place / base, K = {row['K']}" in names

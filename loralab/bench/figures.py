@@ -86,6 +86,7 @@ def mixed_batch_figure(res: Results, directory: Path) -> str:
         ax.plot(ks, bound, color="tab:green", lw=2.5, alpha=0.5, label="FLOP bound")
     for key, style, label in [
         ("bytes_over_base", "x:", "base + one read of the adapters"),
+        ("in_place_over_base", "s:", "base + that read in place"),
         ("plain_over_base", "+-.", "plain NumPy (no engine)"),
     ]:  # the measured floors, as times per row at the base's speed
         pts = [(r["K"], r["base_us_per_row"] * r[key]) for r in res.mixed if key in r]

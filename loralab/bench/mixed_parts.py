@@ -2,8 +2,10 @@
 
 The floors, each a side timed beside the mixed batch: the low-rank products of every layer
 alone (`products_alone_side`), one read of every layer's stacked adapters (`bytes_floor_side`),
-and the same forward as plain NumPy calls, against the base forward as plain NumPy calls
-(`plain_numpy_side`). `profile_layer` times the parts of one layer's mixed forward alone, the
+the same read in place, between the base products where the mixed forward reads them
+(`bytes_in_place_side`), and the same forward as plain NumPy calls, against the base forward as
+plain NumPy calls (`plain_numpy_side`). `read_bandwidth` measures how fast a streaming read
+runs over a buffer of a given size: the CPU's caches hold a small one, not a large one. `profile_layer` times the parts of one layer's mixed forward alone, the
 way it was before issue 21 (a sort in every layer, a gather ``x[rows]`` and a scatter
 ``y[rows] +=`` per adapter) and the way it is now (one batched product per layer on the stacked
 adapters); tutorial 12 draws the same profile.
@@ -31,6 +33,8 @@ __all__ = [
     "PARTS",
     "products_alone_side",
     "bytes_floor_side",
+    "bytes_in_place_side",
+    "read_bandwidth",
     "plain_numpy_side",
     "profile_layer",
 ]
@@ -75,6 +79,23 @@ def products_alone_side(model: Any, x: np.ndarray, names: list[str]) -> Callable
     return run
 
 
+def _plain_steps(model: Any, names: list[str]) -> list[Any]:
+    """The model's children in order: (W0, b, groups, As, Bs, scalings, stack) for a LoRA layer
+    (its arrays and the batch's stacked adapters, as `_layer_stacks` gives them), None for a
+    ReLU."""
+    lora = {id(layer) for _, layer in lora_layers(model)}
+    stacks = iter(_layer_stacks(model, names))
+    steps: list[Any] = []
+    for module in model.children():  # the MLP's Linear (LoRA) and ReLU layers, in order
+        if id(module) in lora:
+            groups, As, Bs, scalings, stack = next(stacks)
+            W0, b = module.base.weight.data, module.base.bias.data
+            steps.append((W0, b, groups, As, Bs, scalings, stack))
+        else:
+            steps.append(None)  # a ReLU
+    return steps
+
+
 def plain_numpy_side(
     model: Any, x: np.ndarray, names: list[str], *, base: bool = False
 ) -> Callable[[], np.ndarray]:
@@ -88,16 +109,7 @@ def plain_numpy_side(
     rows in arrival order."""
     order, inverse = adapter_order(names)
     moved = not (order == np.arange(order.size)).all()
-    lora = {id(layer) for _, layer in lora_layers(model)}
-    stacks = iter(_layer_stacks(model, names))
-    steps: list[Any] = []
-    for module in model.children():  # the MLP's Linear (LoRA) and ReLU layers, in order
-        if id(module) in lora:
-            groups, As, Bs, scalings, stack = next(stacks)
-            W0, b = module.base.weight.data, module.base.bias.data
-            steps.append((W0, b, groups, As, Bs, scalings, stack))
-        else:
-            steps.append(None)  # a ReLU
+    steps = _plain_steps(model, names)
 
     def run() -> np.ndarray:
         h = x[order] if moved else x
@@ -133,6 +145,63 @@ def bytes_floor_side(model: Any, names: list[str]) -> Callable[[], None]:
             np.maximum.reduce(st.Bt, axis=None)
 
     return run
+
+
+def bytes_in_place_side(
+    model: Any, x: np.ndarray, names: list[str], read: Callable[[np.ndarray], Any] | None = None
+) -> Callable[[], np.ndarray]:
+    """The bytes in place: the base forward as plain NumPy calls (as ``plain_numpy_side(...,
+    base=True)``), with every layer's adapters read once (``read``, by default the streaming
+    ``np.maximum.reduce``) where the mixed forward reads them: A before the layer's base
+    product, B^T after it (the stacked arrays; each adapter's A and B when they are not
+    stacked). Timed against the plain base, it is what reading the adapters' bytes costs among
+    the base's own traffic, which can push them (and W0) out of the CPU's caches; the products
+    cannot cost less. Returns the base forward's output."""
+    reduce = read or (lambda a: np.maximum.reduce(a, axis=None))
+    steps = []
+    for s in _plain_steps(model, names):  # (W0, b, groups, As, Bs, scalings, stack) or None
+        if s is None:
+            steps.append(None)
+        elif s[6] is not None:  # the stacked adapters: one (K, r, in) A and one (K, r, out) B^T
+            steps.append((s[0], s[1], [s[6][0].A], [s[6][0].Bt]))
+        else:  # adapters not stacked (long segments): each one's A and B
+            steps.append((s[0], s[1], s[3], s[4]))
+
+    def run() -> np.ndarray:
+        h = x
+        for step in steps:
+            if step is None:
+                h = np.maximum(h, 0)
+                continue
+            W0, b, before, after = step
+            for a in before:
+                reduce(a)
+            h = h @ W0.T
+            h += b
+            for a in after:
+                reduce(a)
+        return h
+
+    return run
+
+
+def read_bandwidth(mib: float, repeats: int = 5, min_seconds: float = 0.02) -> float:
+    """GiB per second of a streaming read (``np.maximum.reduce``) over a float32 buffer of
+    ``mib`` MiB, read again and again: the median of ``repeats`` timed reads, each after at
+    least ``min_seconds`` of reads to settle the caches. The CPU's caches hold a small buffer
+    between reads, not one larger than they are: the rate falls to main memory's."""
+    if mib <= 0:
+        raise ValueError(f"read_bandwidth: mib must be > 0, got {mib}")
+    buf = np.ones(max(1, int(mib * 2**20) // 4), dtype=np.float32)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        np.maximum.reduce(buf)
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        np.maximum.reduce(buf)
+        times.append(time.perf_counter() - t)
+    return buf.nbytes / 2**30 / max(statistics.median(times), 1e-9)
 
 
 def _parts_before(x, W0, b, As, Bs, scalings, index) -> dict[str, Callable[[], Any]]:

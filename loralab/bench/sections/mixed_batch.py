@@ -22,8 +22,10 @@ the FLOP bound 1 + r (d + k) / (d k), and two floors measured alone, each added 
 the low-rank products of every layer and nothing else (the K adapters' batched products on
 the stacked weights, `loralab.lora.stacked`, with no base, gather, Tensor or Function), and
 the bytes: one streaming read of every layer's K adapters (K x 64 KiB at r = 8, d = 1024,
-float32), which any way of serving the batch must do. One more row mixes adapters of
-different ranks.
+float32), which any way of serving the batch must do. The same read is timed in place too,
+between the base products where the mixed forward reads the adapters: there the base's weights
+and the adapters' share the CPU's caches, and when they do not fit, the read comes from main
+memory (`read_bandwidth` gives both rates). One more row mixes adapters of different ranks.
 
 `profile_layer` times the parts of one layer's mixed forward alone, the way it was (a sort in
 every layer, a gather ``x[rows]`` and a scatter ``y[rows] +=`` per adapter) and the way it is
@@ -43,9 +45,11 @@ from loralab.bench.machine import optional_torch
 from loralab.bench.mixed_parts import (
     PARTS,
     bytes_floor_side,
+    bytes_in_place_side,
     plain_numpy_side,
     products_alone_side,
     profile_layer,
+    read_bandwidth,
 )
 from loralab.bench.mlp import LINEAR_NAMES, MLPArrays, engine_model
 from loralab.bench.sections._table import shown, table
@@ -72,6 +76,7 @@ REWARM = True
 and merge-swap leave the caches full of other data, and the side timed after them would pay
 for fetching back its weights in a way the one after the base does not."""
 
+SMALL_READ_MIB = 4.0  # a buffer the CPU's caches hold, for read_bandwidth's comparison
 FLOORS = ("alone", "bytes", "plain")  # products alone; one read of the adapters; plain NumPy
 
 
@@ -250,6 +255,7 @@ def _measure(
     timed["alone"] = products_alone_side(model, x, names)
     if ranks is None:
         timed["bytes"] = bytes_floor_side(model, names)
+        timed["in_place"] = bytes_in_place_side(model, x, names)
         timed["plain"] = plain_numpy_side(model, x, names)
         timed["plain_base"] = plain_numpy_side(model, x, names, base=True)
     if k == 1:
@@ -285,6 +291,14 @@ def _measure(
         # two bases against each other (their difference is noise in "own work" above)
         row["grouped_once_over_plain"] = paired_ratio(times["grouped_once"], times["plain"])
         row["base_over_plain_base"] = paired_ratio(times["base"], times["plain_base"])
+    if "in_place" in times:  # the bytes read where the method reads them, over the same base
+        row["in_place_over_base"] = paired_ratio(times["in_place"], times["plain_base"])
+        # why it can cost more than the bytes read alone: the weights one forward reads (the
+        # base's and the K adapters') against the CPU's caches, as a streaming read's rate
+        mib = sum(p.data.nbytes for p in model.parameters()) / 2**20
+        row["weights_mib"] = mib
+        row["read_gib_s"] = read_bandwidth(mib)
+        row["read_gib_s_small"] = read_bandwidth(min(mib, SMALL_READ_MIB))
     if "one_adapter" in times:
         row["one_adapter_over_base"] = paired_ratio(times["one_adapter"], times["base"])
     if "naive" in times:
@@ -365,6 +379,15 @@ def _checks(res: Results) -> None:
                         "5",
                         f"floor: base + one read of the K adapters / base, K = {k}",
                         row["bytes_over_base"],
+                        "report",
+                    )
+                )
+            if "in_place_over_base" in row:
+                res.checks.append(
+                    Check(
+                        "5",
+                        f"floor: base + the adapters read in place / base, K = {k}",
+                        row["in_place_over_base"],
                         "report",
                     )
                 )
@@ -489,7 +512,17 @@ def _floor_markdown(res: Results) -> list[str]:
                 f"; one read of every layer's {k} adapters ({kib} KiB each, {mib:g} MiB per "
                 f"forward) {row['bytes_over_base']:.3f}"
             )
+        if "in_place_over_base" in row:
+            text += (
+                f"; the same read in place, between the base products where the mixed forward "
+                f"reads the adapters, {row['in_place_over_base']:.3f} (the weights one forward "
+                f"reads, base and adapters, {row['weights_mib']:.3g} MiB, stream at "
+                f"{row['read_gib_s']:.1f} GiB/s, against {row['read_gib_s_small']:.1f} GiB/s "
+                f"over {min(row['weights_mib'], SMALL_READ_MIB):g} MiB, which the CPU's caches "
+                "hold)"
+            )
         floors = [row["alone_over_base"], row.get("bytes_over_base", 0.0)]
+        floors.append(row.get("in_place_over_base", 0.0))
         plain = row.get("plain_over_base")
         if max(floors) > target:
             text += ": above the target, the floor that stops it."
@@ -590,6 +623,7 @@ def markdown(res: Results) -> list[str]:
             _fmt(r, "grouped_once_over_base"),
             _fmt(r, "alone_over_base"),
             _fmt(r, "bytes_over_base"),
+            _fmt(r, "in_place_over_base"),
             _fmt(r, "plain_over_base"),
             _fmt(r, "naive_over_mixed"),
             _fmt(r, "merge_swap_over_mixed"),
@@ -612,7 +646,9 @@ def markdown(res: Results) -> list[str]:
         "products back into them); grouped once: "
         "the batch grouped by adapter before the model (`adapter_order`) and put back after it; "
         "floor: the base plus each layer's low-rank products alone (batched on the stacked "
-        "adapters); bytes: the base plus one read of every layer's K adapters; plain NumPy: the "
+        "adapters); bytes: the base plus one read of every layer's K adapters; in place: the "
+        "same read between the base products, where the mixed forward reads the adapters (the "
+        "plain-NumPy base plus the reads, over the plain-NumPy base); plain NumPy: the "
         "grouped-once mixed forward over the base forward, both as plain NumPy calls (no "
         "engine; the rows grouped before the layers and put back after them, as grouped once "
         "does; the base needs neither); naive: a loop over "
@@ -632,6 +668,7 @@ def markdown(res: Results) -> list[str]:
                 "grouped once / base",
                 "floor / base",
                 "bytes / base",
+                "in place / base",
                 "plain NumPy / base",
                 "naive / mixed",
                 "merge-swap / mixed",
