@@ -531,9 +531,10 @@ def _floor_markdown(res: Results) -> list[str]:
                 f". The same mixed forward over the same base forward, both as plain NumPy "
                 f"calls (no engine; the rows grouped and put back as grouped once does), is "
                 f"{plain:.3f}: above the target. "
-                "Adding the products into the base's output, and the products and the base "
-                "product sharing the CPU's caches, cost that much beyond the two floors in "
-                "NumPy on this machine: the floor that stops it."
+                f"Beyond the floors, the products as NumPy calls ({how}, each added into the "
+                "base's output: a fused kernel would do both in one pass), and the rows grouped "
+                "and put back where they arrive mixed, cost that much in NumPy on this "
+                "machine: the floor that stops it."
             )
         else:
             text += (
