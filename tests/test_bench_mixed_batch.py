@@ -180,7 +180,14 @@ def test_a_floor_read_in_place_above_the_target_is_the_floor_that_stops_it():
         f"{target + 0.05:.3f} (" in text and "): above the target, the floor that stops it." in text
     )
     row["in_place_over_base"] = target - 0.01  # below: the plain-NumPy forward decides
-    assert "The same mixed forward over the same base forward" in "\n".join(_floor_markdown(res))
+    row.update(grouped_once_over_plain=1.02, base_over_plain_base=1.01)
+    text = "\n".join(_floor_markdown(res))
+    assert "The same mixed forward over the same base forward" in text
+    assert "the floor that stops it. loralab's own work around the op adds 0.020 of" in text
+    assert (
+        "grouped once over plain NumPy is 1.020, and the engine's base over plain NumPy's 1.010"
+        in text
+    )
     res.checks.clear()
     _checks(res)  # a missed target lists every floor among the checks
     names = [c.name for c in res.checks]

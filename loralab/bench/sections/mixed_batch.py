@@ -536,6 +536,13 @@ def _floor_markdown(res: Results) -> list[str]:
                 "and put back where they arrive mixed, cost that much in NumPy on this "
                 "machine: the floor that stops it."
             )
+            if "grouped_once_over_plain" in row and best > plain:
+                text += (
+                    f" loralab's own work around the op adds {best - plain:.3f} of the base "
+                    "on top (timed straight against each other in pairs, grouped once over "
+                    f"plain NumPy is {row['grouped_once_over_plain']:.3f}, and the engine's "
+                    f"base over plain NumPy's {row['base_over_plain_base']:.3f})."
+                )
         else:
             text += (
                 "; the same mixed over base forward as plain NumPy calls (no engine) "
