@@ -5,10 +5,12 @@ alone (`products_alone_side`), one read of every layer's stacked adapters (`byte
 the same read in place, between the base products where the mixed forward reads them
 (`bytes_in_place_side`), and the same forward as plain NumPy calls, against the base forward as
 plain NumPy calls (`plain_numpy_side`). `read_bandwidth` measures how fast a streaming read
-runs over a buffer of a given size: the CPU's caches hold a small one, not a large one. `profile_layer` times the parts of one layer's mixed forward alone, the
-way it was before issue 21 (a sort in every layer, a gather ``x[rows]`` and a scatter
-``y[rows] +=`` per adapter) and the way it is now (one batched product per layer on the stacked
-adapters); tutorial 12 draws the same profile.
+runs over a buffer of a given size: the CPU's caches hold a small one, not a large one.
+
+`profile_layer` times the parts of one layer's mixed forward alone, the way it was before
+issue 21 (a sort in every layer, a gather ``x[rows]`` and a scatter ``y[rows] +=`` per adapter)
+and the way it is now (one batched product per layer on the stacked adapters); tutorial 12
+draws the same profile.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def bytes_in_place_side(
             steps.append(None)
         elif s[6] is not None:  # the stacked adapters: one (K, r, in) A and one (K, r, out) B^T
             steps.append((s[0], s[1], [s[6][0].A], [s[6][0].Bt]))
-        else:  # adapters not stacked (long segments): each one's A and B
+        else:  # adapters not stacked (their ranks or dtypes differ): each one's A and B
             steps.append((s[0], s[1], s[3], s[4]))
 
     def run() -> np.ndarray:
@@ -187,9 +189,9 @@ def bytes_in_place_side(
 
 def read_bandwidth(mib: float, repeats: int = 5, min_seconds: float = 0.02) -> float:
     """GiB per second of a streaming read (``np.maximum.reduce``) over a float32 buffer of
-    ``mib`` MiB, read again and again: the median of ``repeats`` timed reads, each after at
-    least ``min_seconds`` of reads to settle the caches. The CPU's caches hold a small buffer
-    between reads, not one larger than they are: the rate falls to main memory's."""
+    ``mib`` MiB, read again and again (wall time): the median of ``repeats`` timed reads, after
+    at least ``min_seconds`` of untimed reads to settle the caches. The CPU's caches hold a
+    small buffer between reads, not one larger than they are: the rate falls to main memory's."""
     if mib <= 0:
         raise ValueError(f"read_bandwidth: mib must be > 0, got {mib}")
     buf = np.ones(max(1, int(mib * 2**20) // 4), dtype=np.float32)
